@@ -1,0 +1,409 @@
+// The IPC channel between the master and one worker: a non-blocking AF_UNIX stream socketpair
+// carrying length-prefixed frames, with descriptors passed by SCM_RIGHTS, a bounded send queue
+// (back-pressure) and strict validation of every frame that arrives.
+#ifndef PREFORK_CHANNEL_HPP
+#define PREFORK_CHANNEL_HPP
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+#include <prefork/detail/syscall.hpp>
+#include <prefork/detail/unique_fd.hpp>
+#include <prefork/error.hpp>
+#include <prefork/event_loop.hpp>
+
+namespace prefork {
+
+/// What a frame is. `user` frames carry codec bytes; every other kind is the library's own
+/// control traffic and never reaches on_message.
+enum class FrameKind : std::uint8_t {
+  user = 1,
+  online = 2,       ///< worker -> master: the process is running
+  listening = 3,    ///< worker -> master: the Server is taking connections
+  disconnect = 4,   ///< either way: drain and exit (worker -> master: "I am draining")
+  handles = 5,      ///< master -> worker: listening sockets (kernel dispatch)
+  connection = 6,   ///< master -> worker: one accepted connection (master dispatch)
+  heartbeat = 7,    ///< worker -> master: the worker's loop is turning
+  stats = 8,        ///< worker -> master: counters
+};
+inline constexpr std::uint8_t kMaxFrameKind = 8;
+
+/// One frame as received: the payload and the descriptors that came with it (owned).
+struct Frame {
+  FrameKind kind = FrameKind::user;
+  std::uint64_t tag = 0;  ///< a free word for the kind's use (e.g. a correlation id)
+  std::string payload;
+  std::vector<UniqueFd> fds;
+};
+
+struct ChannelLimits {
+  std::size_t max_message_size = std::size_t{256} << 20;
+  std::size_t max_queued_bytes = std::size_t{64} << 20;
+};
+
+namespace detail {
+
+// Wire header, little-endian: magic "PF" (u16), kind (u8), descriptor count (u8), payload
+// length (u32), tag (u64). The magic catches a peer that writes garbage at the first frame.
+inline constexpr std::size_t kHeaderSize = 16;
+inline constexpr std::uint16_t kFrameMagic = 0x4650;
+inline constexpr std::size_t kMaxFdsPerFrame = 16;
+
+struct FrameHeader {
+  std::uint8_t kind;
+  std::uint8_t nfds;
+  std::uint32_t length;
+  std::uint64_t tag;
+};
+
+inline void put_le(char* p, std::uint64_t v, int bytes) noexcept {
+  for (int i = 0; i < bytes; ++i) p[i] = static_cast<char>((v >> (8 * i)) & 0xff);
+}
+inline std::uint64_t get_le(const char* p, int bytes) noexcept {
+  std::uint64_t v = 0;
+  for (int i = 0; i < bytes; ++i) v |= std::uint64_t{static_cast<unsigned char>(p[i])} << (8 * i);
+  return v;
+}
+
+inline void encode_header(char* out, const FrameHeader& h) noexcept {
+  put_le(out, kFrameMagic, 2);
+  put_le(out + 2, h.kind, 1);
+  put_le(out + 3, h.nfds, 1);
+  put_le(out + 4, h.length, 4);
+  put_le(out + 8, h.tag, 8);
+}
+
+/// Parses and validates a header. Never reads past kHeaderSize bytes of `in`.
+inline std::error_code decode_header(const char* in, std::size_t max_message_size,
+                                     FrameHeader& h) noexcept {
+  if (get_le(in, 2) != kFrameMagic) return errc::malformed_frame;
+  h.kind = static_cast<std::uint8_t>(get_le(in + 2, 1));
+  h.nfds = static_cast<std::uint8_t>(get_le(in + 3, 1));
+  h.length = static_cast<std::uint32_t>(get_le(in + 4, 4));
+  h.tag = get_le(in + 8, 8);
+  if (h.kind == 0 || h.kind > kMaxFrameKind) return errc::malformed_frame;
+  if (h.nfds > kMaxFdsPerFrame) return errc::too_many_fds;
+  if (h.length > max_message_size) return errc::frame_too_large;
+  return {};
+}
+
+}  // namespace detail
+
+/// One end of a framed channel. Runs on the EventLoop it was given; all callbacks run there.
+/// The first error (malformed frame, oversized frame, EOF, EPIPE) closes the channel and is
+/// reported once through on_close; nothing after it is delivered. A callback may close() the
+/// channel, but must not destroy it: destroy it from a later loop round (EventLoop::post).
+class Channel {
+ public:
+  using FrameCallback = std::function<void(Frame&&)>;
+  using CloseCallback = std::function<void(std::error_code)>;
+
+  /// Takes ownership of a connected, non-blocking AF_UNIX SOCK_STREAM socket and starts
+  /// reading. Throws std::system_error if the loop cannot watch it.
+  Channel(EventLoop& loop, UniqueFd sock, ChannelLimits limits = {}, bool keeps_alive = false)
+      : loop_(loop), sock_(std::move(sock)), limits_(limits) {
+    loop_.watch(sock_.get(), EventLoop::readable, [this](std::uint32_t ev) { on_events(ev); },
+                keeps_alive);
+  }
+  Channel(const Channel&) = delete;
+  Channel& operator=(const Channel&) = delete;
+  ~Channel() { close(); }
+
+  void on_frame(FrameCallback cb) { on_frame_ = std::move(cb); }
+  void on_close(CloseCallback cb) { on_close_ = std::move(cb); }
+  /// Called when the send queue has emptied after send() had to queue: resume producing.
+  void on_drained(std::function<void()> cb) { on_drained_ = std::move(cb); }
+
+  /// Queues one frame and writes as much as the socket takes now. Takes ownership of fds,
+  /// which are closed once sent (or when the channel closes). Errors, with nothing queued:
+  /// errc::frame_too_large (payload over max_message_size), errc::too_many_fds,
+  /// errc::queue_full (the queue holds max_queued_bytes already; an empty queue always takes
+  /// one message), errc::channel_closed.
+  std::error_code send(FrameKind kind, std::string payload, std::uint64_t tag = 0,
+                       std::vector<UniqueFd> fds = {}) {
+    if (!sock_) return errc::channel_closed;
+    if (payload.size() > limits_.max_message_size) return errc::frame_too_large;
+    if (fds.size() > detail::kMaxFdsPerFrame) return errc::too_many_fds;
+    std::size_t bytes = payload.size() + detail::kHeaderSize;
+    if (!out_.empty() && queued_ + bytes > limits_.max_queued_bytes) return errc::queue_full;
+    Out o;
+    detail::encode_header(o.header, {static_cast<std::uint8_t>(kind),
+                                     static_cast<std::uint8_t>(fds.size()),
+                                     static_cast<std::uint32_t>(payload.size()), tag});
+    o.payload = std::move(payload);
+    o.fds = std::move(fds);
+    out_.push_back(std::move(o));
+    queued_ += bytes;
+    // A write error here is left for the loop to report (the socket then polls writable with
+    // EPOLLERR), so that on_close never runs inside the caller's send().
+    if (out_.size() == 1) (void)flush();
+    if (!out_.empty()) {
+      must_notify_drained_ = true;
+      loop_.modify(sock_.get(), EventLoop::readable | EventLoop::writable);
+    }
+    return {};
+  }
+
+  /// Writes the queue out, blocking in poll() up to timeout_ms. For a process about to exit.
+  /// Returns true if everything was sent.
+  bool flush_blocking(int timeout_ms) {
+    auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (sock_ && !out_.empty()) {
+      if (flush()) return false;
+      if (out_.empty()) break;
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      if (left.count() <= 0) return false;
+      pollfd p{sock_.get(), POLLOUT, 0};
+      detail::retry_eintr([&] { return ::poll(&p, 1, static_cast<int>(left.count())); });
+    }
+    return out_.empty();
+  }
+
+  /// Reads and delivers everything the peer has sent, up to EOF or EAGAIN; used when the peer
+  /// process is known to have exited, so that its last frames are not lost.
+  void read_all_pending() {
+    while (read_some()) {
+    }
+  }
+
+  /// Closes the socket without reporting through on_close; queued frames are dropped.
+  void close() noexcept {
+    if (!sock_) return;
+    loop_.unwatch(sock_.get());
+    sock_.reset();
+    out_.clear();
+    queued_ = 0;
+  }
+
+  bool is_open() const noexcept { return static_cast<bool>(sock_); }
+  int native_handle() const noexcept { return sock_.get(); }
+  std::size_t queued_bytes() const noexcept { return queued_; }
+  const ChannelLimits& limits() const noexcept { return limits_; }
+
+ private:
+  struct Out {
+    char header[detail::kHeaderSize];
+    std::string payload;
+    std::vector<UniqueFd> fds;
+    std::size_t sent = 0;  // of header + payload
+    std::size_t size() const noexcept { return detail::kHeaderSize + payload.size(); }
+  };
+
+  void on_events(std::uint32_t ev) {
+    if (ev & (EPOLLOUT | EPOLLERR)) {
+      if (auto ec = flush()) return fail(ec);
+      if (out_.empty()) {
+        loop_.modify(sock_.get(), EventLoop::readable);
+        if (must_notify_drained_) {
+          must_notify_drained_ = false;
+          if (on_drained_) on_drained_();
+          if (!sock_) return;
+        }
+      }
+    }
+    if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) (void)read_some();
+  }
+
+  void fail(std::error_code ec) {
+    close();
+    if (on_close_) on_close_(ec);
+  }
+
+  // Writes queued frames with sendmsg, gathering several frames per call. A frame that carries
+  // descriptors always starts a sendmsg, so its SCM_RIGHTS rides on its own first byte.
+  std::error_code flush() {
+    while (!out_.empty()) {
+      iovec iov[64];
+      int n = 0;
+      std::size_t first = 0;
+      for (auto it = out_.begin(); it != out_.end() && n < 63; ++it, ++first) {
+        if (first > 0 && !it->fds.empty()) break;
+        std::size_t s = it->sent;
+        if (s < detail::kHeaderSize)
+          iov[n++] = {it->header + s, detail::kHeaderSize - s};
+        std::size_t ps = s > detail::kHeaderSize ? s - detail::kHeaderSize : 0;
+        if (ps < it->payload.size()) iov[n++] = {it->payload.data() + ps, it->payload.size() - ps};
+      }
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = static_cast<std::size_t>(n);
+      alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * detail::kMaxFdsPerFrame)];
+      Out& head = out_.front();
+      if (head.sent == 0 && !head.fds.empty()) {
+        std::size_t len = sizeof(int) * head.fds.size();
+        msg.msg_control = control;
+        msg.msg_controllen = CMSG_SPACE(len);
+        cmsghdr* c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(len);
+        int* fdp = reinterpret_cast<int*>(CMSG_DATA(c));
+        for (std::size_t i = 0; i < head.fds.size(); ++i) fdp[i] = head.fds[i].get();
+      }
+      ssize_t w = detail::retry_eintr([&] { return ::sendmsg(sock_.get(), &msg, MSG_NOSIGNAL); });
+      if (w < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return {};
+        return errno == EPIPE || errno == ECONNRESET ? make_error_code(errc::channel_closed)
+                                                     : detail::errno_code();
+      }
+      auto left = static_cast<std::size_t>(w);
+      if (left > 0) head.fds.clear();  // the kernel holds its own references now
+      while (left > 0) {
+        Out& o = out_.front();
+        std::size_t take = std::min(left, o.size() - o.sent);
+        o.sent += take;
+        left -= take;
+        if (o.sent == o.size()) {
+          queued_ -= o.size();
+          out_.pop_front();
+        }
+      }
+    }
+    return {};
+  }
+
+  // Reads what is there, up to a budget per round so that one flooding peer cannot starve the
+  // loop's other descriptors, and delivers every complete frame in order. Returns true when it
+  // stopped for the budget (more may be waiting).
+  bool read_some() {
+    std::size_t budget = std::size_t{4} << 20;
+    while (sock_ && budget > 0) {
+      std::size_t want = 64 * 1024;
+      if (have_header_) {
+        std::size_t need = detail::kHeaderSize + header_.length - (end_ - begin_);
+        want = std::max(want, need);
+      }
+      reserve(want);
+      iovec iov{buf_.data() + end_, buf_.size() - end_};
+      msghdr msg{};
+      msg.msg_iov = &iov;
+      msg.msg_iovlen = 1;
+      alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * detail::kMaxFdsPerFrame)];
+      msg.msg_control = control;
+      msg.msg_controllen = sizeof control;
+      ssize_t r = detail::retry_eintr(
+          [&] { return ::recvmsg(sock_.get(), &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT); });
+      if (r < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
+        fail(errno == ECONNRESET ? make_error_code(errc::channel_closed) : detail::errno_code());
+        return false;
+      }
+      for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        const unsigned char* data = CMSG_DATA(c);
+        for (std::size_t i = 0; i < count; ++i) {
+          int fd;
+          std::memcpy(&fd, data + i * sizeof(int), sizeof fd);
+          in_fds_.emplace_back(fd);
+        }
+      }
+      if (msg.msg_flags & MSG_CTRUNC) {
+        fail(errc::too_many_fds);
+        return false;
+      }
+      if (r == 0) {
+        fail(end_ > begin_ || have_header_ ? make_error_code(errc::truncated_frame)
+                                           : make_error_code(errc::channel_closed));
+        return false;
+      }
+      end_ += static_cast<std::size_t>(r);
+      budget -= std::min(budget, static_cast<std::size_t>(r));
+      if (!deliver()) return false;
+    }
+    return static_cast<bool>(sock_);
+  }
+
+  // Delivers every complete frame in the buffer. Returns false once the channel closed.
+  bool deliver() {
+    for (;;) {
+      std::size_t avail = end_ - begin_;
+      if (!have_header_) {
+        if (avail < detail::kHeaderSize) break;
+        if (auto ec = detail::decode_header(buf_.data() + begin_, limits_.max_message_size,
+                                            header_)) {
+          fail(ec);
+          return false;
+        }
+        have_header_ = true;
+      }
+      if (avail < detail::kHeaderSize + header_.length) break;
+      if (in_fds_.size() < header_.nfds) {
+        fail(errc::malformed_frame);
+        return false;
+      }
+      Frame f;
+      f.kind = static_cast<FrameKind>(header_.kind);
+      f.tag = header_.tag;
+      f.payload.assign(buf_.data() + begin_ + detail::kHeaderSize, header_.length);
+      for (std::size_t i = 0; i < header_.nfds; ++i) {
+        f.fds.push_back(std::move(in_fds_.front()));
+        in_fds_.pop_front();
+      }
+      begin_ += detail::kHeaderSize + header_.length;
+      have_header_ = false;
+      if (on_frame_) on_frame_(std::move(f));
+      if (!sock_) return false;
+    }
+    if (begin_ == end_) {
+      begin_ = end_ = 0;
+      // A large frame leaves a large buffer behind: give it back once it is consumed.
+      if (buf_.size() > (std::size_t{1} << 20)) {
+        buf_.resize(64 * 1024);
+        buf_.shrink_to_fit();
+      }
+    }
+    return true;
+  }
+
+  // Makes room for `want` more bytes after end_, compacting before growing.
+  void reserve(std::size_t want) {
+    if (buf_.size() - end_ >= want) return;
+    if (begin_ > 0) {
+      std::memmove(buf_.data(), buf_.data() + begin_, end_ - begin_);
+      end_ -= begin_;
+      begin_ = 0;
+    }
+    if (buf_.size() - end_ < want) buf_.resize(end_ + want);
+  }
+
+  EventLoop& loop_;
+  UniqueFd sock_;
+  ChannelLimits limits_;
+  FrameCallback on_frame_;
+  CloseCallback on_close_;
+  std::function<void()> on_drained_;
+  std::deque<Out> out_;
+  std::size_t queued_ = 0;
+  bool must_notify_drained_ = false;
+  std::vector<char> buf_;
+  std::size_t begin_ = 0, end_ = 0;
+  detail::FrameHeader header_{};
+  bool have_header_ = false;
+  std::deque<UniqueFd> in_fds_;
+};
+
+/// A connected pair of non-blocking, close-on-exec stream sockets for one master/worker channel.
+/// Throws std::system_error (EMFILE, ENFILE).
+inline std::pair<UniqueFd, UniqueFd> make_channel_pair() {
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) != 0)
+    detail::throw_errno("socketpair");
+  return {UniqueFd(sv[0]), UniqueFd(sv[1])};
+}
+
+}  // namespace prefork
+
+#endif  // PREFORK_CHANNEL_HPP

@@ -1,0 +1,148 @@
+// Cluster<Server, BalancePolicy, RestartPolicy, MessageCodec>: the facade (Node's
+// lib/cluster.js). The same binary is master or worker: in fork mode the child of fork() runs
+// the worker and never returns here; in exec mode main() runs again and is_worker() is true.
+#ifndef PREFORK_CLUSTER_HPP
+#define PREFORK_CLUSTER_HPP
+
+#include <sys/stat.h>
+
+#include <charconv>
+#include <cstdlib>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include <prefork/balance/policy.hpp>
+#include <prefork/balance/shared_accept.hpp>
+#include <prefork/codec.hpp>
+#include <prefork/master.hpp>
+#include <prefork/options.hpp>
+#include <prefork/restart.hpp>
+#include <prefork/worker.hpp>
+
+namespace prefork {
+
+namespace detail {
+
+template <class T>
+bool parse_number(std::string_view text, T& out) noexcept {
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), out);
+  return ec == std::errc{} && end == text.data() + text.size();
+}
+
+/// Reads PREFORK_WORKER ("id,slot,fd,max_message_size,max_queued_bytes") and removes it from
+/// the environment, so that neither user code nor the worker's own children see it.
+inline std::optional<WorkerBoot> take_exec_boot() noexcept {
+  const char* raw = std::getenv(kWorkerEnv);
+  if (!raw) return std::nullopt;
+  std::string value(raw);
+  ::unsetenv(kWorkerEnv);
+  std::string_view parts[5];
+  std::size_t n = 0, start = 0;
+  for (std::size_t i = 0; i <= value.size() && n < 5; ++i) {
+    if (i == value.size() || value[i] == ',') {
+      parts[n++] = std::string_view(value).substr(start, i - start);
+      start = i + 1;
+    }
+  }
+  WorkerBoot b;
+  struct stat st {};
+  if (n != 5 || !parse_number(parts[0], b.id) || !parse_number(parts[1], b.slot) ||
+      !parse_number(parts[2], b.channel_fd) ||
+      !parse_number(parts[3], b.limits.max_message_size) ||
+      !parse_number(parts[4], b.limits.max_queued_bytes) || ::fstat(b.channel_fd, &st) != 0 ||
+      !S_ISSOCK(st.st_mode)) {
+    child_error("ignoring a malformed PREFORK_WORKER environment variable");
+    return std::nullopt;
+  }
+  ::fcntl(b.channel_fd, F_SETFD, FD_CLOEXEC);
+  is_worker_process() = true;
+  return b;
+}
+
+/// Runs before main(), so that the marker is gone before any user code can read it.
+inline const std::optional<WorkerBoot> exec_boot = take_exec_boot();
+
+}  // namespace detail
+
+/// A cluster of worker processes, each running a Server.
+///
+/// Server: built in each worker after it starts, from WorkerContext<Codec>& (or default);
+/// optional members on_connection(Connection), on_message(const message_type&), on_drain().
+/// The master-side members (callbacks, send, broadcast, timers...) do nothing in a worker.
+template <class Server, BalancePolicy Balance = SharedAccept,
+          RestartPolicy Restart = Backoff<RestartOnCrash>, MessageCodec Codec = StringCodec>
+class Cluster {
+ public:
+  using MasterT = Master<Codec, Restart, Balance>;
+  using WorkerT = Worker<Codec>;
+  using Context = WorkerContext<Codec>;
+  using message_type = typename Codec::message_type;
+
+  /// Throws std::invalid_argument for bad options (in the master).
+  explicit Cluster(Options opts = {}, Restart restart = {}) {
+    if (detail::exec_boot) {
+      boot_ = *detail::exec_boot;
+    } else {
+      master_.emplace(std::move(opts), std::move(restart),
+                      [](const detail::WorkerBoot& b) { return detail::run_worker<Server, Codec>(b); });
+    }
+  }
+
+  bool is_master() const noexcept { return master_.has_value(); }
+  bool is_worker() const noexcept { return !master_.has_value(); }
+
+  /// Master: binds, forks, supervises; returns 0 after a graceful shutdown, throws
+  /// std::system_error for set-up failures (e.g. the port is in use). Worker (exec mode):
+  /// serves and returns the worker's exit status.
+  int run() {
+    if (master_) return master_->run();
+    return detail::run_worker<Server, Codec>(*boot_);
+  }
+
+  /// The master's full API. Throws std::logic_error in a worker.
+  MasterT& master() {
+    if (!master_) throw std::logic_error("prefork: Cluster::master() called in a worker");
+    return *master_;
+  }
+
+  void bind() { if (master_) master_->bind(); }
+  std::vector<std::string> addresses() const {
+    return master_ ? master_->addresses() : std::vector<std::string>{};
+  }
+  std::vector<WorkerT*> workers() const { return master_ ? master_->workers() : std::vector<WorkerT*>{}; }
+  WorkerT* fork() { return master_ ? master_->fork() : nullptr; }
+  std::error_code send(unsigned id, const message_type& m) {
+    return master_ ? master_->send(id, m) : make_error_code(errc::no_such_worker);
+  }
+  std::size_t broadcast(const message_type& m) { return master_ ? master_->broadcast(m) : 0; }
+  void shutdown(bool fast = false) { if (master_) master_->shutdown(fast); }
+  void reload() { if (master_) master_->reload(); }
+  EventLoop::TimerId every(Clock::duration d, std::function<void()> cb) {
+    return master_ ? master_->every(d, std::move(cb)) : 0;
+  }
+  EventLoop::TimerId after(Clock::duration d, std::function<void()> cb) {
+    return master_ ? master_->after(d, std::move(cb)) : 0;
+  }
+  bool cancel(EventLoop::TimerId id) { return master_ && master_->cancel(id); }
+
+  void on_fork(std::function<void(WorkerT&)> cb) { if (master_) master_->on_fork(std::move(cb)); }
+  void on_online(std::function<void(WorkerT&)> cb) { if (master_) master_->on_online(std::move(cb)); }
+  void on_listening(std::function<void(WorkerT&)> cb) { if (master_) master_->on_listening(std::move(cb)); }
+  void on_disconnect(std::function<void(WorkerT&)> cb) { if (master_) master_->on_disconnect(std::move(cb)); }
+  void on_exit(std::function<void(WorkerT&, const ExitInfo&)> cb) { if (master_) master_->on_exit(std::move(cb)); }
+  void on_message(std::function<void(WorkerT&, const message_type&)> cb) { if (master_) master_->on_message(std::move(cb)); }
+  void on_error(std::function<void(WorkerT&, std::error_code)> cb) { if (master_) master_->on_error(std::move(cb)); }
+  void on_errored(std::function<void(std::size_t, const ExitInfo&)> cb) { if (master_) master_->on_errored(std::move(cb)); }
+  void on_reload_done(std::function<void(bool)> cb) { if (master_) master_->on_reload_done(std::move(cb)); }
+
+ private:
+  std::optional<MasterT> master_;
+  std::optional<detail::WorkerBoot> boot_;
+};
+
+}  // namespace prefork
+
+#endif  // PREFORK_CLUSTER_HPP

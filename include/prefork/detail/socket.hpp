@@ -1,0 +1,138 @@
+// Socket helpers: listen-address parsing ("127.0.0.1:8080", "[::1]:0", "unix:/path"), binding
+// listeners with errors that name the address, and printable socket addresses.
+#ifndef PREFORK_DETAIL_SOCKET_HPP
+#define PREFORK_DETAIL_SOCKET_HPP
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <charconv>
+#include <cstring>
+#include <string>
+#include <string_view>
+#include <system_error>
+
+#include <prefork/detail/syscall.hpp>
+#include <prefork/detail/unique_fd.hpp>
+
+namespace prefork::detail {
+
+struct SocketAddress {
+  sockaddr_storage storage{};
+  socklen_t length = 0;
+
+  int family() const noexcept { return storage.ss_family; }
+  const sockaddr* get() const noexcept { return reinterpret_cast<const sockaddr*>(&storage); }
+  sockaddr* get() noexcept { return reinterpret_cast<sockaddr*>(&storage); }
+};
+
+/// Parses "HOST:PORT" (IPv4 or "[IPv6]"), ":PORT" (all IPv4 interfaces) or "unix:PATH".
+/// Returns std::errc::invalid_argument for anything else, including a port above 65535.
+inline std::error_code parse_address(std::string_view spec, SocketAddress& out) noexcept {
+  out = {};
+  if (spec.starts_with("unix:")) {
+    std::string_view path = spec.substr(5);
+    sockaddr_un un{};
+    if (path.empty() || path.size() >= sizeof un.sun_path)
+      return std::make_error_code(std::errc::invalid_argument);
+    un.sun_family = AF_UNIX;
+    std::memcpy(un.sun_path, path.data(), path.size());
+    std::memcpy(&out.storage, &un, sizeof un);
+    out.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+    return {};
+  }
+  auto colon = spec.rfind(':');
+  if (colon == std::string_view::npos) return std::make_error_code(std::errc::invalid_argument);
+  std::string host(spec.substr(0, colon));
+  std::string_view port_text = spec.substr(colon + 1);
+  unsigned port = 0;
+  auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
+  if (ec != std::errc{} || end != port_text.data() + port_text.size() || port > 65535 ||
+      port_text.empty())
+    return std::make_error_code(std::errc::invalid_argument);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    sockaddr_in6 in6{};
+    in6.sin6_family = AF_INET6;
+    in6.sin6_port = htons(static_cast<std::uint16_t>(port));
+    if (::inet_pton(AF_INET6, host.substr(1, host.size() - 2).c_str(), &in6.sin6_addr) != 1)
+      return std::make_error_code(std::errc::invalid_argument);
+    std::memcpy(&out.storage, &in6, sizeof in6);
+    out.length = sizeof in6;
+    return {};
+  }
+  sockaddr_in in{};
+  in.sin_family = AF_INET;
+  in.sin_port = htons(static_cast<std::uint16_t>(port));
+  if (host.empty()) host = "0.0.0.0";
+  if (::inet_pton(AF_INET, host.c_str(), &in.sin_addr) != 1)
+    return std::make_error_code(std::errc::invalid_argument);
+  std::memcpy(&out.storage, &in, sizeof in);
+  out.length = sizeof in;
+  return {};
+}
+
+/// "127.0.0.1:8080", "[::1]:8080" or "unix:/path".
+inline std::string to_string(const SocketAddress& a) {
+  char buf[INET6_ADDRSTRLEN] = {};
+  switch (a.family()) {
+    case AF_INET: {
+      sockaddr_in in;
+      std::memcpy(&in, &a.storage, sizeof in);
+      ::inet_ntop(AF_INET, &in.sin_addr, buf, sizeof buf);
+      return std::string(buf) + ":" + std::to_string(ntohs(in.sin_port));
+    }
+    case AF_INET6: {
+      sockaddr_in6 in6;
+      std::memcpy(&in6, &a.storage, sizeof in6);
+      ::inet_ntop(AF_INET6, &in6.sin6_addr, buf, sizeof buf);
+      return "[" + std::string(buf) + "]:" + std::to_string(ntohs(in6.sin6_port));
+    }
+    case AF_UNIX: {
+      sockaddr_un un;
+      std::memcpy(&un, &a.storage, sizeof un);
+      std::size_t max = a.length > offsetof(sockaddr_un, sun_path)
+                            ? a.length - offsetof(sockaddr_un, sun_path)
+                            : 0;
+      return "unix:" + std::string(un.sun_path, strnlen(un.sun_path, std::min(max, sizeof un.sun_path)));
+    }
+  }
+  return "unknown";
+}
+
+/// The address a socket is bound to (with the port the kernel chose for port 0).
+inline SocketAddress local_address(int fd) noexcept {
+  SocketAddress a;
+  a.length = sizeof a.storage;
+  if (::getsockname(fd, a.get(), &a.length) != 0) a.length = 0;
+  return a;
+}
+
+/// Creates a non-blocking, close-on-exec listening socket. Throws std::system_error whose
+/// message names the operation and the address ("prefork: bind 127.0.0.1:8080: Address
+/// already in use"). A stale Unix socket file is not removed: that is the caller's decision.
+inline UniqueFd listen_on(const std::string& spec, int backlog, bool reuse_port = false) {
+  SocketAddress a;
+  if (auto ec = parse_address(spec, a))
+    throw std::system_error(ec, "prefork: bad listen address '" + spec +
+                                    "' (want HOST:PORT, [IPV6]:PORT or unix:PATH)");
+  UniqueFd fd(::socket(a.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!fd) throw_errno("socket for " + spec);
+  int one = 1;
+  if (a.family() != AF_UNIX) {
+    // SO_REUSEADDR lets a restarted master bind while old connections sit in TIME_WAIT.
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (a.family() == AF_INET6) ::setsockopt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+    if (reuse_port && ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0)
+      throw_errno("setsockopt SO_REUSEPORT " + spec);
+  }
+  if (::bind(fd.get(), a.get(), a.length) != 0) throw_errno("bind " + spec);
+  if (::listen(fd.get(), backlog) != 0) throw_errno("listen " + spec);
+  return fd;
+}
+
+}  // namespace prefork::detail
+
+#endif  // PREFORK_DETAIL_SOCKET_HPP

@@ -1,0 +1,96 @@
+// The vocabulary shared by both roles: cluster options, worker states and exit records, in
+// Node's cluster names (online, listening, disconnected, exited_after_disconnect).
+#ifndef PREFORK_OPTIONS_HPP
+#define PREFORK_OPTIONS_HPP
+
+#include <sched.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace prefork {
+
+using Clock = std::chrono::steady_clock;
+
+/// The number of CPUs this process may run on (sched_getaffinity), at least 1.
+inline unsigned cpu_count() noexcept {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof set, &set) == 0) {
+    int n = CPU_COUNT(&set);
+    if (n > 0) return static_cast<unsigned>(n);
+  }
+  long n = ::sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? static_cast<unsigned>(n) : 1u;
+}
+
+/// How a worker process comes to life.
+enum class SpawnMode {
+  fork,  ///< the child of fork() builds the Server; shares the master's memory copy-on-write
+  exec,  ///< the child re-executes /proc/self/exe, so main() runs again (deploys a new binary)
+};
+
+/// Worker states, in the order Node's cluster walks through them.
+enum class WorkerState { none, online, listening, disconnected, dead };
+
+inline constexpr std::string_view to_string(WorkerState s) noexcept {
+  switch (s) {
+    case WorkerState::none: return "none";
+    case WorkerState::online: return "online";
+    case WorkerState::listening: return "listening";
+    case WorkerState::disconnected: return "disconnected";
+    case WorkerState::dead: return "dead";
+  }
+  return "unknown";
+}
+
+/// How and why a worker process ended. Exactly one of exit_code/signal describes the end:
+/// signal is 0 when the process exited, and exit_code is -1 when a signal killed it.
+struct ExitInfo {
+  int exit_code = -1;                   ///< the status passed to exit(), or -1
+  int signal = 0;                       ///< the signal that killed the process, or 0
+  bool exited_after_disconnect = false; ///< a planned exit: disconnect(), kill() or shutdown
+  bool reached_listening = false;       ///< the worker got as far as 'listening'
+  std::chrono::milliseconds uptime{0};  ///< from fork to exit
+  std::string reason{};                 ///< why the master ended it, if it did ("drain timeout")
+
+  bool crashed() const noexcept { return exit_code != 0; }
+};
+
+/// Options for a Cluster. Aggregate: use designated initializers.
+struct Options {
+  /// Worker processes to keep running; one per CPU by default.
+  unsigned workers = cpu_count();
+  /// Addresses to listen on: "127.0.0.1:8080", "0.0.0.0:0", "[::1]:8080", "unix:/path".
+  std::vector<std::string> listen{};
+  /// listen(2) backlog for each listening socket.
+  int backlog = 511;
+  SpawnMode spawn = SpawnMode::fork;
+  /// After disconnect() a worker has this long to drain before it gets SIGTERM...
+  std::chrono::milliseconds drain_timeout{10000};
+  /// ...and then this long before SIGKILL.
+  std::chrono::milliseconds kill_timeout{5000};
+  /// Largest user or internal message a channel accepts, in bytes (payload, not framing).
+  std::size_t max_message_size = std::size_t{256} << 20;
+  /// Bytes a channel may hold queued for sending before send() reports errc::queue_full; an
+  /// empty queue always takes one message, however large (up to max_message_size).
+  std::size_t max_queued_bytes = std::size_t{64} << 20;
+  /// The master installs handlers for SIGTERM/SIGINT (graceful shutdown, twice: fast) and
+  /// SIGUSR2 (rolling restart). Turn off to manage signals yourself.
+  bool handle_signals = true;
+  /// exec mode: the program and arguments of the workers; empty means this process's own
+  /// /proc/self/exe with its original argv.
+  std::vector<std::string> exec_argv{};
+  /// Where the library's own diagnostics go (one line each, no newline); stderr when empty.
+  std::function<void(std::string_view)> log{};
+};
+
+}  // namespace prefork
+
+#endif  // PREFORK_OPTIONS_HPP

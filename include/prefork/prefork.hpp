@@ -1,0 +1,19 @@
+// prefork: Node's cluster model for C++ on Linux. One include for the whole public API.
+#ifndef PREFORK_PREFORK_HPP
+#define PREFORK_PREFORK_HPP
+
+#include <prefork/balance/policy.hpp>
+#include <prefork/balance/shared_accept.hpp>
+#include <prefork/channel.hpp>
+#include <prefork/cluster.hpp>
+#include <prefork/codec.hpp>
+#include <prefork/connection.hpp>
+#include <prefork/error.hpp>
+#include <prefork/event_loop.hpp>
+#include <prefork/master.hpp>
+#include <prefork/options.hpp>
+#include <prefork/restart.hpp>
+#include <prefork/worker.hpp>
+#include <prefork/worker_handle.hpp>
+
+#endif  // PREFORK_PREFORK_HPP

@@ -1,0 +1,301 @@
+// The worker role (Node's lib/internal/cluster/child.js): bootstrap after fork or exec, the
+// WorkerContext a Server is built with, accepting or receiving connections, messages from the
+// master, and the graceful disconnect that either side can start.
+#ifndef PREFORK_WORKER_HPP
+#define PREFORK_WORKER_HPP
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <concepts>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+#include <prefork/channel.hpp>
+#include <prefork/codec.hpp>
+#include <prefork/connection.hpp>
+#include <prefork/detail/socket.hpp>
+#include <prefork/detail/syscall.hpp>
+#include <prefork/event_loop.hpp>
+
+namespace prefork {
+
+namespace detail {
+
+/// What a worker needs to know about itself, from fork() or from the exec environment.
+struct WorkerBoot {
+  unsigned id = 0;
+  std::size_t slot = 0;
+  int channel_fd = -1;
+  ChannelLimits limits;
+};
+
+/// The process-wide role; set before any user code of a worker runs.
+inline bool& is_worker_process() noexcept {
+  static bool worker = false;
+  return worker;
+}
+
+}  // namespace detail
+
+/// True in a worker process, false in the master (Node's cluster.isWorker).
+inline bool is_worker() noexcept { return detail::is_worker_process(); }
+/// True in the master process (Node's cluster.isPrimary / isMaster).
+inline bool is_master() noexcept { return !detail::is_worker_process(); }
+
+/// What a Server gets in its constructor: who it is, the worker's event loop, the channel to
+/// the master, and the graceful disconnect. Lives as long as the worker process serves.
+/// Every member runs in the worker process, on its loop's thread.
+template <MessageCodec Codec = StringCodec>
+class WorkerContext {
+ public:
+  using message_type = typename Codec::message_type;
+
+  explicit WorkerContext(const detail::WorkerBoot& boot)
+      : id_(boot.id), slot_(boot.slot) {
+    channel_ = std::make_unique<Channel>(loop_, UniqueFd(boot.channel_fd), boot.limits);
+    channel_->on_frame([this](Frame&& f) { on_frame(std::move(f)); });
+    channel_->on_close([this](std::error_code ec) { on_channel_closed(ec); });
+  }
+  WorkerContext(const WorkerContext&) = delete;
+  WorkerContext& operator=(const WorkerContext&) = delete;
+
+  /// The worker's id: 1 for the first worker the master forked, then 2, 3... never reused.
+  unsigned id() const noexcept { return id_; }
+  /// The worker's slot, 0..workers-1: a replacement takes over the slot of the one it replaces.
+  std::size_t slot() const noexcept { return slot_; }
+  pid_t pid() const noexcept { return ::getpid(); }
+  /// The worker's event loop: register descriptors and timers here. A watch or timer that
+  /// keeps the loop alive delays the exit of a draining worker until it is removed.
+  EventLoop& loop() noexcept { return loop_; }
+
+  /// Sends a message to the master. Errors (nothing sent): errc::frame_too_large,
+  /// errc::queue_full (the master is not reading; back-pressure), errc::channel_closed.
+  std::error_code send(const message_type& m) {
+    if (!channel_) return errc::channel_closed;
+    return channel_->send(FrameKind::user, std::string(codec_.encode(m)));
+  }
+
+  /// Graceful disconnect started by the worker (Node's worker.disconnect() in a worker):
+  /// stop accepting, tell the master (so the exit counts as exited_after_disconnect), call the
+  /// Server's on_drain(), and exit 0 once the loop has nothing left that keeps it alive.
+  void disconnect() { begin_drain(true); }
+  bool draining() const noexcept { return draining_; }
+
+  /// Leaves the process now with `code`, after giving queued messages up to a second to go.
+  [[noreturn]] void exit(int code) {
+    if (channel_) channel_->flush_blocking(1000);
+    std::fflush(nullptr);
+    ::_exit(code);
+  }
+
+  /// Connections this worker is serving, as the Server reports them with
+  /// connection_opened()/connection_closed(); master-dispatch policies balance on it.
+  void connection_opened() noexcept { ++connections_; }
+  void connection_closed() noexcept {
+    if (connections_ > 0) --connections_;
+  }
+  std::size_t connections() const noexcept { return connections_; }
+
+  /// Runs the worker: builds the Server, serves until drained or the master is gone, and
+  /// returns the process's exit status. Called by Cluster; not for user code.
+  template <class Server>
+  int serve() {
+    channel_->send(FrameKind::online, {});
+    std::optional<Server> server;
+    if constexpr (std::constructible_from<Server, WorkerContext&>) {
+      server.emplace(*this);
+    } else {
+      server.emplace();
+    }
+    Server& s = *server;
+    if constexpr (requires(Server& x, Connection c) { x.on_connection(std::move(c)); })
+      on_connection_ = [&s](Connection c) { s.on_connection(std::move(c)); };
+    if constexpr (requires(Server& x, const message_type& m) { x.on_message(m); })
+      on_message_ = [&s](const message_type& m) { s.on_message(m); };
+    if constexpr (requires(Server& x) { x.on_drain(); }) on_drain_ = [&s] { s.on_drain(); };
+    loop_.on_signal(SIGINT, [this](const signalfd_siginfo&) { begin_drain(true); });
+
+    while (!done_) {
+      loop_.run_once(-1);
+      if (draining_ && !loop_.alive()) break;
+    }
+    server.reset();
+    on_connection_ = nullptr;
+    on_message_ = nullptr;
+    on_drain_ = nullptr;
+    if (channel_) channel_->flush_blocking(1000);
+    return exit_code_;
+  }
+
+ private:
+  void on_frame(Frame&& f) {
+    switch (f.kind) {
+      case FrameKind::user: {
+        if (!on_message_) return;
+        std::error_code ec;
+        auto m = codec_.decode(f.payload, ec);
+        if (!m) {
+          report("message from the master could not be decoded: " + ec.message());
+          return;
+        }
+        on_message_(*m);
+        return;
+      }
+      case FrameKind::handles: return adopt_listeners(std::move(f.fds));
+      case FrameKind::connection: return adopt_connection(std::move(f));
+      case FrameKind::disconnect: return begin_drain(false);
+      default:
+        report("unexpected frame kind " + std::to_string(static_cast<int>(f.kind)) +
+               " from the master");
+    }
+  }
+
+  void on_channel_closed(std::error_code ec) {
+    // The master is gone (or broke the protocol): nobody supervises this process any more.
+    if (ec != errc::channel_closed) report("channel to the master failed: " + ec.message());
+    exit_code_ = ec == errc::channel_closed ? 0 : 1;
+    done_ = true;
+  }
+
+  void adopt_listeners(std::vector<UniqueFd> fds) {
+    if (draining_ || fds.empty()) return;
+    if (!on_connection_) {
+      report("the Server has no on_connection(prefork::Connection) but the cluster listens");
+      exit_code_ = 1;
+      done_ = true;
+      return;
+    }
+    for (auto& fd : fds) {
+      int raw = fd.get();
+      loop_.watch(raw, EventLoop::readable | EventLoop::exclusive,
+                  [this, raw](std::uint32_t) { accept_from(raw); }, false);
+      listeners_.push_back(std::move(fd));
+    }
+    channel_->send(FrameKind::listening, {});
+  }
+
+  void adopt_connection(Frame&& f) {
+    if (f.fds.size() != 1 || !on_connection_) return;
+    detail::SocketAddress peer;
+    if (f.payload.size() <= sizeof peer.storage) {
+      std::memcpy(&peer.storage, f.payload.data(), f.payload.size());
+      peer.length = static_cast<socklen_t>(f.payload.size());
+    }
+    on_connection_(Connection(std::move(f.fds[0]), peer));
+  }
+
+  // Accepts a batch, then yields to the loop. EMFILE and friends pause every listener for a
+  // while instead of spinning on a socket that stays readable (libuv's uv__emfile_trick lesson).
+  void accept_from(int listener) {
+    for (int i = 0; i < 64 && !draining_; ++i) {
+      detail::SocketAddress peer;
+      peer.length = sizeof peer.storage;
+      int fd = ::accept4(listener, peer.get(), &peer.length, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd >= 0) {
+        on_connection_(Connection(UniqueFd(fd), peer));
+        continue;
+      }
+      switch (errno) {
+        case EAGAIN: return;
+        case EINTR:
+        case ECONNABORTED:
+        case EPROTO:
+        case EPERM: continue;
+        case EMFILE:
+        case ENFILE:
+        case ENOBUFS:
+        case ENOMEM: return pause_accepting(std::strerror(errno));
+        default: return pause_accepting(std::strerror(errno));
+      }
+    }
+  }
+
+  void pause_accepting(const char* why) {
+    report(std::string("accept failed (") + why + "); pausing accept for 100 ms");
+    for (auto& l : listeners_) loop_.unwatch(l.get());
+    loop_.after(std::chrono::milliseconds(100), [this] {
+      if (draining_) return;
+      for (auto& l : listeners_) {
+        int raw = l.get();
+        if (!loop_.watching(raw))
+          loop_.watch(raw, EventLoop::readable | EventLoop::exclusive,
+                      [this, raw](std::uint32_t) { accept_from(raw); }, false);
+      }
+    }, false);
+  }
+
+  void begin_drain(bool tell_master) {
+    if (draining_) return;
+    draining_ = true;
+    for (auto& l : listeners_) loop_.unwatch(l.get());
+    listeners_.clear();
+    if (tell_master && channel_) channel_->send(FrameKind::disconnect, {});
+    if (on_drain_) on_drain_();
+  }
+
+  void report(const std::string& what) {
+    std::string line = "prefork: worker " + std::to_string(id_) + " (pid " +
+                       std::to_string(::getpid()) + "): " + what + "\n";
+    detail::write_all(2, line.data(), line.size());
+  }
+
+  unsigned id_;
+  std::size_t slot_;
+  EventLoop loop_;
+  std::unique_ptr<Channel> channel_;
+  [[no_unique_address]] Codec codec_;
+  std::vector<UniqueFd> listeners_;
+  std::function<void(Connection)> on_connection_;
+  std::function<void(const message_type&)> on_message_;
+  std::function<void()> on_drain_;
+  std::size_t connections_ = 0;
+  bool draining_ = false;
+  bool done_ = false;
+  int exit_code_ = 0;
+};
+
+namespace detail {
+
+/// Runs a worker to completion and returns its exit status; never throws. An exception from
+/// the Server (constructor or a callback) ends the worker with status 1 and a message, the way
+/// an uncaught exception ends a Node worker.
+template <class Server, MessageCodec Codec>
+int run_worker(const WorkerBoot& boot) noexcept {
+  is_worker_process() = true;
+  try {
+    WorkerContext<Codec> ctx(boot);
+    ctx.loop().on_exception([&ctx](std::exception_ptr e) {
+      try {
+        std::rethrow_exception(e);
+      } catch (const std::exception& x) {
+        std::string line = "prefork: worker " + std::to_string(ctx.id()) +
+                           ": uncaught exception: " + x.what() + "\n";
+        write_all(2, line.data(), line.size());
+      } catch (...) {
+        child_error("worker: uncaught non-standard exception");
+      }
+      ctx.exit(1);
+    });
+    return ctx.template serve<Server>();
+  } catch (const std::exception& e) {
+    std::string line = "prefork: worker " + std::to_string(boot.id) + " failed: " + e.what() + "\n";
+    write_all(2, line.data(), line.size());
+  } catch (...) {
+    child_error("worker failed with a non-standard exception");
+  }
+  return 1;
+}
+
+}  // namespace detail
+}  // namespace prefork
+
+#endif  // PREFORK_WORKER_HPP

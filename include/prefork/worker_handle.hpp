@@ -1,0 +1,131 @@
+// The master's record of one worker process (Node's lib/internal/cluster/worker.js on the
+// primary side): id, slot, pid, state, the channel to it, and the graceful disconnect with its
+// escalation to SIGTERM and SIGKILL.
+#ifndef PREFORK_WORKER_HANDLE_HPP
+#define PREFORK_WORKER_HANDLE_HPP
+
+#include <signal.h>
+#include <sys/types.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <system_error>
+
+#include <prefork/channel.hpp>
+#include <prefork/codec.hpp>
+#include <prefork/detail/process.hpp>
+#include <prefork/event_loop.hpp>
+#include <prefork/options.hpp>
+
+namespace prefork {
+
+template <MessageCodec Codec, class Restart, class Balance>
+class Master;
+
+/// One worker as the master sees it. Every member runs in the master process. A Worker& given
+/// to a callback stays valid until the worker's 'exit' callbacks have returned.
+template <MessageCodec Codec>
+class Worker {
+ public:
+  using message_type = typename Codec::message_type;
+
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  /// 1 for the first worker forked, then 2, 3... never reused (Node's worker.id).
+  unsigned id() const noexcept { return id_; }
+  /// 0..workers-1; a replacement takes the slot of the worker it replaces.
+  std::size_t slot() const noexcept { return slot_; }
+  pid_t pid() const noexcept { return pid_; }
+  WorkerState state() const noexcept { return state_; }
+  /// The channel to the worker is open (Node's worker.isConnected()).
+  bool is_connected() const noexcept { return channel_ && channel_->is_open(); }
+  /// The process has exited and been reaped (Node's worker.isDead()).
+  bool is_dead() const noexcept { return state_ == WorkerState::dead; }
+  /// The exit is planned: disconnect() or kill() was called, the worker disconnected itself, or
+  /// the master is shutting down (Node's worker.exitedAfterDisconnect).
+  bool exited_after_disconnect() const noexcept { return exited_after_disconnect_; }
+  Clock::time_point started_at() const noexcept { return started_; }
+  /// Valid once is_dead().
+  const ExitInfo& exit_info() const noexcept { return exit_; }
+
+  /// Sends a message to the worker. Errors, with nothing sent: errc::channel_closed,
+  /// errc::frame_too_large, errc::queue_full (the worker is not reading: back-pressure).
+  std::error_code send(const message_type& m) {
+    if (!is_connected()) return errc::channel_closed;
+    return channel_->send(FrameKind::user, std::string(codec_.encode(m)));
+  }
+
+  /// Asks the worker to drain and exit 0 (Node's worker.disconnect()): it stops accepting,
+  /// finishes what it has, and exits. After Options::drain_timeout it gets SIGTERM, after a
+  /// further Options::kill_timeout SIGKILL; the exit record's reason says so.
+  void disconnect() {
+    if (is_dead()) return;
+    exited_after_disconnect_ = true;
+    if (is_connected()) channel_->send(FrameKind::disconnect, {});
+    arm_escalation();
+  }
+
+  /// Sends a signal now (default SIGTERM), without waiting for a drain. Counts as a planned
+  /// exit: exited_after_disconnect() becomes true, as Node documents for worker.kill() (Node's
+  /// code sets it only on the disconnect path; we follow the documentation so that
+  /// RestartOnCrash never undoes a kill the application asked for). Returns the error of
+  /// pidfd_send_signal(2); ESRCH once the process has exited.
+  std::error_code kill(int sig = SIGTERM) {
+    exited_after_disconnect_ = true;
+    return signal(sig);
+  }
+
+ private:
+  template <MessageCodec, class, class>
+  friend class Master;
+
+  Worker(EventLoop& loop, const Options& opts, unsigned id, std::size_t slot)
+      : loop_(loop), opts_(opts), id_(id), slot_(slot) {}
+
+  std::error_code signal(int sig) noexcept {
+    if (!pidfd_ || is_dead()) return std::make_error_code(std::errc::no_such_process);
+    if (detail::pidfd_send_signal(pidfd_.get(), sig) != 0) return detail::errno_code();
+    return {};
+  }
+
+  void arm_escalation() {
+    if (escalation_timer_) return;
+    escalation_timer_ = loop_.after(opts_.drain_timeout, [this] {
+      escalation_timer_ = 0;
+      exit_.reason = "drain timeout: SIGTERM after " +
+                     std::to_string(opts_.drain_timeout.count()) + " ms";
+      signal(SIGTERM);
+      escalation_timer_ = loop_.after(opts_.kill_timeout, [this] {
+        escalation_timer_ = 0;
+        exit_.reason = "drain timeout: SIGKILL after SIGTERM was ignored";
+        signal(SIGKILL);
+      }, false);
+    }, false);
+  }
+
+  void cancel_timers() noexcept {
+    if (escalation_timer_) loop_.cancel(escalation_timer_);
+    escalation_timer_ = 0;
+  }
+
+  EventLoop& loop_;
+  const Options& opts_;
+  unsigned id_;
+  std::size_t slot_;
+  pid_t pid_ = -1;
+  UniqueFd pidfd_;
+  std::unique_ptr<Channel> channel_;
+  [[no_unique_address]] Codec codec_;
+  WorkerState state_ = WorkerState::none;
+  bool exited_after_disconnect_ = false;
+  bool listened_ = false;
+  Clock::time_point started_ = Clock::now();
+  ExitInfo exit_;
+  EventLoop::TimerId escalation_timer_ = 0;
+};
+
+}  // namespace prefork
+
+#endif  // PREFORK_WORKER_HANDLE_HPP
