@@ -137,7 +137,7 @@ class Channel {
     if (payload.size() > limits_.max_message_size) return errc::frame_too_large;
     if (fds.size() > detail::kMaxFdsPerFrame) return errc::too_many_fds;
     std::size_t bytes = payload.size() + detail::kHeaderSize;
-    if (!out_.empty() && queued_ + bytes > limits_.max_queued_bytes) return errc::queue_full;
+    if (!has_room(payload.size())) return errc::queue_full;
     Out o;
     detail::encode_header(o.header, {static_cast<std::uint8_t>(kind),
                                      static_cast<std::uint8_t>(fds.size()),
@@ -154,6 +154,12 @@ class Channel {
       loop_.modify(sock_.get(), EventLoop::readable | EventLoop::writable);
     }
     return {};
+  }
+
+  /// Whether send() of a payload of this size would be taken now (not errc::queue_full).
+  bool has_room(std::size_t payload_size) const noexcept {
+    return sock_ && (out_.empty() ||
+                     queued_ + payload_size + detail::kHeaderSize <= limits_.max_queued_bytes);
   }
 
   /// Writes the queue out, blocking in poll() up to timeout_ms. For a process about to exit.

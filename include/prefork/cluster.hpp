@@ -15,6 +15,7 @@
 #include <utility>
 
 #include <prefork/balance/policy.hpp>
+#include <prefork/balance/round_robin.hpp>
 #include <prefork/balance/shared_accept.hpp>
 #include <prefork/codec.hpp>
 #include <prefork/master.hpp>
@@ -72,7 +73,7 @@ inline const std::optional<WorkerBoot> exec_boot = take_exec_boot();
 /// Server: built in each worker after it starts, from WorkerContext<Codec>& (or default);
 /// optional members on_connection(Connection), on_message(const message_type&), on_drain().
 /// The master-side members (callbacks, send, broadcast, timers...) do nothing in a worker.
-template <class Server, BalancePolicy Balance = SharedAccept,
+template <class Server, BalancePolicy Balance = RoundRobin,
           RestartPolicy Restart = Backoff<RestartOnCrash>, MessageCodec Codec = StringCodec>
 class Cluster {
  public:

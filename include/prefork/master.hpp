@@ -26,6 +26,7 @@
 #include <vector>
 
 #include <prefork/balance/policy.hpp>
+#include <sys/socket.h>
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
 #include <prefork/detail/process.hpp>
@@ -211,6 +212,7 @@ class Master {
     shutting_down_ = true;
     if (!again) {
       for (auto& s : slots_) cancel_restart(s);
+      for (auto& l : listeners_) loop_.unwatch(l.get());
       listeners_.clear();
       for (auto& [id, w] : workers_) w->disconnect();
     }
@@ -254,6 +256,7 @@ class Master {
     }
     for (std::size_t s = 0; s < slots_.size(); ++s)
       if (!slots_[s].worker_id) spawn(s);
+    if constexpr (MasterDispatch<Balance>) resume_accepting();
     loop_.restart();
     loop_.run();
     return 0;
@@ -360,7 +363,7 @@ class Master {
     loop_.watch(w.pidfd_.get(), EventLoop::readable, [this, &w](std::uint32_t) { on_pidfd(w); });
     s.worker_id = id;
     workers_.emplace(id, std::move(owned));
-    if constexpr (KernelDispatch<Balance>) hand_listeners(w);
+    if (!listeners_.empty()) hand_listeners(w);
     if (on_fork_) on_fork_(w);
     return &w;
   }
@@ -399,9 +402,11 @@ class Master {
     return nullptr;
   }
 
+  // Kernel dispatch: the worker gets its own copies of the listening sockets. Master dispatch:
+  // an empty handles frame, which tells the worker to expect connections over the channel.
   void hand_listeners(WorkerT& w) {
     std::vector<UniqueFd> dups;
-    for (auto& l : listeners_) {
+    if constexpr (KernelDispatch<Balance>) for (auto& l : listeners_) {
       int d = ::fcntl(l.get(), F_DUPFD_CLOEXEC, 0);
       if (d < 0) {
         log("dup of a listening socket failed: " + std::string(std::strerror(errno)));
@@ -449,6 +454,7 @@ class Master {
         if constexpr (requires(Restart& r) { r.on_listening(std::size_t{}); })
           restart_.on_listening(w.slot_);
         if (on_listening_) on_listening_(w);
+        if constexpr (MasterDispatch<Balance>) resume_accepting();
         reload_progress(w);
         return;
       case FrameKind::disconnect:
@@ -467,6 +473,9 @@ class Master {
 
   void on_channel_closed(WorkerT& w, std::error_code ec) {
     if (ec != errc::channel_closed) protocol_error(w, ec);
+    // A worker that closed its channel but keeps running is unsupervisable: give it the drain
+    // deadline to exit, then escalate, as for a disconnect.
+    w.arm_escalation();
     mark_disconnected(w);
   }
 
@@ -534,6 +543,69 @@ class Master {
     }
   }
 
+  // Master dispatch (Node's round_robin_handle.js): accept here, hand each connection to the
+  // worker the policy picks. With no worker ready, stop accepting: clients wait in the backlog
+  // instead of being refused, and accepting resumes when a worker is listening again.
+  void resume_accepting() {
+    if (shutting_down_ || accept_paused_) return;
+    for (auto& l : listeners_) {
+      int raw = l.get();
+      if (!loop_.watching(raw))
+        loop_.watch(raw, EventLoop::readable, [this, raw](std::uint32_t) { accept_from(raw); },
+                    false);
+    }
+  }
+
+  void stop_accepting() {
+    for (auto& l : listeners_) loop_.unwatch(l.get());
+  }
+
+  void accept_from(int listener) {
+    ready_.clear();
+    ready_workers_.clear();
+    for (auto& [id, w] : workers_) {
+      if (w->state_ == WorkerState::listening && !w->exited_after_disconnect_ &&
+          w->is_connected()) {
+        ready_.push_back({w->slot_, w->connections_});
+        ready_workers_.push_back(w.get());
+      }
+    }
+    if (ready_.empty()) return stop_accepting();
+    for (int i = 0; i < 64; ++i) {
+      detail::SocketAddress peer;
+      peer.length = sizeof peer.storage;
+      int fd = ::accept4(listener, peer.get(), &peer.length, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+        if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO || errno == EPERM) continue;
+        // EMFILE, ENFILE, ENOBUFS, ENOMEM: the socket stays readable, so pause rather than spin.
+        log(std::string("accept: ") + std::strerror(errno) + "; pausing accept for 100 ms");
+        stop_accepting();
+        accept_paused_ = true;
+        loop_.after(std::chrono::milliseconds(100), [this] {
+          accept_paused_ = false;
+          resume_accepting();
+        }, false);
+        return;
+      }
+      UniqueFd conn(fd);
+      std::string address(reinterpret_cast<const char*>(&peer.storage), peer.length);
+      std::optional<std::size_t> pick = balance_.pick(PickContext{peer, ready_});
+      std::size_t first = pick && *pick < ready_.size() ? *pick : 0;
+      // The picked worker, or the next one with room in its channel (a worker that stopped
+      // reading must not cost a connection).
+      for (std::size_t k = 0; k < ready_workers_.size(); ++k) {
+        WorkerT* w = ready_workers_[(first + k) % ready_workers_.size()];
+        if (!w->channel_->has_room(address.size())) continue;
+        std::vector<UniqueFd> fds;
+        fds.push_back(std::move(conn));
+        w->channel_->send(FrameKind::connection, std::move(address), 0, std::move(fds));
+        break;
+      }
+      if (conn) log("every worker's channel is full; dropping a connection");
+    }
+  }
+
   void reload_next() {
     while (!reload_queue_.empty()) {
       unsigned old_id = reload_queue_.front();
@@ -576,6 +648,7 @@ class Master {
   Options opts_;
   [[no_unique_address]] Restart restart_;
   [[no_unique_address]] Codec codec_;
+  [[no_unique_address]] Balance balance_;
   ChildMain child_main_;
   std::vector<std::string> exec_argv_;
   std::string exec_path_;
@@ -586,6 +659,9 @@ class Master {
   std::map<unsigned, std::unique_ptr<WorkerT>> workers_;
   std::vector<Slot> slots_;
   unsigned next_id_ = 0;
+  bool accept_paused_ = false;
+  std::vector<WorkerLoad> ready_;        // scratch for accept_from, kept to avoid reallocating
+  std::vector<WorkerT*> ready_workers_;
   bool shutting_down_ = false;
   bool reloading_ = false;
   bool reload_again_ = false;

@@ -3,6 +3,7 @@
 #define PREFORK_PREFORK_HPP
 
 #include <prefork/balance/policy.hpp>
+#include <prefork/balance/round_robin.hpp>
 #include <prefork/balance/shared_accept.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/cluster.hpp>

@@ -22,6 +22,7 @@
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
 #include <prefork/connection.hpp>
+#include <prefork/detail/process.hpp>
 #include <prefork/detail/socket.hpp>
 #include <prefork/detail/syscall.hpp>
 #include <prefork/event_loop.hpp>
@@ -122,6 +123,8 @@ class WorkerContext {
     if constexpr (requires(Server& x, const message_type& m) { x.on_message(m); })
       on_message_ = [&s](const message_type& m) { s.on_message(m); };
     if constexpr (requires(Server& x) { x.on_drain(); }) on_drain_ = [&s] { s.on_drain(); };
+    if constexpr (requires(Server& x) { x.on_listening(); })
+      on_listening_ = [&s] { s.on_listening(); };
     loop_.on_signal(SIGINT, [this](const signalfd_siginfo&) { begin_drain(true); });
 
     while (!done_) {
@@ -132,6 +135,7 @@ class WorkerContext {
     on_connection_ = nullptr;
     on_message_ = nullptr;
     on_drain_ = nullptr;
+    on_listening_ = nullptr;
     if (channel_) channel_->flush_blocking(1000);
     return exit_code_;
   }
@@ -166,8 +170,10 @@ class WorkerContext {
     done_ = true;
   }
 
+  // Kernel dispatch brings listening sockets; master dispatch an empty list: connections will
+  // come over the channel. Either way the worker is now listening.
   void adopt_listeners(std::vector<UniqueFd> fds) {
-    if (draining_ || fds.empty()) return;
+    if (draining_) return;
     if (!on_connection_) {
       report("the Server has no on_connection(prefork::Connection) but the cluster listens");
       exit_code_ = 1;
@@ -181,6 +187,7 @@ class WorkerContext {
       listeners_.push_back(std::move(fd));
     }
     channel_->send(FrameKind::listening, {});
+    if (on_listening_) on_listening_();
   }
 
   void adopt_connection(Frame&& f) {
@@ -257,6 +264,7 @@ class WorkerContext {
   std::function<void(Connection)> on_connection_;
   std::function<void(const message_type&)> on_message_;
   std::function<void()> on_drain_;
+  std::function<void()> on_listening_;
   std::size_t connections_ = 0;
   bool draining_ = false;
   bool done_ = false;

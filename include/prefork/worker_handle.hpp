@@ -121,6 +121,7 @@ class Worker {
   WorkerState state_ = WorkerState::none;
   bool exited_after_disconnect_ = false;
   bool listened_ = false;
+  std::size_t connections_ = 0;  // as the worker last reported them
   Clock::time_point started_ = Clock::now();
   ExitInfo exit_;
   EventLoop::TimerId escalation_timer_ = 0;
