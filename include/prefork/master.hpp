@@ -490,6 +490,7 @@ class Master {
     detail::Reaped r = detail::reap(w.pidfd_.get());
     if (!r.done) return;
     loop_.unwatch(w.pidfd_.get());
+    w.pidfd_.reset();  // or a worker forked from an exit callback would inherit it
     // Deliver what the worker sent before it died, then 'disconnect' before 'exit' (Node).
     if (w.channel_ && w.channel_->is_open()) w.channel_->read_all_pending();
     mark_disconnected(w);
