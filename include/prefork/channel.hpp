@@ -191,6 +191,9 @@ class Channel {
     sock_.reset();
     out_.clear();
     queued_ = 0;
+    in_fds_.clear();  // descriptors of frames that will never be delivered
+    begin_ = end_ = 0;
+    have_header_ = false;
   }
 
   bool is_open() const noexcept { return static_cast<bool>(sock_); }
@@ -288,8 +291,10 @@ class Channel {
     while (sock_ && budget > 0) {
       std::size_t want = 64 * 1024;
       if (have_header_) {
+        // Grow toward the announced length as bytes arrive (doubling), not at the header: a
+        // 16-byte header alone must not make us allocate max_message_size.
         std::size_t need = detail::kHeaderSize + header_.length - (end_ - begin_);
-        want = std::max(want, need);
+        want = std::min(need, std::max(want, buf_.size()));
       }
       reserve(want);
       iovec iov{buf_.data() + end_, buf_.size() - end_};
@@ -316,6 +321,8 @@ class Channel {
           in_fds_.emplace_back(fd);
         }
       }
+      // More descriptors than a frame may carry came in one batch (the kernel closed the rest):
+      // only a hostile or broken sender does that, so nothing more from it is trusted.
       if (msg.msg_flags & MSG_CTRUNC) {
         fail(errc::too_many_fds);
         return false;
@@ -362,6 +369,14 @@ class Channel {
       have_header_ = false;
       if (on_frame_) on_frame_(std::move(f));
       if (!sock_) return false;
+    }
+    // A well-behaved sender attaches descriptors only to a frame's first byte, and recvmsg
+    // returns one batch per call: only the partial frame at begin_ can own any. More means a
+    // peer is smuggling descriptors in to exhaust our table.
+    std::size_t allowed = begin_ == end_ ? 0 : have_header_ ? header_.nfds : detail::kMaxFdsPerFrame;
+    if (in_fds_.size() > allowed) {
+      fail(errc::malformed_frame);
+      return false;
     }
     if (begin_ == end_) {
       begin_ = end_ = 0;

@@ -64,7 +64,7 @@ class EventLoop {
 
   /// Unblocks the signals this loop blocked, so the process's mask is as it was.
   ~EventLoop() {
-    if (!sigisemptyset(&signal_mask_)) ::sigprocmask(SIG_UNBLOCK, &signal_mask_, nullptr);
+    if (!sigisemptyset(&blocked_by_us_)) ::sigprocmask(SIG_UNBLOCK, &blocked_by_us_, nullptr);
   }
 
   /// Calls cb with the ready events (EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP...) whenever fd is
@@ -128,7 +128,7 @@ class EventLoop {
   /// Cancels a timer; safe from inside its own callback. Returns false if it already ran or
   /// was never there.
   bool cancel(TimerId id) noexcept {
-    if (id == firing_) {
+    if (id != 0 && id == firing_) {
       firing_cancelled_ = true;
       return true;
     }
@@ -148,8 +148,12 @@ class EventLoop {
   /// is blocked in the calling thread. A second registration replaces the callback.
   /// Throws std::system_error if the signalfd cannot be created.
   void on_signal(int signo, SignalCallback cb) {
+    sigset_t one, old;
+    sigemptyset(&one);
+    sigaddset(&one, signo);
+    if (::sigprocmask(SIG_BLOCK, &one, &old) != 0) detail::throw_errno("sigprocmask");
+    if (!sigismember(&old, signo)) sigaddset(&blocked_by_us_, signo);
     sigaddset(&signal_mask_, signo);
-    if (::sigprocmask(SIG_BLOCK, &signal_mask_, nullptr) != 0) detail::throw_errno("sigprocmask");
     int fd = ::signalfd(signal_fd_ ? signal_fd_.get() : -1, &signal_mask_, SFD_NONBLOCK | SFD_CLOEXEC);
     if (fd < 0) detail::throw_errno("signalfd");
     if (!signal_fd_) {
@@ -160,7 +164,16 @@ class EventLoop {
   }
 
   /// Runs cb on the loop soon (before it next blocks). Counts for alive() until it has run.
-  void post(TimerCallback cb) { posted_.push_back(std::move(cb)); }
+  void post(TimerCallback cb) {
+    posted_.push_back(std::move(cb));
+    // Make native_handle() readable for a loop driven from outside: a deadline long past
+    // expires at once, and fire_timers() re-arms the real one.
+    if (posted_.size() == 1) {
+      itimerspec now{};
+      now.it_value.tv_nsec = 1;
+      ::timerfd_settime(timer_fd_.get(), TFD_TIMER_ABSTIME, &now, nullptr);
+    }
+  }
 
   /// Waits up to timeout_ms (-1: forever) for one round of events and runs their callbacks.
   /// Use it to drive this loop from another one that polls native_handle().
@@ -172,6 +185,7 @@ class EventLoop {
     for (int i = 0; i < n; ++i) dispatch(events[i]);
     graveyard_.clear();
     run_posted();
+    if (pending_exception_) std::rethrow_exception(std::exchange(pending_exception_, nullptr));
   }
 
   /// Runs rounds until stop(). Returns at once if stop() was called before.
@@ -188,7 +202,9 @@ class EventLoop {
   /// "the event loop has something to do", used by a draining worker to know when to exit).
   bool alive() const noexcept { return alive_ > 0 || !posted_.empty(); }
 
-  /// Where exceptions thrown by callbacks go. By default they propagate out of run_once().
+  /// Where exceptions thrown by callbacks go. By default the first one of a round propagates
+  /// out of run_once() once the round is over (so timers, posted callbacks and signals of that
+  /// round are not lost); a second one in the same round is reported on stderr and dropped.
   void on_exception(std::function<void(std::exception_ptr)> h) { exception_handler_ = std::move(h); }
 
   /// The epoll descriptor: readable when a round has work. For integration with other loops.
@@ -231,14 +247,18 @@ class EventLoop {
 
   template <class F>
   void guarded(F&& f) {
-    if (!exception_handler_) {
-      f();
-      return;
-    }
     try {
       f();
     } catch (...) {
-      exception_handler_(std::current_exception());
+      if (exception_handler_) {
+        exception_handler_(std::current_exception());
+      } else if (!pending_exception_) {
+        pending_exception_ = std::current_exception();
+      } else {
+        static constexpr char msg[] =
+            "prefork: a second exception in one event loop round was dropped\n";
+        detail::write_all(2, msg, sizeof msg - 1);
+      }
     }
   }
 
@@ -310,10 +330,9 @@ class EventLoop {
       if (n <= 0) return;
       for (std::size_t i = 0; i < static_cast<std::size_t>(n) / sizeof info[0]; ++i) {
         auto it = signal_handlers_.find(static_cast<int>(info[i].ssi_signo));
-        if (it != signal_handlers_.end()) {
-          auto cb = it->second;  // the handler may replace itself
-          guarded([&] { cb(info[i]); });
-        }
+        if (it == signal_handlers_.end()) continue;
+        auto cb = it->second;  // the handler may replace itself
+        guarded([&] { cb(info[i]); });
       }
     }
   }
@@ -329,11 +348,13 @@ class EventLoop {
   UniqueFd epoll_;
   UniqueFd timer_fd_;
   UniqueFd signal_fd_;
-  sigset_t signal_mask_ = [] {
+  static sigset_t empty_set() noexcept {
     sigset_t s;
     sigemptyset(&s);
     return s;
-  }();
+  }
+  sigset_t signal_mask_ = empty_set();    // what the signalfd listens for
+  sigset_t blocked_by_us_ = empty_set();  // what on_signal blocked (the destructor unblocks it)
   std::vector<std::unique_ptr<Watch>> watches_;  // indexed by descriptor
   std::vector<std::unique_ptr<Watch>> graveyard_;
   std::map<std::pair<Clock::time_point, TimerId>, Timer> timers_;
@@ -341,6 +362,7 @@ class EventLoop {
   std::unordered_map<int, SignalCallback> signal_handlers_;
   std::vector<TimerCallback> posted_;
   std::function<void(std::exception_ptr)> exception_handler_;
+  std::exception_ptr pending_exception_;
   std::uint32_t generation_ = 0;
   TimerId next_timer_ = 0;
   TimerId firing_ = 0;

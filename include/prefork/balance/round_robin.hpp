@@ -24,11 +24,10 @@ class RoundRobin {
       if (!lowest || s < ctx.ready[*lowest].slot) lowest = i;
       if ((!started_ || s > last_slot_) && (!next || s < ctx.ready[*next].slot)) next = i;
     }
-    std::size_t chosen = next ? *next : lowest.value_or(0);
-    if (!ctx.ready.empty()) {
-      last_slot_ = ctx.ready[chosen].slot;
-      started_ = true;
-    }
+    if (!lowest) return std::nullopt;
+    std::size_t chosen = next ? *next : *lowest;
+    last_slot_ = ctx.ready[chosen].slot;
+    started_ = true;
     return chosen;
   }
 
