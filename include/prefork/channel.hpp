@@ -185,16 +185,7 @@ class Channel {
   }
 
   /// Closes the socket without reporting through on_close; queued frames are dropped.
-  void close() noexcept {
-    if (!sock_) return;
-    loop_.unwatch(sock_.get());
-    sock_.reset();
-    out_.clear();
-    queued_ = 0;
-    in_fds_.clear();  // descriptors of frames that will never be delivered
-    begin_ = end_ = 0;
-    have_header_ = false;
-  }
+  void close() noexcept { (void)take(); }
 
   bool is_open() const noexcept { return static_cast<bool>(sock_); }
   int native_handle() const noexcept { return sock_.get(); }
@@ -225,9 +216,22 @@ class Channel {
     if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) (void)read_some();
   }
 
+  // The socket stays open until on_close has run: a master that kills a misbehaving worker
+  // from on_close must do so before the worker can see EOF and exit 0 (planned-looking).
   void fail(std::error_code ec) {
-    close();
+    UniqueFd doomed = take();
     if (on_close_) on_close_(ec);
+  }
+
+  UniqueFd take() noexcept {
+    if (!sock_) return {};
+    loop_.unwatch(sock_.get());
+    out_.clear();
+    queued_ = 0;
+    in_fds_.clear();  // descriptors of frames that will never be delivered
+    begin_ = end_ = 0;
+    have_header_ = false;
+    return std::move(sock_);
   }
 
   // Writes queued frames with sendmsg, gathering several frames per call. A frame that carries

@@ -433,7 +433,6 @@ class Master {
         std::error_code ec;
         auto m = codec_.decode(f.payload, ec);
         if (!m) {
-          w.channel_->close();
           protocol_error(w, ec ? ec : make_error_code(errc::decode_failed));
           mark_disconnected(w);
           return;
@@ -466,7 +465,6 @@ class Master {
       case FrameKind::heartbeat: return;
       default: break;
     }
-    w.channel_->close();
     protocol_error(w, make_error_code(errc::malformed_frame));
     mark_disconnected(w);
   }

@@ -73,6 +73,7 @@ class Worker {
   /// RestartOnCrash never undoes a kill the application asked for). Returns the error of
   /// pidfd_send_signal(2); ESRCH once the process has exited.
   std::error_code kill(int sig = SIGTERM) {
+    if (is_dead()) return std::make_error_code(std::errc::no_such_process);
     exited_after_disconnect_ = true;
     return signal(sig);
   }
