@@ -33,6 +33,8 @@
 
 #include <prefork/prefork.hpp>
 
+#include "support/descriptors.hpp"
+
 namespace prefork_test {
 
 using namespace std::chrono_literals;
@@ -42,23 +44,8 @@ using Clock = std::chrono::steady_clock;
 /// purpose: CI runs these under ASan, several test processes at once, on two cores.
 inline constexpr std::chrono::seconds kDeadline{10};
 
-/// The descriptors open in this process (the one opendir() uses to list them excluded).
-inline std::vector<int> open_fds() {
-  std::vector<int> fds;
-  DIR* dir = ::opendir("/proc/self/fd");
-  if (!dir) return fds;
-  int own = ::dirfd(dir);
-  while (dirent* e = ::readdir(dir)) {
-    int fd = 0;
-    std::string_view name(e->d_name);
-    auto [end, ec] = std::from_chars(name.data(), name.data() + name.size(), fd);
-    if (ec == std::errc{} && end == name.data() + name.size() && fd != own) fds.push_back(fd);
-  }
-  ::closedir(dir);
-  return fds;
-}
-
-inline std::size_t count_open_fds() { return open_fds().size(); }
+using prefork_test::count_open_fds;
+using prefork_test::open_fds;
 
 /// What /proc/self/fd/<fd> points at: "socket:[123]", "anon_inode:[pidfd]", "pipe:[7]"...
 inline std::string fd_target(int fd) {

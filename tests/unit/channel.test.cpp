@@ -2,6 +2,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "support/descriptors.hpp"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -37,33 +39,16 @@ using prefork::Frame;
 using prefork::FrameKind;
 using prefork::UniqueFd;
 
+using prefork_test::count_open_fds;
+using prefork_test::FdLeakCheck;
+
 namespace {
 
 // ------------------------------------------------------------------------------------------
 // Helpers
 // ------------------------------------------------------------------------------------------
 
-std::size_t open_fd_count() {
-  std::size_t n = 0;
-  for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator("/proc/self/fd"))
-    ++n;
-  return n;
-}
 
-// Declared first in a test case: checks, when the test case (each run of it, one per leaf
-// SECTION) ends, that it left no descriptor open.
-class FdLeakCheck {
- public:
-  FdLeakCheck() : before_(open_fd_count()) {}
-  FdLeakCheck(const FdLeakCheck&) = delete;
-  FdLeakCheck& operator=(const FdLeakCheck&) = delete;
-  ~FdLeakCheck() {
-    if (std::uncaught_exceptions() == 0) CHECK(open_fd_count() == before_);
-  }
-
- private:
-  std::size_t before_;
-};
 
 // Runs rounds until done() holds; false if it did not before the deadline (which only stops a
 // broken channel from hanging the test run; no timing is asserted).

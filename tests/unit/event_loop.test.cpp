@@ -2,6 +2,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "support/descriptors.hpp"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -27,14 +29,11 @@ using prefork::Clock;
 using prefork::EventLoop;
 using prefork::UniqueFd;
 
+using prefork_test::count_open_fds;
+using prefork_test::FdLeakCheck;
+
 namespace {
 
-std::size_t open_fd_count() {
-  std::size_t n = 0;
-  for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator("/proc/self/fd"))
-    ++n;
-  return n;
-}
 
 // A non-blocking eventfd: readable while its counter is non-zero.
 class EventFd {
@@ -130,7 +129,7 @@ class SignalGuard {
 // ------------------------------------------------------------------------------------------
 
 TEST_CASE("The callback of a watched descriptor runs with the ready events", "[event_loop]") {
-  const auto fds_before = open_fd_count();
+  const auto fds_before = count_open_fds();
   {
     EventLoop loop;
     EventFd e;
@@ -152,7 +151,7 @@ TEST_CASE("The callback of a watched descriptor runs with the ready events", "[e
     loop.run_once(0);
     CHECK(seen.size() == 1);
   }
-  CHECK(open_fd_count() == fds_before);
+  CHECK(count_open_fds() == fds_before);
 }
 
 TEST_CASE("A watch is level-triggered and reports again until the descriptor is drained",
@@ -657,7 +656,7 @@ TEST_CASE("alive counts the watches and timers that keep the loop alive", "[even
 
 TEST_CASE("on_signal delivers a signal raised by the process through the loop",
           "[event_loop]") {
-  const auto fds_before = open_fd_count();
+  const auto fds_before = count_open_fds();
   SignalGuard guard;
   REQUIRE_FALSE(is_blocked(SIGUSR1));
   {
@@ -675,7 +674,7 @@ TEST_CASE("on_signal delivers a signal raised by the process through the loop",
   // The destructor unblocked what on_signal blocked.
   CHECK_FALSE(is_blocked(SIGUSR1));
   CHECK(handler_calls == 0);
-  CHECK(open_fd_count() == fds_before);
+  CHECK(count_open_fds() == fds_before);
 }
 
 TEST_CASE("on_signal handles several signals on one loop", "[event_loop]") {
@@ -965,19 +964,19 @@ TEST_CASE("stop from a watch callback ends run after the current round", "[event
 
 TEST_CASE("The descriptors the loop owns are close-on-exec and closed by its destructor",
           "[event_loop]") {
-  const auto fds_before = open_fd_count();
+  const auto fds_before = count_open_fds();
   SignalGuard guard;
   {
     EventLoop loop;
     const auto without_signals = loop.own_descriptors();
-    CHECK(open_fd_count() == fds_before + without_signals.size());
+    CHECK(count_open_fds() == fds_before + without_signals.size());
     CHECK(std::find(without_signals.begin(), without_signals.end(), loop.native_handle()) !=
           without_signals.end());
     loop.on_signal(SIGUSR1, [](const signalfd_siginfo&) {});
     loop.on_signal(SIGUSR2, [](const signalfd_siginfo&) {});  // the same signalfd
     const auto own = loop.own_descriptors();
     CHECK(own.size() == without_signals.size() + 1);
-    CHECK(open_fd_count() == fds_before + own.size());
+    CHECK(count_open_fds() == fds_before + own.size());
     for (int fd : own) {
       INFO("fd " << fd);
       int flags = ::fcntl(fd, F_GETFD);
@@ -985,5 +984,5 @@ TEST_CASE("The descriptors the loop owns are close-on-exec and closed by its des
       CHECK((flags & FD_CLOEXEC) != 0);
     }
   }
-  CHECK(open_fd_count() == fds_before);
+  CHECK(count_open_fds() == fds_before);
 }

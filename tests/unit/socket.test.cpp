@@ -2,6 +2,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "support/descriptors.hpp"
+
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -25,14 +27,11 @@ using prefork::detail::local_address;
 using prefork::detail::parse_address;
 using prefork::detail::SocketAddress;
 
+using prefork_test::count_open_fds;
+using prefork_test::FdLeakCheck;
+
 namespace {
 
-std::size_t open_fd_count() {
-  std::size_t n = 0;
-  for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator("/proc/self/fd"))
-    ++n;
-  return n;
-}
 
 std::uint16_t port_of(const SocketAddress& a) {
   if (a.family() == AF_INET) {
@@ -152,7 +151,7 @@ TEST_CASE("parse_address leaves an empty address behind after a failure", "[sock
 
 TEST_CASE("listen_on binds port 0 and local_address reports the port the kernel chose",
           "[socket]") {
-  const auto fds_before = open_fd_count();
+  const auto fds_before = count_open_fds();
   {
     UniqueFd fd = listen_on("127.0.0.1:0", 16);
     REQUIRE(fd);
@@ -169,7 +168,7 @@ TEST_CASE("listen_on binds port 0 and local_address reports the port the kernel 
     REQUIRE(::getsockopt(fd.get(), SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) == 0);
     CHECK(listening == 1);
   }
-  CHECK(open_fd_count() == fds_before);
+  CHECK(count_open_fds() == fds_before);
 }
 
 TEST_CASE("listen_on binds an IPv6 loopback address on port 0", "[socket]") {
@@ -199,7 +198,7 @@ TEST_CASE("listen_on binds a unix socket path and local_address reports it", "[s
 
 TEST_CASE("Binding an address twice throws a system_error naming bind and the address",
           "[socket]") {
-  const auto fds_before = open_fd_count();
+  const auto fds_before = count_open_fds();
   {
     UniqueFd first = listen_on("127.0.0.1:0", 16);
     const std::string spec = "127.0.0.1:" + std::to_string(port_of(local_address(first.get())));
@@ -216,7 +215,7 @@ TEST_CASE("Binding an address twice throws a system_error naming bind and the ad
     }
   }
   // The socket of the failed attempt is closed.
-  CHECK(open_fd_count() == fds_before);
+  CHECK(count_open_fds() == fds_before);
 }
 
 TEST_CASE("Binding a unix path that exists throws and leaves the file alone", "[socket]") {
@@ -242,7 +241,7 @@ TEST_CASE("listen_on with reuse_port lets two sockets bind the same port", "[soc
 
 TEST_CASE("listen_on throws for a bad address and names the address in the message",
           "[socket]") {
-  const auto fds_before = open_fd_count();
+  const auto fds_before = count_open_fds();
   for (const char* spec : {"host:80", "1.2.3.4:65536", "", "unix:"}) {
     INFO("address: '" << spec << "'");
     try {
@@ -255,11 +254,11 @@ TEST_CASE("listen_on throws for a bad address and names the address in the messa
       CHECK(what.find(std::string("'") + spec + "'") != std::string::npos);
     }
   }
-  CHECK(open_fd_count() == fds_before);
+  CHECK(count_open_fds() == fds_before);
 }
 
 TEST_CASE("A Connection owns its descriptor and prints the peer address", "[socket]") {
-  const auto fds_before = open_fd_count();
+  const auto fds_before = count_open_fds();
   {
     UniqueFd listener = listen_on("127.0.0.1:0", 16);
     SocketAddress server = local_address(listener.get());
@@ -289,7 +288,7 @@ TEST_CASE("A Connection owns its descriptor and prints the peer address", "[sock
     CHECK_FALSE(static_cast<bool>(c));
     CHECK(c.fd() == -1);
   }
-  CHECK(open_fd_count() == fds_before);
+  CHECK(count_open_fds() == fds_before);
 }
 
 TEST_CASE("A default Connection holds no descriptor", "[socket]") {
