@@ -4,7 +4,8 @@
 // SIGINT stops everything gracefully (exit status 0).
 //
 //   hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]
-//         defaults: 127.0.0.1, 8080, one worker per CPU, 10000000 iterations, fork
+//         [--balance round-robin|least-connections|ip-hash|shared|reuse-port]
+//         defaults: 127.0.0.1, 8080, one worker per CPU, 10000000 iterations, fork, round-robin
 //
 //   $ ./hello --workers 2 --port 0
 //   Master PID: 4120
@@ -38,6 +39,7 @@ struct Config {
   unsigned workers = prefork::cpu_count();
   unsigned long long work = 10'000'000;
   prefork::SpawnMode spawn = prefork::SpawnMode::fork;
+  std::string balance = "round-robin";
 };
 
 // Parsed in main() before the cluster starts: a forked worker inherits it, an exec'd worker
@@ -77,13 +79,15 @@ struct Hello {
   http::Server http_;
 };
 
-// The library's defaults, which are Node's: the master accepts and deals connections out
-// round-robin, crashed workers are restarted (with backoff), messages are strings. Another
-// balance policy is one word here, e.g. prefork::Cluster<Hello, prefork::SharedAccept>.
-using HelloCluster = prefork::Cluster<Hello>;
+// The library's defaults are Node's: the master accepts and deals connections out round-robin,
+// crashed workers are restarted (with backoff), messages are strings. --balance picks another
+// BalancePolicy, which is one template argument: prefork::Cluster<Hello, prefork::IpHash>.
+template <class Balance>
+using HelloCluster = prefork::Cluster<Hello, Balance>;
 
 constexpr const char* kUsage =
-    "usage: hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]\n";
+    "usage: hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]\n"
+    "             [--balance round-robin|least-connections|ip-hash|shared|reuse-port]\n";
 
 [[noreturn]] void usage_error(const std::string& message) {
   std::fprintf(stderr, "hello: %s\n%s", message.c_str(), kUsage);
@@ -117,7 +121,7 @@ Config parse_args(int argc, char** argv) {
       inline_value = true;
     }
     if (flag != "--host" && flag != "--port" && flag != "--workers" && flag != "--work" &&
-        flag != "--spawn")
+        flag != "--spawn" && flag != "--balance")
       usage_error("unknown option '" + std::string(arg) + "'");
     if (!inline_value) {
       if (i + 1 >= argc) usage_error(std::string(flag) + " needs a value");
@@ -132,6 +136,12 @@ Config parse_args(int argc, char** argv) {
       c.workers = parse_number<unsigned>(flag, value, 1, 4096);
     } else if (flag == "--work") {
       c.work = parse_number<unsigned long long>(flag, value, 0, 1'000'000'000'000ULL);
+    } else if (flag == "--balance") {
+      if (value != "round-robin" && value != "least-connections" && value != "ip-hash" &&
+          value != "shared" && value != "reuse-port")
+        usage_error("--balance: '" + std::string(value) +
+                    "' is not round-robin, least-connections, ip-hash, shared or reuse-port");
+      c.balance = value;
     } else if (value == "fork" || value == "exec") {
       c.spawn = value == "fork" ? prefork::SpawnMode::fork : prefork::SpawnMode::exec;
     } else {
@@ -139,6 +149,30 @@ Config parse_args(int argc, char** argv) {
     }
   }
   return c;
+}
+
+template <class Balance>
+int serve(const std::string& address) {
+  using Cluster = HelloCluster<Balance>;
+  Cluster cluster(prefork::Options{
+      .workers = config.workers, .listen = {address}, .spawn = config.spawn});
+  if (cluster.is_master()) {
+    std::printf("Master PID: %d\n", static_cast<int>(::getpid()));
+    cluster.bind();  // now, so that a port-0 address can be printed before workers start
+    std::printf("Listening on %s\n", cluster.addresses().front().c_str());
+    std::fflush(stdout);
+    cluster.on_exit([](typename Cluster::WorkerT& w, const prefork::ExitInfo& e) {
+      if (e.exited_after_disconnect || !e.crashed()) return;  // the seed's exit handler
+      std::printf("Worker %d died (code %d / signal %d); starting a new one\n",
+                  static_cast<int>(w.pid()), e.exit_code, e.signal);
+      std::fflush(stdout);
+    });
+    cluster.on_errored([](std::size_t slot, const prefork::ExitInfo&) {
+      std::printf("Workers in slot %zu keep crashing; not restarting it\n", slot);
+      std::fflush(stdout);
+    });
+  }
+  return cluster.run();
 }
 
 }  // namespace
@@ -149,25 +183,12 @@ int main(int argc, char** argv) {
   std::string address = (ipv6 ? "[" + config.host + "]" : config.host) + ":" +
                         std::to_string(config.port);
   try {
-    HelloCluster cluster(prefork::Options{
-        .workers = config.workers, .listen = {address}, .spawn = config.spawn});
-    if (cluster.is_master()) {
-      std::printf("Master PID: %d\n", static_cast<int>(::getpid()));
-      cluster.bind();  // now, so that a port-0 address can be printed before workers start
-      std::printf("Listening on %s\n", cluster.addresses().front().c_str());
-      std::fflush(stdout);
-      cluster.on_exit([](HelloCluster::WorkerT& w, const prefork::ExitInfo& e) {
-        if (e.exited_after_disconnect || !e.crashed()) return;  // the seed's exit handler
-        std::printf("Worker %d died (code %d / signal %d); starting a new one\n",
-                    static_cast<int>(w.pid()), e.exit_code, e.signal);
-        std::fflush(stdout);
-      });
-      cluster.on_errored([](std::size_t slot, const prefork::ExitInfo&) {
-        std::printf("Workers in slot %zu keep crashing; not restarting it\n", slot);
-        std::fflush(stdout);
-      });
-    }
-    return cluster.run();
+    const std::string& b = config.balance;
+    if (b == "least-connections") return serve<prefork::LeastConnections>(address);
+    if (b == "ip-hash") return serve<prefork::IpHash>(address);
+    if (b == "shared") return serve<prefork::SharedAccept>(address);
+    if (b == "reuse-port") return serve<prefork::ReusePort>(address);
+    return serve<prefork::RoundRobin>(address);
   } catch (const std::invalid_argument& e) {  // Options the library refuses, e.g. --host x
     usage_error(e.what());
   } catch (const std::exception& e) {  // set-up failures, e.g. the port is in use

@@ -36,9 +36,10 @@ enum class FrameKind : std::uint8_t {
   handles = 5,      ///< master -> worker: listening sockets (kernel dispatch)
   connection = 6,   ///< master -> worker: one accepted connection (master dispatch)
   heartbeat = 7,    ///< worker -> master: the worker's loop is turning
-  stats = 8,        ///< worker -> master: counters
+  stats = 8,        ///< worker -> master: open connections (tag)
+  accepted = 9,     ///< worker -> master: it received `tag` more connection frames
 };
-inline constexpr std::uint8_t kMaxFrameKind = 8;
+inline constexpr std::uint8_t kMaxFrameKind = 9;
 
 /// One frame as received: the payload and the descriptors that came with it (owned).
 struct Frame {
@@ -133,27 +134,15 @@ class Channel {
   /// one message), errc::channel_closed.
   std::error_code send(FrameKind kind, std::string payload, std::uint64_t tag = 0,
                        std::vector<UniqueFd> fds = {}) {
-    if (!sock_) return errc::channel_closed;
-    if (payload.size() > limits_.max_message_size) return errc::frame_too_large;
-    if (fds.size() > detail::kMaxFdsPerFrame) return errc::too_many_fds;
-    std::size_t bytes = payload.size() + detail::kHeaderSize;
-    if (!has_room(payload.size())) return errc::queue_full;
-    Out o;
-    detail::encode_header(o.header, {static_cast<std::uint8_t>(kind),
-                                     static_cast<std::uint8_t>(fds.size()),
-                                     static_cast<std::uint32_t>(payload.size()), tag});
-    o.payload = std::move(payload);
-    o.fds = std::move(fds);
-    out_.push_back(std::move(o));
-    queued_ += bytes;
-    // A write error here is left for the loop to report (the socket then polls writable with
-    // EPOLLERR), so that on_close never runs inside the caller's send().
-    if (out_.size() == 1) (void)flush();
-    if (!out_.empty()) {
-      must_notify_drained_ = true;
-      loop_.modify(sock_.get(), EventLoop::readable | EventLoop::writable);
-    }
-    return {};
+    std::vector<int> raw;
+    for (auto& fd : fds) raw.push_back(fd.get());
+    return enqueue(kind, std::move(payload), tag, std::move(raw), std::move(fds));
+  }
+
+  /// As send(), with one descriptor the caller keeps owning: it must stay open until the
+  /// frame is sent (the peer's acknowledgement proves it) or the channel has closed.
+  std::error_code send_borrowed(FrameKind kind, std::string payload, std::uint64_t tag, int fd) {
+    return enqueue(kind, std::move(payload), tag, std::vector<int>{fd}, {});
   }
 
   /// Whether send() of a payload of this size would be taken now (not errc::queue_full).
@@ -196,10 +185,36 @@ class Channel {
   struct Out {
     char header[detail::kHeaderSize];
     std::string payload;
-    std::vector<UniqueFd> fds;
+    std::vector<int> fds;         // sent with the frame's first byte
+    std::vector<UniqueFd> owned;  // of those, the ones the channel closes once sent
     std::size_t sent = 0;  // of header + payload
     std::size_t size() const noexcept { return detail::kHeaderSize + payload.size(); }
   };
+
+  std::error_code enqueue(FrameKind kind, std::string payload, std::uint64_t tag,
+                          std::vector<int> fds, std::vector<UniqueFd> owned) {
+    if (!sock_) return errc::channel_closed;
+    if (payload.size() > limits_.max_message_size) return errc::frame_too_large;
+    if (fds.size() > detail::kMaxFdsPerFrame) return errc::too_many_fds;
+    if (!has_room(payload.size())) return errc::queue_full;
+    Out o;
+    detail::encode_header(o.header, {static_cast<std::uint8_t>(kind),
+                                     static_cast<std::uint8_t>(fds.size()),
+                                     static_cast<std::uint32_t>(payload.size()), tag});
+    o.payload = std::move(payload);
+    o.fds = std::move(fds);
+    o.owned = std::move(owned);
+    queued_ += o.size();
+    out_.push_back(std::move(o));
+    // A write error here is left for the loop to report (the socket then polls writable with
+    // EPOLLERR), so that on_close never runs inside the caller's send().
+    if (out_.size() == 1) (void)flush();
+    if (!out_.empty()) {
+      must_notify_drained_ = true;
+      loop_.modify(sock_.get(), EventLoop::readable | EventLoop::writable);
+    }
+    return {};
+  }
 
   void on_events(std::uint32_t ev) {
     if (ev & (EPOLLOUT | EPOLLERR)) {
@@ -263,7 +278,7 @@ class Channel {
         c->cmsg_type = SCM_RIGHTS;
         c->cmsg_len = CMSG_LEN(len);
         int* fdp = reinterpret_cast<int*>(CMSG_DATA(c));
-        for (std::size_t i = 0; i < head.fds.size(); ++i) fdp[i] = head.fds[i].get();
+        for (std::size_t i = 0; i < head.fds.size(); ++i) fdp[i] = head.fds[i];
       }
       ssize_t w = detail::retry_eintr([&] { return ::sendmsg(sock_.get(), &msg, MSG_NOSIGNAL); });
       if (w < 0) {
@@ -272,7 +287,10 @@ class Channel {
                                                      : detail::errno_code();
       }
       auto left = static_cast<std::size_t>(w);
-      if (left > 0) head.fds.clear();  // the kernel holds its own references now
+      if (left > 0) {  // the kernel holds its own references now
+        head.fds.clear();
+        head.owned.clear();
+      }
       while (left > 0) {
         Out& o = out_.front();
         std::size_t take = std::min(left, o.size() - o.sent);

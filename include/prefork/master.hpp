@@ -125,7 +125,16 @@ class Master {
   // Lifecycle callbacks, in Node's order: fork -> online -> listening -> disconnect -> exit.
   void on_fork(std::function<void(WorkerT&)> cb) { on_fork_ = std::move(cb); }
   void on_online(std::function<void(WorkerT&)> cb) { on_online_ = std::move(cb); }
-  void on_listening(std::function<void(WorkerT&)> cb) { on_listening_ = std::move(cb); }
+  /// cb(Worker&) or cb(Worker&, const std::vector<std::string>& addresses): the addresses
+  /// as bound, with the port the kernel chose for port 0 (Node's 'listening' address).
+  template <class F>
+  void on_listening(F cb) {
+    if constexpr (std::is_invocable_v<F&, WorkerT&, const std::vector<std::string>&>) {
+      on_listening_ = [this, cb = std::move(cb)](WorkerT& w) mutable { cb(w, addresses_); };
+    } else {
+      on_listening_ = std::move(cb);
+    }
+  }
   void on_disconnect(std::function<void(WorkerT&)> cb) { on_disconnect_ = std::move(cb); }
   void on_exit(std::function<void(WorkerT&, const ExitInfo&)> cb) { on_exit_ = std::move(cb); }
   void on_message(std::function<void(WorkerT&, const message_type&)> cb) {
@@ -148,14 +157,18 @@ class Master {
   /// ("prefork: bind 127.0.0.1:8080: Address already in use"); nothing stays bound then.
   void bind() {
     if (bound_) return;
-    std::vector<UniqueFd> fds;
-    std::vector<std::string> names;
-    for (auto& spec : opts_.listen) {
-      fds.push_back(detail::listen_on(spec, opts_.backlog));
-      names.push_back(detail::to_string(detail::local_address(fds.back().get())));
+    if constexpr (WantsReusePort<Balance>) {
+      for (std::size_t s = 0; s < slots_.size(); ++s) bind_slot(s);
+    } else {
+      std::vector<UniqueFd> fds;
+      std::vector<std::string> names;
+      for (auto& spec : opts_.listen) {
+        fds.push_back(detail::listen_on(spec, opts_.backlog));
+        names.push_back(detail::to_string(detail::local_address(fds.back().get())));
+      }
+      listeners_ = std::move(fds);
+      addresses_ = std::move(names);
     }
-    listeners_ = std::move(fds);
-    addresses_ = std::move(names);
     bound_ = true;
   }
 
@@ -178,8 +191,22 @@ class Master {
   WorkerT* fork() {
     if (shutting_down_) return nullptr;
     slots_.emplace_back();
+    if constexpr (WantsReusePort<Balance>) {
+      if (bound_) {
+        try {
+          bind_slot(slots_.size() - 1);
+        } catch (const std::system_error& e) {
+          slots_.pop_back();
+          log(std::string("cannot add a worker: ") + e.what());
+          return nullptr;
+        }
+      }
+    }
     return spawn(slots_.size() - 1);
   }
+
+  /// The balance policy object, e.g. to configure a stateful one.
+  Balance& balance() noexcept { return balance_; }
 
   /// Sends to one worker; errc::no_such_worker if id is not live.
   std::error_code send(unsigned id, const message_type& m) {
@@ -214,6 +241,8 @@ class Master {
       for (auto& s : slots_) cancel_restart(s);
       for (auto& l : listeners_) loop_.unwatch(l.get());
       listeners_.clear();
+      slot_listeners_.clear();
+      pending_.clear();
       for (auto& [id, w] : workers_) w->disconnect();
     }
     if (again || fast) {
@@ -259,6 +288,7 @@ class Master {
     if constexpr (MasterDispatch<Balance>) resume_accepting();
     loop_.restart();
     loop_.run();
+    for (auto& a : addresses_) detail::unlink_unix_socket(a);
     return 0;
   }
 
@@ -268,6 +298,31 @@ class Master {
     EventLoop::TimerId restart_timer = 0;
     bool errored = false;
   };
+
+  // ReusePort: each slot its own SO_REUSEPORT socket for each listen address. Slot 0 binds
+  // the configured addresses; the others bind what slot 0 resolved (so port 0 means one port
+  // for all). A Unix socket cannot be balanced that way: its slots share slot 0's socket.
+  // Every socket in the group is accepted from by a worker: the kernel would queue connections
+  // on an idle member, so the master holds no listening socket of its own here.
+  void bind_slot(std::size_t slot) {
+    if (slot_listeners_.size() <= slot) slot_listeners_.resize(slot + 1);
+    std::vector<UniqueFd> fds;
+    std::vector<std::string> names;
+    for (std::size_t i = 0; i < opts_.listen.size(); ++i) {
+      if (slot == 0) {
+        fds.push_back(detail::listen_on(opts_.listen[i], opts_.backlog, true));
+        names.push_back(detail::to_string(detail::local_address(fds.back().get())));
+      } else if (addresses_[i].starts_with("unix:")) {
+        int d = ::fcntl(slot_listeners_[0][i].get(), F_DUPFD_CLOEXEC, 0);
+        if (d < 0) detail::throw_errno("dup listening socket");
+        fds.emplace_back(d);
+      } else {
+        fds.push_back(detail::listen_on(addresses_[i], opts_.backlog, true));
+      }
+    }
+    if (slot == 0) addresses_ = std::move(names);
+    slot_listeners_[slot] = std::move(fds);
+  }
 
   void log(const std::string& msg) {
     if (opts_.log) {
@@ -292,7 +347,11 @@ class Master {
   std::vector<int> master_only_fds() const {
     std::vector<int> fds = loop_.own_descriptors();
     for (auto& l : listeners_) fds.push_back(l.get());
+    for (auto& set : slot_listeners_)
+      for (auto& l : set) fds.push_back(l.get());
+    for (auto& h : pending_) fds.push_back(h.fd.get());
     for (auto& [id, w] : workers_) {
+      for (auto& h : w->in_flight_) fds.push_back(h.fd.get());
       if (w->channel_ && w->channel_->is_open()) fds.push_back(w->channel_->native_handle());
       if (w->pidfd_) fds.push_back(w->pidfd_.get());
     }
@@ -363,7 +422,7 @@ class Master {
     loop_.watch(w.pidfd_.get(), EventLoop::readable, [this, &w](std::uint32_t) { on_pidfd(w); });
     s.worker_id = id;
     workers_.emplace(id, std::move(owned));
-    if (!listeners_.empty()) hand_listeners(w);
+    if (bound_ && !opts_.listen.empty() && !shutting_down_) hand_listeners(w);
     if (on_fork_) on_fork_(w);
     return &w;
   }
@@ -406,7 +465,9 @@ class Master {
   // an empty handles frame, which tells the worker to expect connections over the channel.
   void hand_listeners(WorkerT& w) {
     std::vector<UniqueFd> dups;
-    if constexpr (KernelDispatch<Balance>) for (auto& l : listeners_) {
+    const std::vector<UniqueFd>* source = &listeners_;
+    if constexpr (WantsReusePort<Balance>) source = &slot_listeners_.at(w.slot_);
+    if constexpr (KernelDispatch<Balance>) for (auto& l : *source) {
       int d = ::fcntl(l.get(), F_DUPFD_CLOEXEC, 0);
       if (d < 0) {
         log("dup of a listening socket failed: " + std::string(std::strerror(errno)));
@@ -462,6 +523,14 @@ class Master {
         w.arm_escalation();
         return;
       case FrameKind::stats:
+        w.reported_connections_ = static_cast<std::size_t>(f.tag);
+        return;
+      case FrameKind::accepted: {
+        std::size_t n = std::min<std::size_t>(static_cast<std::size_t>(f.tag), w.in_flight_.size());
+        w.in_flight_.erase(w.in_flight_.begin(), w.in_flight_.begin() + static_cast<std::ptrdiff_t>(n));
+        if constexpr (MasterDispatch<Balance>) resume_accepting();
+        return;
+      }
       case FrameKind::heartbeat: return;
       default: break;
     }
@@ -481,7 +550,18 @@ class Master {
     if (w.state_ == WorkerState::disconnected || w.state_ == WorkerState::dead) return;
     if (w.channel_) w.channel_->close();
     w.state_ = WorkerState::disconnected;
+    recover_in_flight(w);
     if (on_disconnect_) on_disconnect_(w);
+  }
+
+  // Connections handed to a worker that never acknowledged them (its channel closed with the
+  // frames unread) are still open in the master: they go to another worker, first in line.
+  void recover_in_flight(WorkerT& w) {
+    if (w.in_flight_.empty()) return;
+    pending_.insert(pending_.begin(), std::make_move_iterator(w.in_flight_.begin()),
+                    std::make_move_iterator(w.in_flight_.end()));
+    w.in_flight_.clear();
+    if constexpr (MasterDispatch<Balance>) loop_.post([this] { resume_accepting(); });
   }
 
   void on_pidfd(WorkerT& w) {
@@ -543,10 +623,18 @@ class Master {
   }
 
   // Master dispatch (Node's round_robin_handle.js): accept here, hand each connection to the
-  // worker the policy picks. With no worker ready, stop accepting: clients wait in the backlog
-  // instead of being refused, and accepting resumes when a worker is listening again.
+  // worker the policy picks, and keep the master's own copy of the socket until the worker
+  // acknowledges it (FrameKind::accepted): if the worker dies first, the connection goes to
+  // another one instead of being lost. A worker with max_unacked connections unacknowledged
+  // is busy or stuck and is skipped. With no worker to take one, the master stops accepting:
+  // clients wait in the kernel backlog instead of being refused (Node closes the socket), and
+  // accepting resumes when a worker listens or acknowledges again.
+  static constexpr std::size_t kMaxUnacked = 128;
+
   void resume_accepting() {
     if (shutting_down_ || accept_paused_) return;
+    dispatch_pending();
+    if (!pending_.empty()) return;
     for (auto& l : listeners_) {
       int raw = l.get();
       if (!loop_.watching(raw))
@@ -559,21 +647,51 @@ class Master {
     for (auto& l : listeners_) loop_.unwatch(l.get());
   }
 
-  void accept_from(int listener) {
+  void collect_ready() {
     ready_.clear();
     ready_workers_.clear();
     for (auto& [id, w] : workers_) {
       if (w->state_ == WorkerState::listening && !w->exited_after_disconnect_ &&
-          w->is_connected()) {
-        ready_.push_back({w->slot_, w->connections_});
+          w->is_connected() && w->in_flight_.size() < kMaxUnacked) {
+        ready_.push_back({w->slot_, w->reported_connections_ + w->in_flight_.size()});
         ready_workers_.push_back(w.get());
       }
     }
-    if (ready_.empty()) return stop_accepting();
+  }
+
+  // Hands one connection to a worker; false (and the connection back in `h`) if none can
+  // take it now.
+  bool dispatch(detail::Handoff& h) {
+    if (ready_.empty()) return false;
+    std::optional<std::size_t> pick = balance_.pick(PickContext{h.peer, ready_, slots_.size()});
+    std::size_t first = pick && *pick < ready_.size() ? *pick : 0;
+    for (std::size_t k = 0; k < ready_workers_.size(); ++k) {
+      std::size_t i = (first + k) % ready_workers_.size();
+      WorkerT* w = ready_workers_[i];
+      if (w->in_flight_.size() >= kMaxUnacked || !w->channel_->has_room(h.peer.length)) continue;
+      std::string address(reinterpret_cast<const char*>(&h.peer.storage), h.peer.length);
+      if (w->channel_->send_borrowed(FrameKind::connection, std::move(address), 0, h.fd.get()))
+        continue;
+      w->in_flight_.push_back(std::move(h));
+      ++ready_[i].connections;
+      return true;
+    }
+    return false;
+  }
+
+  void dispatch_pending() {
+    if (pending_.empty()) return;
+    collect_ready();
+    while (!pending_.empty() && dispatch(pending_.front())) pending_.pop_front();
+  }
+
+  void accept_from(int listener) {
+    collect_ready();
     for (int i = 0; i < 64; ++i) {
-      detail::SocketAddress peer;
-      peer.length = sizeof peer.storage;
-      int fd = ::accept4(listener, peer.get(), &peer.length, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (ready_.empty()) return stop_accepting();
+      detail::Handoff h;
+      h.peer.length = sizeof h.peer.storage;
+      int fd = ::accept4(listener, h.peer.get(), &h.peer.length, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK) return;
         if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO || errno == EPERM) continue;
@@ -587,21 +705,11 @@ class Master {
         }, false);
         return;
       }
-      UniqueFd conn(fd);
-      std::string address(reinterpret_cast<const char*>(&peer.storage), peer.length);
-      std::optional<std::size_t> pick = balance_.pick(PickContext{peer, ready_});
-      std::size_t first = pick && *pick < ready_.size() ? *pick : 0;
-      // The picked worker, or the next one with room in its channel (a worker that stopped
-      // reading must not cost a connection).
-      for (std::size_t k = 0; k < ready_workers_.size(); ++k) {
-        WorkerT* w = ready_workers_[(first + k) % ready_workers_.size()];
-        if (!w->channel_->has_room(address.size())) continue;
-        std::vector<UniqueFd> fds;
-        fds.push_back(std::move(conn));
-        w->channel_->send(FrameKind::connection, std::move(address), 0, std::move(fds));
-        break;
+      h.fd.reset(fd);
+      if (!dispatch(h)) {
+        pending_.push_back(std::move(h));
+        return stop_accepting();
       }
-      if (conn) log("every worker's channel is full; dropping a connection");
     }
   }
 
@@ -659,8 +767,10 @@ class Master {
   std::vector<Slot> slots_;
   unsigned next_id_ = 0;
   bool accept_paused_ = false;
-  std::vector<WorkerLoad> ready_;        // scratch for accept_from, kept to avoid reallocating
-  std::vector<WorkerT*> ready_workers_;
+  std::vector<WorkerLoad> ready_;        // workers taking connections (scratch, reused)
+  std::vector<WorkerT*> ready_workers_;  // the same, as records
+  std::deque<detail::Handoff> pending_;  // accepted, not handed to any worker yet
+  std::vector<std::vector<UniqueFd>> slot_listeners_;  // ReusePort: per slot
   bool shutting_down_ = false;
   bool reloading_ = false;
   bool reload_again_ = false;

@@ -3,6 +3,10 @@
 #define PREFORK_PREFORK_HPP
 
 #include <prefork/balance/policy.hpp>
+#include <prefork/balance/ip_hash.hpp>
+#include <prefork/balance/least_connections.hpp>
+#include <prefork/balance/pick_with.hpp>
+#include <prefork/balance/reuse_port.hpp>
 #include <prefork/balance/round_robin.hpp>
 #include <prefork/balance/shared_accept.hpp>
 #include <prefork/channel.hpp>

@@ -99,10 +99,15 @@ class WorkerContext {
   }
 
   /// Connections this worker is serving, as the Server reports them with
-  /// connection_opened()/connection_closed(); master-dispatch policies balance on it.
-  void connection_opened() noexcept { ++connections_; }
-  void connection_closed() noexcept {
+  /// connection_opened()/connection_closed(); LeastConnections balances on it. The master
+  /// hears the count at most once per loop round.
+  void connection_opened() {
+    ++connections_;
+    schedule_report();
+  }
+  void connection_closed() {
     if (connections_ > 0) --connections_;
+    schedule_report();
   }
   std::size_t connections() const noexcept { return connections_; }
 
@@ -191,6 +196,10 @@ class WorkerContext {
   }
 
   void adopt_connection(Frame&& f) {
+    // Acknowledged even if unusable: until then the master keeps its own copy of the socket
+    // and hands it to another worker if this one dies.
+    ++unacked_;
+    schedule_report();
     if (f.fds.size() != 1 || !on_connection_) return;
     detail::SocketAddress peer;
     if (f.payload.size() <= sizeof peer.storage) {
@@ -240,6 +249,22 @@ class WorkerContext {
     }, false);
   }
 
+  // One report per loop round, after the round's callbacks: how many connection frames arrived
+  // (so the master can drop its copies) and how many connections are open.
+  void schedule_report() {
+    if (report_scheduled_ || !channel_) return;
+    report_scheduled_ = true;
+    loop_.post([this] {
+      report_scheduled_ = false;
+      if (!channel_ || !channel_->is_open()) return;
+      if (unacked_) channel_->send(FrameKind::accepted, {}, std::exchange(unacked_, 0));
+      if (connections_ != reported_connections_) {
+        reported_connections_ = connections_;
+        channel_->send(FrameKind::stats, {}, connections_);
+      }
+    });
+  }
+
   void begin_drain(bool tell_master) {
     if (draining_) return;
     draining_ = true;
@@ -266,6 +291,9 @@ class WorkerContext {
   std::function<void()> on_drain_;
   std::function<void()> on_listening_;
   std::size_t connections_ = 0;
+  std::size_t reported_connections_ = 0;
+  std::uint64_t unacked_ = 0;
+  bool report_scheduled_ = false;
   bool draining_ = false;
   bool done_ = false;
   int exit_code_ = 0;

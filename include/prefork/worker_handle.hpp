@@ -8,6 +8,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <deque>
 #include <memory>
 #include <string>
 #include <system_error>
@@ -15,10 +16,19 @@
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
 #include <prefork/detail/process.hpp>
+#include <prefork/detail/socket.hpp>
 #include <prefork/event_loop.hpp>
 #include <prefork/options.hpp>
 
 namespace prefork {
+
+namespace detail {
+/// A connection the master accepted, with its own copy of the socket.
+struct Handoff {
+  UniqueFd fd;
+  SocketAddress peer;
+};
+}  // namespace detail
 
 template <MessageCodec Codec, class Restart, class Balance>
 class Master;
@@ -122,7 +132,8 @@ class Worker {
   WorkerState state_ = WorkerState::none;
   bool exited_after_disconnect_ = false;
   bool listened_ = false;
-  std::size_t connections_ = 0;  // as the worker last reported them
+  std::size_t reported_connections_ = 0;  // open connections, as the worker last reported
+  std::deque<detail::Handoff> in_flight_;  // handed over, not yet acknowledged
   Clock::time_point started_ = Clock::now();
   ExitInfo exit_;
   EventLoop::TimerId escalation_timer_ = 0;

@@ -26,6 +26,7 @@ struct WorkerLoad {
 struct PickContext {
   const detail::SocketAddress& peer;  ///< the client
   std::span<const WorkerLoad> ready;  ///< workers taking connections now; never empty
+  std::size_t slots = 0;              ///< slots in the cluster, ready or not
 };
 
 template <class B>
@@ -39,6 +40,13 @@ template <class B>
 concept PicksWorker = requires(B& b, const PickContext& ctx) {
   { b.pick(ctx) } -> std::same_as<std::optional<std::size_t>>;
 };
+
+/// Kernel dispatch with one SO_REUSEPORT listening socket per slot instead of one shared
+/// socket: detected from `static constexpr bool reuse_port = true`.
+template <class B>
+concept WantsReusePort = requires {
+  { B::reuse_port } -> std::convertible_to<bool>;
+} && B::reuse_port;
 
 template <class B>
 concept KernelDispatch = HasDispatchMode<B> && (B::dispatch == Dispatch::kernel);

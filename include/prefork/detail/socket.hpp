@@ -8,8 +8,12 @@
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <charconv>
+#include <cstddef>
 #include <cstring>
 #include <string>
 #include <string_view>
@@ -110,9 +114,28 @@ inline SocketAddress local_address(int fd) noexcept {
   return a;
 }
 
+/// A Unix socket file that nobody accepts on (connect() is refused) is left over from a process
+/// that died without cleaning up: remove it, as nginx and systemd do. A live one is kept.
+inline bool remove_stale_unix_socket(const SocketAddress& a) noexcept {
+  UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!probe) return false;
+  if (::connect(probe.get(), a.get(), a.length) == 0 || errno != ECONNREFUSED) return false;
+  sockaddr_un un;
+  std::memcpy(&un, &a.storage, sizeof un);
+  return ::unlink(un.sun_path) == 0;
+}
+
+/// Removes the file of a Unix listening socket this process bound ("unix:/path"); other
+/// addresses are left alone.
+inline void unlink_unix_socket(std::string_view address) noexcept {
+  if (!address.starts_with("unix:")) return;
+  std::string path(address.substr(5));
+  ::unlink(path.c_str());
+}
+
 /// Creates a non-blocking, close-on-exec listening socket. Throws std::system_error whose
 /// message names the operation and the address ("prefork: bind 127.0.0.1:8080: Address
-/// already in use"). A stale Unix socket file is not removed: that is the caller's decision.
+/// already in use"). A stale Unix socket file (nobody accepting) is replaced.
 inline UniqueFd listen_on(const std::string& spec, int backlog, bool reuse_port = false) {
   SocketAddress a;
   if (auto ec = parse_address(spec, a))
@@ -128,7 +151,11 @@ inline UniqueFd listen_on(const std::string& spec, int backlog, bool reuse_port 
     if (reuse_port && ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0)
       throw_errno("setsockopt SO_REUSEPORT " + spec);
   }
-  if (::bind(fd.get(), a.get(), a.length) != 0) throw_errno("bind " + spec);
+  if (::bind(fd.get(), a.get(), a.length) != 0) {
+    if (errno != EADDRINUSE || a.family() != AF_UNIX || !remove_stale_unix_socket(a))
+      throw_errno("bind " + spec);
+    if (::bind(fd.get(), a.get(), a.length) != 0) throw_errno("bind " + spec);
+  }
   if (::listen(fd.get(), backlog) != 0) throw_errno("listen " + spec);
   return fd;
 }
