@@ -11,10 +11,8 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -29,161 +27,12 @@
 #include <vector>
 
 #include "harness.hpp"
-
-extern char** environ;
+#include "hello_process.hpp"
+#include "http_client.hpp"
 
 using namespace prefork_test;
 
-#ifndef PREFORK_EXAMPLES_DIR
-#error "PREFORK_EXAMPLES_DIR must name the directory that holds the built examples"
-#endif
-
 namespace {
-
-const std::string kHello = PREFORK_EXAMPLES_DIR "/hello";
-
-/// One hello process: spawned with its stdout (and stderr) on pipes, killed and reaped on
-/// destruction if the test did not wait for it.
-class HelloProcess {
- public:
-  explicit HelloProcess(const std::vector<std::string>& args) {
-    std::vector<std::string> argv_store{kHello};
-    argv_store.insert(argv_store.end(), args.begin(), args.end());
-    std::vector<char*> argv;
-    for (auto& a : argv_store) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, out_.write, 1);
-    posix_spawn_file_actions_adddup2(&actions, err_.write, 2);
-    int rc = ::posix_spawn(&pid_, kHello.c_str(), &actions, nullptr, argv.data(), environ);
-    posix_spawn_file_actions_destroy(&actions);
-    out_.close_write();
-    err_.close_write();
-    if (rc != 0) pid_ = -1;
-  }
-  HelloProcess(const HelloProcess&) = delete;
-  HelloProcess& operator=(const HelloProcess&) = delete;
-  ~HelloProcess() {
-    if (pid_ > 0 && !status_) kill_and_reap(pid_);
-  }
-
-  pid_t pid() const noexcept { return pid_; }
-  LineReader& out() noexcept { return out_reader_; }
-  LineReader& err() noexcept { return err_reader_; }
-
-  /// Reads "Master PID", "Listening on ADDR:PORT" and `workers` "Started process N" lines.
-  /// Returns false (with the transcript in the test's log) if they do not all come in time.
-  bool start(unsigned workers) {
-    auto deadline = Clock::now() + kDeadline;
-    auto master = out_reader_.next_starting_with("Master PID: ", deadline);
-    auto listening = out_reader_.next_starting_with("Listening on ", deadline);
-    if (!master || !listening) return false;
-    master_pid_ = static_cast<pid_t>(number_after(*master, "Master PID: "));
-    auto colon = listening->rfind(':');
-    if (colon == std::string::npos) return false;
-    port_ = static_cast<int>(number_after(listening->substr(colon + 1), ""));
-    for (unsigned i = 0; i < workers; ++i) {
-      auto pid = next_started(deadline);
-      if (!pid) return false;
-      workers_.push_back(*pid);
-    }
-    return port_ > 0;
-  }
-
-  /// The pid in the next "Started process <pid>" line.
-  std::optional<pid_t> next_started(Clock::time_point deadline) {
-    auto line = out_reader_.next_starting_with("Started process ", deadline);
-    if (!line) return std::nullopt;
-    return static_cast<pid_t>(number_after(*line, "Started process "));
-  }
-
-  /// Reaps hello, waiting up to deadline; its wait status.
-  std::optional<int> wait(Clock::time_point deadline) {
-    if (!status_) status_ = wait_child(pid_, deadline);
-    return status_;
-  }
-
-  pid_t master_pid() const noexcept { return master_pid_; }
-  int port() const noexcept { return port_; }
-  const std::vector<pid_t>& workers() const noexcept { return workers_; }
-
- private:
-  Pipe out_, err_;
-  LineReader out_reader_{out_.read}, err_reader_{err_.read};
-  pid_t pid_ = -1;
-  pid_t master_pid_ = -1;
-  int port_ = 0;
-  std::vector<pid_t> workers_;
-  std::optional<int> status_;
-};
-
-struct HttpResult {
-  int status = 0;
-  std::string body;
-  std::string error;
-};
-
-/// GET / on 127.0.0.1:port with Connection: close; a blocking client whose every step has a
-/// timeout, so a server that never answers fails the request instead of hanging the test.
-HttpResult http_get(int port) {
-  HttpResult r;
-  prefork::UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (fd.get() < 0) return {0, {}, "socket failed"};
-  timeval tv{static_cast<time_t>(kDeadline.count()), 0};
-  ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<std::uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
-    return {0, {}, std::string("connect: ") + std::strerror(errno)};
-  const std::string request = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-  if (!write_all(fd.get(), request)) return {0, {}, "send failed"};
-  std::string response;
-  char buf[4096];
-  for (;;) {
-    ssize_t n = ::recv(fd.get(), buf, sizeof buf, 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return {0, {}, std::string("recv: ") + std::strerror(errno)};
-    if (n == 0) break;
-    response.append(buf, static_cast<std::size_t>(n));
-  }
-  if (!response.starts_with("HTTP/1.1 ") || response.size() < 12) return {0, {}, "no status line"};
-  r.status = std::atoi(response.substr(9, 3).c_str());
-  auto end = response.find("\r\n\r\n");
-  if (end != std::string::npos) r.body = response.substr(end + 4);
-  return r;
-}
-
-/// The pid in "Handled by process <pid>\n", or -1 if the body is not exactly that.
-pid_t handled_by(const std::string& body) {
-  if (!body.starts_with("Handled by process ") || !body.ends_with("\n")) return -1;
-  long pid = number_after(body, "Handled by process ");
-  if (body != "Handled by process " + std::to_string(pid) + "\n") return -1;
-  return static_cast<pid_t>(pid);
-}
-
-/// Sends n requests, one after the other; counts the answers by pid (-1: a failed request).
-std::map<pid_t, int> get_many(int port, int n, std::vector<std::string>& failures) {
-  std::map<pid_t, int> by_pid;
-  for (int i = 0; i < n; ++i) {
-    HttpResult r = http_get(port);
-    pid_t pid = r.status == 200 ? handled_by(r.body) : -1;
-    if (pid < 0)
-      failures.push_back("request " + std::to_string(i) + ": status " + std::to_string(r.status) +
-                         " " + r.error + " body '" + r.body + "'");
-    ++by_pid[pid];
-  }
-  return by_pid;
-}
-
-std::set<pid_t> keys(const std::map<pid_t, int>& m) {
-  std::set<pid_t> s;
-  for (auto& [k, v] : m) s.insert(k);
-  return s;
-}
 
 std::string exe_of(pid_t pid) {
   char buf[PATH_MAX];

@@ -7,6 +7,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -116,12 +117,15 @@ inline SocketAddress local_address(int fd) noexcept {
 
 /// A Unix socket file that nobody accepts on (connect() is refused) is left over from a process
 /// that died without cleaning up: remove it, as nginx and systemd do. A live one is kept.
+/// Only a socket file is ever removed: connect() to a regular file is refused too.
 inline bool remove_stale_unix_socket(const SocketAddress& a) noexcept {
+  sockaddr_un un;
+  std::memcpy(&un, &a.storage, sizeof un);
+  struct stat st {};
+  if (::lstat(un.sun_path, &st) != 0 || !S_ISSOCK(st.st_mode)) return false;
   UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!probe) return false;
   if (::connect(probe.get(), a.get(), a.length) == 0 || errno != ECONNREFUSED) return false;
-  sockaddr_un un;
-  std::memcpy(&un, &a.storage, sizeof un);
   return ::unlink(un.sun_path) == 0;
 }
 

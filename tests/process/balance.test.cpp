@@ -1,0 +1,965 @@
+// Connection distribution with real forked workers, after Node's
+// test/parallel/test-cluster-round-robin.js, test-cluster-shared-handle-bind-error.js and
+// test-cluster-bind-twice.js: every BalancePolicy serves the hello example; RoundRobin spreads
+// connections evenly; IpHash keeps a client on its slot across a crash; connections handed to a
+// stuck worker survive its death; the listening sockets outlive the workers; one cluster on
+// IPv4, IPv6 and Unix addresses at once; port 0; bind errors; stale Unix socket files; EMFILE
+// in the master's accept loop.
+//
+// Library-level clusters run their master in a harness child (RemoteMaster), steered by commands
+// on one pipe and reporting its events on another. The test process is only a client, with
+// blocking sockets whose every step times out, so it never stalls a master's loop.
+#include <catch2/catch.hpp>
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <vector>
+
+#include "common/http.hpp"
+#include "harness.hpp"
+#include "hello_process.hpp"
+#include "http_client.hpp"
+
+using namespace prefork_test;
+using prefork::ExitInfo;
+using prefork::Options;
+using prefork::RestartDecision;
+using WorkerT = prefork::Worker<prefork::StringCodec>;
+
+namespace {
+
+/// Answers every HTTP request with "slot <slot> pid <pid>\n", and takes Puppet's orders on the
+/// channel ("spin" makes it stop reading its channel for good).
+struct SlotServer : Puppet {
+  explicit SlotServer(prefork::WorkerContext<>& ctx)
+      : Puppet(ctx),
+        body_("slot " + std::to_string(ctx.slot()) + " pid " + std::to_string(ctx.pid()) + "\n"),
+        http_(ctx.loop(), [this](const http::Request&, http::Response& res) { res.body = body_; }) {}
+
+  void on_connection(prefork::Connection c) { http_.adopt(std::move(c)); }
+  void on_drain() { http_.drain(); }
+
+  std::string body_;
+  http::Server http_;
+};
+
+/// Who answered a SlotServer request; slot and pid are -1 unless the answer was a 200 with
+/// exactly the expected body.
+struct Served {
+  long slot = -1;
+  long pid = -1;
+  std::string error;
+};
+
+Served served_by(const HttpResult& r) {
+  Served s;
+  long slot = -1, pid = -1;
+  if (r.status == 200 && std::sscanf(r.body.c_str(), "slot %ld pid %ld", &slot, &pid) == 2 &&
+      r.body == "slot " + std::to_string(slot) + " pid " + std::to_string(pid) + "\n") {
+    s.slot = slot;
+    s.pid = pid;
+  } else {
+    s.error = "status " + std::to_string(r.status) + " " + r.error + " body '" + r.body + "'";
+  }
+  return s;
+}
+
+std::vector<std::string> words(std::string_view line) {
+  std::vector<std::string> v;
+  std::istringstream in{std::string(line)};
+  std::string w;
+  while (in >> w) v.push_back(w);
+  return v;
+}
+
+/// "listening <id> <slot> <pid> <address>...", as RemoteMaster reports it.
+struct Listening {
+  unsigned id = 0;
+  std::size_t slot = 0;
+  pid_t pid = -1;
+  std::vector<std::string> addresses;
+};
+
+std::optional<Listening> parse_listening(const std::string& line) {
+  auto w = words(line);
+  if (w.size() < 4 || w[0] != "listening") return std::nullopt;
+  Listening l;
+  l.id = static_cast<unsigned>(std::stoul(w[1]));
+  l.slot = std::stoul(w[2]);
+  l.pid = static_cast<pid_t>(std::stol(w[3]));
+  l.addresses.assign(w.begin() + 4, w.end());
+  return l;
+}
+
+/// Empties its fd table up to a lowered RLIMIT_NOFILE, so that the next descriptor this
+/// process asks for (accept4 included) fails with EMFILE; release() undoes it.
+struct DescriptorFiller {
+  rlimit saved{};
+  std::vector<int> fillers;
+  bool limited = false;
+  int last_errno = 0;
+
+  std::size_t fill() {
+    if (::getrlimit(RLIMIT_NOFILE, &saved) != 0) return 0;
+    std::vector<int> fds = open_fds();  // opendir needs a descriptor: before the limit
+    int top = fds.empty() ? 2 : *std::max_element(fds.begin(), fds.end());
+    rlimit low{static_cast<rlim_t>(top + 1), saved.rlim_max};
+    if (::setrlimit(RLIMIT_NOFILE, &low) != 0) return 0;
+    limited = true;
+    for (;;) {
+      int d = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+      if (d < 0) {
+        last_errno = errno;
+        break;
+      }
+      fillers.push_back(d);
+    }
+    return fillers.size();
+  }
+
+  void release() {
+    for (int fd : fillers) ::close(fd);
+    fillers.clear();
+    if (limited) ::setrlimit(RLIMIT_NOFILE, &saved);
+    limited = false;
+  }
+};
+
+/// A cluster whose master runs in a harness child. It reports, one line each:
+///   "fork <id> <slot> <pid>"    "listening <id> <slot> <pid> <address>..." (the addresses
+///   "exit <id> <slot> <pid> <exit code> <signal>"     on_listening's second argument gets)
+///   "message <id> <text>"       "log <library diagnostic>"
+/// and takes commands: "send <id> <text>", "sync" (answers "synced" after everything before
+/// it), "fds" ("fds <open descriptors>"), "limit" ("limited <fillers> <errno text>": the next
+/// descriptor fails with EMFILE), "unlimit" ("unlimited"), "wait <ms>" ("waited", that much
+/// later on the master's clock), "shutdown". EOF on the command pipe (the test process died)
+/// shuts down fast.
+template <class Server, class Balance, class Restart = prefork::Backoff<prefork::RestartOnCrash>>
+class RemoteMaster {
+ public:
+  using ClusterT = prefork::Cluster<Server, Balance, Restart>;
+
+  explicit RemoteMaster(Options opts, Restart restart = {}) {
+    pid_ = fork_harness([&] { return run_child(std::move(opts), std::move(restart)); });
+    commands_.close_read();
+    reports_.close_write();
+  }
+  RemoteMaster(const RemoteMaster&) = delete;
+  RemoteMaster& operator=(const RemoteMaster&) = delete;
+  ~RemoteMaster() {
+    if (pid_ > 0 && !status_) kill_and_reap(pid_);
+  }
+
+  pid_t pid() const noexcept { return pid_; }
+  const std::string& transcript() const noexcept { return reader_.transcript(); }
+
+  void command(const std::string& c) { write_all(commands_.write, c + "\n"); }
+
+  /// The next report starting with prefix (earlier ones are skipped); fails the test case,
+  /// with what the master said, at the deadline.
+  std::string expect(std::string_view prefix) {
+    auto line = reader_.next_starting_with(prefix, Clock::now() + kDeadline);
+    if (!line) FAIL("no '" << prefix << "' report in time; the master said:\n" << transcript());
+    return *line;
+  }
+
+  /// Every report up to and including the next one starting with prefix.
+  std::vector<std::string> expect_all_until(std::string_view prefix) {
+    std::vector<std::string> lines;
+    const auto deadline = Clock::now() + kDeadline;
+    while (auto line = reader_.next(deadline)) {
+      lines.push_back(*line);
+      if (line->starts_with(prefix)) return lines;
+    }
+    FAIL("no '" << prefix << "' report in time; the master said:\n" << transcript());
+    return lines;
+  }
+
+  /// A report line that has already arrived, without waiting.
+  std::optional<std::string> arrived() { return reader_.next(Clock::now()); }
+
+  /// The next n 'listening' reports, by slot.
+  std::vector<Listening> expect_listening(std::size_t n) {
+    std::vector<Listening> v;
+    for (std::size_t i = 0; i < n; ++i) {
+      auto l = parse_listening(expect("listening "));
+      REQUIRE(l.has_value());
+      v.push_back(*l);
+    }
+    std::sort(v.begin(), v.end(), [](auto& a, auto& b) { return a.slot < b.slot; });
+    return v;
+  }
+
+  /// Waits until the master has handled every command and event that came before.
+  void sync() {
+    command("sync");
+    expect("synced");
+  }
+
+  std::size_t master_fds() {
+    command("fds");
+    return static_cast<std::size_t>(number_after(expect("fds "), "fds "));
+  }
+
+  /// Graceful shutdown; the master process's wait status (nullopt: it had to be killed).
+  std::optional<int> finish() {
+    command("shutdown");
+    status_ = wait_child(pid_, Clock::now() + kDeadline);
+    if (!status_) {
+      kill_and_reap(pid_);
+      status_ = -1;
+      return std::nullopt;
+    }
+    return status_;
+  }
+
+ private:
+  int run_child(Options opts, Restart restart) {
+    commands_.close_write();
+    reports_.close_read();
+    const int out = reports_.write;
+    auto say = [out](const std::string& line) { write_all(out, line + "\n"); };
+    opts.log = [say](std::string_view m) { say("log " + std::string(m)); };
+    opts.handle_signals = false;
+    ClusterT cluster(std::move(opts), std::move(restart));
+    auto& m = cluster.master();
+    auto who = [](WorkerT& w) {
+      return std::to_string(w.id()) + " " + std::to_string(w.slot()) + " " +
+             std::to_string(w.pid());
+    };
+    m.on_fork([&](WorkerT& w) { say("fork " + who(w)); });
+    m.on_listening([&](WorkerT& w, const std::vector<std::string>& addresses) {
+      std::string line = "listening " + who(w);
+      for (auto& a : addresses) line += " " + a;
+      say(line);
+    });
+    m.on_exit([&](WorkerT& w, const ExitInfo& e) {
+      say("exit " + who(w) + " " + std::to_string(e.exit_code) + " " + std::to_string(e.signal));
+    });
+    m.on_message([&](WorkerT& w, const std::string& text) {
+      say("message " + std::to_string(w.id()) + " " + text);
+    });
+
+    DescriptorFiller filler;
+    auto handle = [&](const std::string& c) {
+      auto w = words(c);
+      if (w.empty()) return;
+      if (w[0] == "sync") {
+        m.loop().post([&] { say("synced"); });
+      } else if (w[0] == "send" && w.size() == 3) {
+        cluster.send(static_cast<unsigned>(std::stoul(w[1])), w[2]);
+      } else if (w[0] == "fds") {
+        say("fds " + std::to_string(count_open_fds()));
+      } else if (w[0] == "limit") {
+        std::size_t n = filler.fill();
+        say("limited " + std::to_string(n) + " " + std::strerror(filler.last_errno));
+      } else if (w[0] == "unlimit") {
+        filler.release();
+        say("unlimited");
+      } else if (w[0] == "wait" && w.size() == 2) {
+        cluster.after(std::chrono::milliseconds(std::stol(w[1])), [&] { say("waited"); });
+      } else if (w[0] == "shutdown") {
+        cluster.shutdown();
+      } else {
+        say("unknown command " + c);
+      }
+    };
+    std::string pending;
+    const int in = commands_.read;
+    m.loop().watch(in, prefork::EventLoop::readable, [&](std::uint32_t) {
+      char buf[512];
+      ssize_t n = ::read(in, buf, sizeof buf);
+      if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
+      if (n <= 0) {
+        m.loop().unwatch(in);
+        cluster.shutdown(true);
+        return;
+      }
+      pending.append(buf, static_cast<std::size_t>(n));
+      for (auto nl = pending.find('\n'); nl != std::string::npos; nl = pending.find('\n')) {
+        std::string line = pending.substr(0, nl);
+        pending.erase(0, nl + 1);
+        handle(line);
+      }
+    }, false);
+    int rc = cluster.run();
+    filler.release();
+    return rc;
+  }
+
+  Pipe commands_, reports_;
+  LineReader reader_{reports_.read};
+  pid_t pid_ = -1;
+  std::optional<int> status_;
+};
+
+Options listening_on(unsigned workers, std::vector<std::string> listen = {"127.0.0.1:0"}) {
+  return Options{.workers = workers, .listen = std::move(listen)};
+}
+
+bool exited_zero(const std::optional<int>& status) {
+  return status && WIFEXITED(*status) && WEXITSTATUS(*status) == 0;
+}
+
+/// A directory of its own under /tmp for Unix socket files, removed with what is in it.
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char tmpl[] = "/tmp/prefork-balance-XXXXXX";
+    if (::mkdtemp(tmpl)) path = tmpl;
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  ~TempDir() {
+    if (path.empty()) return;
+    for (const char* name : {"s.sock", "file", "other.sock"}) ::unlink((path + "/" + name).c_str());
+    ::rmdir(path.c_str());
+  }
+};
+
+bool exists(const std::string& path) {
+  struct stat st {};
+  return ::lstat(path.c_str(), &st) == 0;
+}
+
+bool is_socket_file(const std::string& path) {
+  struct stat st {};
+  return ::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode);
+}
+
+/// Whether this machine can bind [::1] (containers often run without IPv6).
+bool ipv6_loopback_works() {
+  prefork::UniqueFd fd(::socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) return false;
+  sockaddr_in6 a{};
+  a.sin6_family = AF_INET6;
+  a.sin6_addr = in6addr_loopback;
+  return ::bind(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+}
+
+/// A listening TCP socket on 127.0.0.1 with a port the kernel chose, held by the test.
+struct TakenPort {
+  prefork::UniqueFd fd{::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)};
+  std::string address;
+  TakenPort() {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+        ::listen(fd.get(), 4) != 0 ||
+        ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&a), &len) != 0)
+      return;
+    address = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+  }
+};
+
+/// A Unix socket bound at path and then closed without unlinking: what a crashed server leaves.
+bool make_stale_unix_socket(const std::string& path) {
+  prefork::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un un{};
+  un.sun_family = AF_UNIX;
+  std::snprintf(un.sun_path, sizeof un.sun_path, "%s", path.c_str());
+  return fd && ::bind(fd.get(), reinterpret_cast<sockaddr*>(&un), sizeof un) == 0 &&
+         ::listen(fd.get(), 1) == 0;
+}
+
+/// Runs hello with `balance` and `workers` workers, sends `requests` sequential requests and
+/// stops it; the answers by pid.
+struct HelloRun {
+  std::vector<pid_t> workers;
+  std::map<pid_t, int> by_pid;
+  std::vector<std::string> failures;
+};
+
+HelloRun run_hello(const std::string& balance, unsigned workers, int requests) {
+  REQUIRE(::access(kHello.c_str(), X_OK) == 0);
+  HelloRun run;
+  HelloProcess hello({"--workers", std::to_string(workers), "--work", "0", "--port", "0",
+                      "--balance", balance});
+  REQUIRE(hello.pid() > 0);
+  bool started = hello.start(workers);
+  INFO("hello said:\n" << hello.out().transcript());
+  REQUIRE(started);
+  run.workers = hello.workers();
+  run.by_pid = get_many(hello.port(), requests, run.failures);
+  ::kill(hello.pid(), SIGTERM);
+  auto status = hello.wait(Clock::now() + kDeadline);
+  CHECK(exited_zero(status));
+  return run;
+}
+
+std::string describe(const std::map<pid_t, int>& by_pid) {
+  std::string s;
+  for (auto& [pid, n] : by_pid) s += std::to_string(pid) + ":" + std::to_string(n) + " ";
+  return s;
+}
+
+/// Prefers the worker in slot 0 whenever it is ready; otherwise lets the master take the
+/// first ready worker.
+using PreferSlotZero =
+    prefork::PickWith<decltype([](const prefork::PickContext& c) -> std::optional<std::size_t> {
+      for (std::size_t i = 0; i < c.ready.size(); ++i)
+        if (c.ready[i].slot == 0) return i;
+      return std::nullopt;
+    })>;
+
+/// Restarts a crashed worker 1.5 s later: a window with no worker alive.
+struct RestartLater {
+  RestartDecision on_exit(std::size_t, const ExitInfo& e) const noexcept {
+    if (e.exited_after_disconnect) return RestartDecision::no_restart();
+    return RestartDecision::restart_after(std::chrono::milliseconds(1500));
+  }
+};
+static_assert(prefork::RestartPolicy<RestartLater>);
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Every policy serves hello.
+
+TEST_CASE("hello with round-robin balance answers every request and every worker serves",
+          "[balance]") {
+  FdLeakCheck fds;
+  unsigned workers = GENERATE(2u, 4u);
+  INFO(workers << " workers");
+  HelloRun run = run_hello("round-robin", workers, 10 * static_cast<int>(workers));
+  INFO(describe(run.by_pid));
+  CHECK(run.failures.empty());
+  CHECK(keys(run.by_pid) == std::set<pid_t>(run.workers.begin(), run.workers.end()));
+}
+
+TEST_CASE("hello with least-connections balance answers every request and every worker serves",
+          "[balance]") {
+  FdLeakCheck fds;
+  unsigned workers = GENERATE(2u, 4u);
+  INFO(workers << " workers");
+  HelloRun run = run_hello("least-connections", workers, 10 * static_cast<int>(workers));
+  INFO(describe(run.by_pid));
+  CHECK(run.failures.empty());
+  CHECK(keys(run.by_pid) == std::set<pid_t>(run.workers.begin(), run.workers.end()));
+}
+
+TEST_CASE("hello with ip-hash balance answers every request from 127.0.0.1 with one worker",
+          "[balance]") {
+  FdLeakCheck fds;
+  unsigned workers = GENERATE(2u, 4u);
+  INFO(workers << " workers");
+  HelloRun run = run_hello("ip-hash", workers, 10 * static_cast<int>(workers));
+  INFO(describe(run.by_pid));
+  CHECK(run.failures.empty());
+  REQUIRE(run.by_pid.size() == 1);
+  pid_t only = run.by_pid.begin()->first;
+  CHECK(std::find(run.workers.begin(), run.workers.end(), only) != run.workers.end());
+}
+
+TEST_CASE("hello with shared accept balance answers every request from its workers",
+          "[balance]") {
+  FdLeakCheck fds;
+  unsigned workers = GENERATE(2u, 4u);
+  INFO(workers << " workers");
+  HelloRun run = run_hello("shared", workers, 10 * static_cast<int>(workers));
+  INFO(describe(run.by_pid));
+  CHECK(run.failures.empty());
+  for (pid_t pid : keys(run.by_pid))
+    CHECK(std::find(run.workers.begin(), run.workers.end(), pid) != run.workers.end());
+}
+
+TEST_CASE("hello with reuse-port balance answers every request from its workers", "[balance]") {
+  FdLeakCheck fds;
+  unsigned workers = GENERATE(2u, 4u);
+  INFO(workers << " workers");
+  HelloRun run = run_hello("reuse-port", workers, 10 * static_cast<int>(workers));
+  INFO(describe(run.by_pid));
+  CHECK(run.failures.empty());
+  for (pid_t pid : keys(run.by_pid))
+    CHECK(std::find(run.workers.begin(), run.workers.end(), pid) != run.workers.end());
+}
+
+TEST_CASE("RoundRobin spreads 200 sequential connections evenly over four workers",
+          "[balance]") {
+  FdLeakCheck fds;
+  HelloRun run = run_hello("round-robin", 4, 200);
+  INFO(describe(run.by_pid));
+  CHECK(run.failures.empty());
+  REQUIRE(run.by_pid.size() == 4);
+  int most = 0, least = 200;
+  for (auto& [pid, n] : run.by_pid) {
+    most = std::max(most, n);
+    least = std::min(least, n);
+  }
+  CHECK(10 * most <= 11 * least);  // max / min <= 1.1
+}
+
+// ---------------------------------------------------------------------------------------------
+// IpHash stickiness across a crash.
+
+TEST_CASE("IpHash sends every connection from one address to its slot and then to the replacement",
+          "[balance]") {
+  FdLeakCheck fds;
+  RemoteMaster<SlotServer, prefork::IpHash> master(listening_on(4));
+  REQUIRE(master.pid() > 0);
+  std::vector<Listening> ready = master.expect_listening(4);
+  const std::string address = ready[0].addresses.at(0);
+
+  prefork::detail::SocketAddress client;
+  REQUIRE_FALSE(prefork::detail::parse_address("127.0.0.1:0", client));
+  const auto home = static_cast<long>(prefork::IpHash::hash(client) % 4);
+  const pid_t first = ready[static_cast<std::size_t>(home)].pid;
+  INFO("127.0.0.1 hashes to slot " << home << ", worker pid " << first);
+
+  for (int i = 0; i < 20; ++i) {
+    Served s = served_by(http_get(address));
+    INFO("request " << i << " " << s.error);
+    CHECK(s.slot == home);
+    CHECK(s.pid == first);
+  }
+
+  REQUIRE(::kill(first, SIGKILL) == 0);
+  auto exit = words(master.expect("exit "));
+  REQUIRE(exit.size() == 6);
+  CHECK(exit[2] == std::to_string(home));
+  CHECK(exit[3] == std::to_string(first));
+  CHECK(exit[5] == std::to_string(SIGKILL));
+  std::vector<Listening> replacement = master.expect_listening(1);
+  REQUIRE(replacement[0].slot == static_cast<std::size_t>(home));
+  const pid_t second = replacement[0].pid;
+  CHECK(second != first);
+
+  for (int i = 0; i < 20; ++i) {
+    Served s = served_by(http_get(address));
+    INFO("request " << i << " after the crash " << s.error);
+    CHECK(s.slot == home);
+    CHECK(s.pid == second);
+  }
+  CHECK(exited_zero(master.finish()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections the master handed to a worker that never took them.
+
+TEST_CASE("Connections handed to a stuck worker are answered by another worker once it is killed",
+          "[balance]") {
+  FdLeakCheck fds;
+  const unsigned workers = GENERATE(1u, 2u);
+  INFO(workers << " workers; every connection goes to slot 0 while it is ready");
+  RemoteMaster<SlotServer, PreferSlotZero> master(listening_on(workers));
+  REQUIRE(master.pid() > 0);
+  std::vector<Listening> ready = master.expect_listening(workers);
+  const std::string address = ready[0].addresses.at(0);
+  const Listening stuck = ready[0];
+
+  // The worker in slot 0 stops reading its channel: connection frames pile up unread, and the
+  // master keeps its own copy of each socket until the worker acknowledges it.
+  master.command("send " + std::to_string(stuck.id) + " spin");
+  master.expect("message " + std::to_string(stuck.id) + " spinning");
+  const std::size_t before = master.master_fds();
+
+  constexpr std::size_t kClients = 16;
+  std::vector<HttpClient> clients(kClients);
+  for (auto& c : clients) {
+    REQUIRE(c.connect(address));  // the kernel completes the handshake: accepted or not
+    REQUIRE(c.send_get());
+  }
+  master.sync();  // the master has accepted them all (64 per wake-up) and handed them over
+  CHECK(master.master_fds() == before + kClients);
+
+  REQUIRE(::kill(stuck.pid, SIGKILL) == 0);
+  std::set<long> answered_by;
+  for (std::size_t i = 0; i < kClients; ++i) {
+    Served s = served_by(clients[i].receive());
+    INFO("client " << i << " " << s.error);
+    CHECK(s.pid > 0);
+    CHECK(s.pid != stuck.pid);
+    answered_by.insert(s.pid);
+  }
+  auto exit = words(master.expect("exit " + std::to_string(stuck.id) + " "));
+  CHECK(exit.back() == std::to_string(SIGKILL));
+  if (workers == 1) CHECK(answered_by.size() == 1);  // the replacement, in slot 0
+  CHECK(exited_zero(master.finish()));
+}
+
+TEST_CASE("Connections round-robin queued for a stuck worker are all answered after it is killed",
+          "[balance]") {
+  FdLeakCheck fds;
+  RemoteMaster<SlotServer, prefork::RoundRobin> master(listening_on(2));
+  REQUIRE(master.pid() > 0);
+  std::vector<Listening> ready = master.expect_listening(2);
+  const std::string address = ready[0].addresses.at(0);
+  const Listening stuck = ready[0];
+
+  master.command("send " + std::to_string(stuck.id) + " spin");
+  master.expect("message " + std::to_string(stuck.id) + " spinning");
+  const std::size_t before = master.master_fds();
+
+  constexpr std::size_t kClients = 16;
+  std::vector<HttpClient> clients(kClients);
+  for (auto& c : clients) {
+    REQUIRE(c.connect(address));
+    REQUIRE(c.send_get());
+  }
+  master.sync();
+  // Half went to the stuck worker and stay unacknowledged (the healthy worker's half may not
+  // be acknowledged yet either).
+  CHECK(master.master_fds() >= before + kClients / 2);
+
+  REQUIRE(::kill(stuck.pid, SIGKILL) == 0);
+  std::map<long, int> by_slot;
+  for (std::size_t i = 0; i < kClients; ++i) {
+    Served s = served_by(clients[i].receive());
+    INFO("client " << i << " " << s.error);
+    CHECK(s.pid > 0);
+    CHECK(s.pid != stuck.pid);
+    ++by_slot[s.slot];
+  }
+  CHECK(by_slot[1] >= static_cast<int>(kClients / 2));  // its own half at least
+  CHECK(by_slot[0] + by_slot[1] == static_cast<int>(kClients));
+  CHECK(exited_zero(master.finish()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The listening sockets outlive the workers.
+
+namespace {
+
+template <class Balance>
+void check_backlog_waits_for_a_worker() {
+  FdLeakCheck fds;
+  RemoteMaster<SlotServer, Balance, RestartLater> master(listening_on(1));
+  REQUIRE(master.pid() > 0);
+  Listening only = master.expect_listening(1).front();
+  const std::string address = only.addresses.at(0);
+  CHECK(served_by(http_get(address)).pid == only.pid);
+
+  REQUIRE(::kill(only.pid, SIGKILL) == 0);
+  master.expect("exit " + std::to_string(only.id) + " ");
+  // No worker is alive now; the replacement is 1.5 s away.
+  constexpr std::size_t kClients = 3;
+  std::vector<HttpClient> clients(kClients);
+  for (auto& c : clients) {
+    REQUIRE(c.connect(address));  // the listening socket is still open: the backlog takes it
+    REQUIRE(c.send_get());
+  }
+  bool worker_was_back = false;
+  while (auto line = master.arrived())
+    if (line->starts_with("fork ")) worker_was_back = true;
+  if (worker_was_back)
+    WARN("the replacement was forked before the clients connected: the machine is too slow "
+         "for this test's 1.5 s window, which then checks less");
+
+  for (std::size_t i = 0; i < kClients; ++i) {
+    Served s = served_by(clients[i].receive());
+    INFO("client " << i << " " << s.error);
+    CHECK(s.slot == 0);
+    CHECK(s.pid > 0);
+    CHECK(s.pid != only.pid);
+  }
+  CHECK(exited_zero(master.finish()));
+}
+
+}  // namespace
+
+TEST_CASE("The listening socket stays open with no worker alive and is served once one is back",
+          "[balance][listen]") {
+  SECTION("round-robin") { check_backlog_waits_for_a_worker<prefork::RoundRobin>(); }
+  SECTION("ip-hash") { check_backlog_waits_for_a_worker<prefork::IpHash>(); }
+  SECTION("shared accept") { check_backlog_waits_for_a_worker<prefork::SharedAccept>(); }
+  SECTION("reuse-port") { check_backlog_waits_for_a_worker<prefork::ReusePort>(); }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listen addresses.
+
+namespace {
+
+template <class Balance>
+void check_every_address_serves() {
+  FdLeakCheck fds;
+  TempDir dir;
+  REQUIRE_FALSE(dir.path.empty());
+  const std::string unix_path = dir.path + "/s.sock";
+  std::vector<std::string> listen{"127.0.0.1:0"};
+  if (ipv6_loopback_works())
+    listen.push_back("[::1]:0");
+  else
+    WARN("IPv6 loopback does not work here: testing IPv4 and Unix addresses only");
+  listen.push_back("unix:" + unix_path);
+
+  {
+    RemoteMaster<SlotServer, Balance> master(listening_on(2, listen));
+    REQUIRE(master.pid() > 0);
+    std::vector<Listening> ready = master.expect_listening(2);
+    const std::vector<std::string>& addresses = ready[0].addresses;
+    CHECK(ready[1].addresses == addresses);
+    REQUIRE(addresses.size() == listen.size());
+    for (std::size_t i = 0; i < listen.size(); ++i) {
+      INFO("configured " << listen[i] << ", bound " << addresses[i]);
+      if (listen[i].starts_with("unix:")) {
+        CHECK(addresses[i] == listen[i]);
+        CHECK(is_socket_file(unix_path));
+      } else {
+        // Port 0 is reported resolved: same host, the port the kernel chose.
+        std::string host = listen[i].substr(0, listen[i].size() - 1);
+        CHECK(addresses[i].starts_with(host));
+        CHECK(number_after(addresses[i], host, 0) > 0);
+      }
+    }
+    std::set<long> pids{ready[0].pid, ready[1].pid};
+    for (auto& a : addresses) {
+      for (int i = 0; i < 4; ++i) {
+        Served s = served_by(http_get(a));
+        INFO(a << " request " << i << " " << s.error);
+        CHECK(pids.count(s.pid) == 1);
+      }
+    }
+    CHECK(exited_zero(master.finish()));
+  }
+  // The master removes the socket file it created when run() returns.
+  CHECK_FALSE(exists(unix_path));
+}
+
+}  // namespace
+
+TEST_CASE("One cluster listens on IPv4 and IPv6 and Unix addresses and serves each of them",
+          "[listen]") {
+  SECTION("round-robin") { check_every_address_serves<prefork::RoundRobin>(); }
+  SECTION("least-connections") { check_every_address_serves<prefork::LeastConnections>(); }
+  SECTION("ip-hash") { check_every_address_serves<prefork::IpHash>(); }
+  SECTION("shared accept") { check_every_address_serves<prefork::SharedAccept>(); }
+  SECTION("reuse-port") { check_every_address_serves<prefork::ReusePort>(); }
+}
+
+TEST_CASE("on_listening with addresses reports the port the kernel chose for port 0",
+          "[listen]") {
+  FdLeakCheck fds;
+  bool timed_out = false;
+  std::vector<std::string> bound, reported_one, reported_two;
+  {
+    prefork::Cluster<Puppet> cluster(
+        Options{.workers = 2, .listen = {"127.0.0.1:0", "127.0.0.1:0"}, .handle_signals = false});
+    CHECK(cluster.addresses().empty());
+    cluster.bind();
+    bound = cluster.addresses();
+    int listening = 0;
+    cluster.master().on_listening([&](WorkerT& w, const std::vector<std::string>& addresses) {
+      (w.slot() == 0 ? reported_one : reported_two) = addresses;
+      if (++listening == 2) cluster.shutdown();
+    });
+    arm_watchdog(cluster, timed_out);
+    CHECK(cluster.run() == 0);
+    CHECK(cluster.addresses() == bound);
+  }
+  REQUIRE_FALSE(timed_out);
+  REQUIRE(bound.size() == 2);
+  for (auto& a : bound) {
+    INFO(a);
+    CHECK(a.starts_with("127.0.0.1:"));
+    CHECK(number_after(a, "127.0.0.1:", 0) > 0);
+  }
+  CHECK(bound[0] != bound[1]);  // two sockets, two ports
+  CHECK(reported_one == bound);
+  CHECK(reported_two == bound);
+}
+
+namespace {
+
+/// Expects f() to throw std::system_error EADDRINUSE with exactly `message`. Checks rather
+/// than requires, so that a test case goes on to check what the failed call left behind.
+template <class F>
+void check_address_in_use(F f, const std::string& message) {
+  bool threw = false;
+  try {
+    f();
+  } catch (const std::system_error& e) {
+    threw = true;
+    CHECK(e.code() == std::errc::address_in_use);
+    CHECK(std::string(e.what()) == message);
+  }
+  INFO("expected: " << message);
+  CHECK(threw);
+}
+
+}  // namespace
+
+TEST_CASE("Binding an address in use throws system_error naming the address", "[listen]") {
+  FdLeakCheck fds;
+  TakenPort taken;
+  REQUIRE_FALSE(taken.address.empty());
+  const std::string message = "prefork: bind " + taken.address + ": Address already in use";
+  Options opts{.workers = 2, .listen = {taken.address}, .handle_signals = false};
+
+  SECTION("from bind") {
+    prefork::Cluster<Puppet> cluster(opts);
+    check_address_in_use([&] { cluster.bind(); }, message);
+    CHECK(cluster.addresses().empty());
+  }
+  SECTION("from run before any worker is forked") {
+    prefork::Cluster<Puppet> cluster(opts);
+    int forked = 0;
+    cluster.on_fork([&](WorkerT&) { ++forked; });
+    check_address_in_use([&] { cluster.run(); }, message);
+    CHECK(forked == 0);
+    CHECK(cluster.workers().empty());
+  }
+  SECTION("for the second of two addresses with nothing left bound") {
+    opts.listen = {"127.0.0.1:0", taken.address};
+    prefork::Cluster<Puppet> cluster(opts);
+    std::size_t open_before = count_open_fds();
+    check_address_in_use([&] { cluster.bind(); }, message);
+    CHECK(cluster.addresses().empty());
+    CHECK(count_open_fds() == open_before);  // the first socket was closed again
+  }
+  SECTION("with reuse-port") {
+    prefork::Cluster<Puppet, prefork::ReusePort> cluster(opts);
+    check_address_in_use([&] { cluster.bind(); }, message);
+  }
+  SECTION("with reuse-port from run") {
+    prefork::Cluster<Puppet, prefork::ReusePort> cluster(opts);
+    check_address_in_use([&] { cluster.run(); }, message);
+    CHECK(cluster.workers().empty());
+  }
+}
+
+TEST_CASE("A stale Unix socket file at the listen path is replaced", "[listen]") {
+  FdLeakCheck fds;
+  TempDir dir;
+  REQUIRE_FALSE(dir.path.empty());
+  const std::string path = dir.path + "/s.sock";
+  REQUIRE(make_stale_unix_socket(path));
+  REQUIRE(is_socket_file(path));
+  {
+    RemoteMaster<SlotServer, prefork::RoundRobin> master(listening_on(1, {"unix:" + path}));
+    REQUIRE(master.pid() > 0);
+    Listening only = master.expect_listening(1).front();
+    CHECK(only.addresses == std::vector<std::string>{"unix:" + path});
+    Served s = served_by(http_get("unix:" + path));
+    INFO(s.error);
+    CHECK(s.pid == only.pid);
+    CHECK(exited_zero(master.finish()));
+  }
+  CHECK_FALSE(exists(path));
+}
+
+TEST_CASE("A Unix listen path with a live listener makes bind fail and is left alone",
+          "[listen]") {
+  FdLeakCheck fds;
+  TempDir dir;
+  REQUIRE_FALSE(dir.path.empty());
+  const std::string path = dir.path + "/s.sock";
+  prefork::UniqueFd live = prefork::detail::listen_on("unix:" + path, 16);
+  struct stat before {};
+  REQUIRE(::lstat(path.c_str(), &before) == 0);
+  {
+    prefork::Cluster<Puppet> cluster(
+        Options{.workers = 1, .listen = {"unix:" + path}, .handle_signals = false});
+    check_address_in_use([&] { cluster.bind(); },
+                         "prefork: bind unix:" + path + ": Address already in use");
+  }
+  // The same file, and its listener still takes connections.
+  struct stat after {};
+  REQUIRE(::lstat(path.c_str(), &after) == 0);
+  CHECK(after.st_ino == before.st_ino);
+  HttpClient probe;
+  CHECK(probe.connect("unix:" + path));
+}
+
+TEST_CASE("A regular file at the Unix listen path makes bind fail and is not deleted",
+          "[listen]") {
+  FdLeakCheck fds;
+  TempDir dir;
+  REQUIRE_FALSE(dir.path.empty());
+  const std::string path = dir.path + "/file";
+  {
+    std::ofstream f(path);
+    f << "precious\n";
+  }
+  {
+    prefork::Cluster<Puppet> cluster(
+        Options{.workers = 1, .listen = {"unix:" + path}, .handle_signals = false});
+    check_address_in_use([&] { cluster.bind(); },
+                         "prefork: bind unix:" + path + ": Address already in use");
+  }
+  std::ifstream f(path);
+  std::string content;
+  std::getline(f, content);
+  CHECK(content == "precious");
+}
+
+// ---------------------------------------------------------------------------------------------
+// EMFILE in the master's accept loop.
+
+TEST_CASE("The master survives EMFILE on accept and serves the clients that waited once it can",
+          "[balance]") {
+  FdLeakCheck fds;
+  RemoteMaster<SlotServer, prefork::RoundRobin> master(listening_on(2));
+  REQUIRE(master.pid() > 0);
+  std::vector<Listening> ready = master.expect_listening(2);
+  const std::string address = ready[0].addresses.at(0);
+  CHECK(served_by(http_get(address)).pid > 0);
+
+  master.command("limit");
+  auto limited = words(master.expect("limited "));
+  INFO(master.transcript());
+  REQUIRE(limited.size() >= 2);
+  CHECK(master.transcript().find("Too many open files") != std::string::npos);
+
+  // Clients connect (the kernel queues them) while every accept4 in the master fails.
+  constexpr std::size_t kClients = 4;
+  std::vector<HttpClient> clients(kClients);
+  for (auto& c : clients) {
+    REQUIRE(c.connect(address));
+    REQUIRE(c.send_get());
+  }
+  // The master logs the failure and pauses accept.
+  std::string first = master.expect("log accept: ");
+  CHECK(first.find("Too many open files") != std::string::npos);
+  CHECK(first.find("pausing") != std::string::npos);
+
+  // Not spinning: over the next 300 ms of the master's own clock, pausing 100 ms after each
+  // failure, it fails at most a few times more; a master that retried accept4 while the socket
+  // stays readable would log thousands of failures. (The bound is a count the pause makes
+  // impossible to reach however slow the machine: a late timer means fewer retries, not more.)
+  master.command("wait 300");
+  std::size_t failed_accepts = 0;
+  for (auto& line : master.expect_all_until("waited"))
+    if (line.starts_with("log accept: ")) ++failed_accepts;
+  INFO(failed_accepts << " more failed accepts logged in 300 ms");
+  CHECK(failed_accepts < 1000);
+  CHECK_FALSE(process_gone(master.pid()));
+
+  // Descriptors free again: the clients that waited in the backlog are served.
+  master.command("unlimit");
+  master.expect("unlimited");
+  for (std::size_t i = 0; i < kClients; ++i) {
+    Served s = served_by(clients[i].receive());
+    INFO("client " << i << " " << s.error);
+    CHECK(s.pid > 0);
+  }
+  for (int i = 0; i < 4; ++i) {
+    Served s = served_by(http_get(address));
+    INFO("new request " << i << " " << s.error);
+    CHECK(s.pid > 0);
+  }
+  CHECK_FALSE(process_gone(master.pid()));
+  CHECK(exited_zero(master.finish()));
+}
