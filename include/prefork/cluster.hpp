@@ -131,7 +131,9 @@ class Cluster {
 
   void on_fork(std::function<void(WorkerT&)> cb) { if (master_) master_->on_fork(std::move(cb)); }
   void on_online(std::function<void(WorkerT&)> cb) { if (master_) master_->on_online(std::move(cb)); }
-  void on_listening(std::function<void(WorkerT&)> cb) { if (master_) master_->on_listening(std::move(cb)); }
+  /// cb(Worker&) or cb(Worker&, const std::vector<std::string>& addresses).
+  template <class F>
+  void on_listening(F cb) { if (master_) master_->on_listening(std::move(cb)); }
   void on_disconnect(std::function<void(WorkerT&)> cb) { if (master_) master_->on_disconnect(std::move(cb)); }
   void on_exit(std::function<void(WorkerT&, const ExitInfo&)> cb) { if (master_) master_->on_exit(std::move(cb)); }
   void on_message(std::function<void(WorkerT&, const message_type&)> cb) { if (master_) master_->on_message(std::move(cb)); }

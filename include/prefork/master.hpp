@@ -157,18 +157,25 @@ class Master {
   /// ("prefork: bind 127.0.0.1:8080: Address already in use"); nothing stays bound then.
   void bind() {
     if (bound_) return;
-    if constexpr (WantsReusePort<Balance>) {
-      for (std::size_t s = 0; s < slots_.size(); ++s) bind_slot(s);
-    } else {
-      std::vector<UniqueFd> fds;
-      std::vector<std::string> names;
+    std::vector<UniqueFd> fds;
+    std::vector<std::string> names;
+    std::vector<std::vector<UniqueFd>> sets;
+    try {
       for (auto& spec : opts_.listen) {
-        fds.push_back(detail::listen_on(spec, opts_.backlog));
+        fds.push_back(detail::listen_on(spec, opts_.backlog, WantsReusePort<Balance>));
         names.push_back(detail::to_string(detail::local_address(fds.back().get())));
       }
-      listeners_ = std::move(fds);
-      addresses_ = std::move(names);
+      if constexpr (WantsReusePort<Balance>) {
+        sets.push_back(std::move(fds));
+        for (std::size_t s = 1; s < slots_.size(); ++s) sets.push_back(bind_set(names, &sets[0]));
+      }
+    } catch (...) {
+      for (auto& n : names) detail::unlink_unix_socket(n);  // nothing stays bound
+      throw;
     }
+    listeners_ = std::move(fds);
+    slot_listeners_ = std::move(sets);
+    addresses_ = std::move(names);
     bound_ = true;
   }
 
@@ -191,17 +198,6 @@ class Master {
   WorkerT* fork() {
     if (shutting_down_) return nullptr;
     slots_.emplace_back();
-    if constexpr (WantsReusePort<Balance>) {
-      if (bound_) {
-        try {
-          bind_slot(slots_.size() - 1);
-        } catch (const std::system_error& e) {
-          slots_.pop_back();
-          log(std::string("cannot add a worker: ") + e.what());
-          return nullptr;
-        }
-      }
-    }
     return spawn(slots_.size() - 1);
   }
 
@@ -299,29 +295,41 @@ class Master {
     bool errored = false;
   };
 
-  // ReusePort: each slot its own SO_REUSEPORT socket for each listen address. Slot 0 binds
-  // the configured addresses; the others bind what slot 0 resolved (so port 0 means one port
-  // for all). A Unix socket cannot be balanced that way: its slots share slot 0's socket.
-  // Every socket in the group is accepted from by a worker: the kernel would queue connections
-  // on an idle member, so the master holds no listening socket of its own here.
-  void bind_slot(std::size_t slot) {
-    if (slot_listeners_.size() <= slot) slot_listeners_.resize(slot + 1);
+  // ReusePort: each slot its own SO_REUSEPORT socket per listen address, bound to what the
+  // first bind resolved (so port 0 means one port for all). A Unix socket cannot be balanced
+  // that way: its slots share one socket, dup'ed from `model`. Every socket of the group must
+  // have a worker accepting from it, since the kernel queues connections on idle members too:
+  // a slot that will not be refilled has its sockets closed (after_exit), and bound again when
+  // a worker is forked into it.
+  std::vector<UniqueFd> bind_set(const std::vector<std::string>& names,
+                                 const std::vector<UniqueFd>* model) {
     std::vector<UniqueFd> fds;
-    std::vector<std::string> names;
-    for (std::size_t i = 0; i < opts_.listen.size(); ++i) {
-      if (slot == 0) {
-        fds.push_back(detail::listen_on(opts_.listen[i], opts_.backlog, true));
-        names.push_back(detail::to_string(detail::local_address(fds.back().get())));
-      } else if (addresses_[i].starts_with("unix:")) {
-        int d = ::fcntl(slot_listeners_[0][i].get(), F_DUPFD_CLOEXEC, 0);
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      if (names[i].starts_with("unix:") && model && i < model->size()) {
+        int d = ::fcntl((*model)[i].get(), F_DUPFD_CLOEXEC, 0);
         if (d < 0) detail::throw_errno("dup listening socket");
         fds.emplace_back(d);
       } else {
-        fds.push_back(detail::listen_on(addresses_[i], opts_.backlog, true));
+        fds.push_back(detail::listen_on(names[i], opts_.backlog, true));
       }
     }
-    if (slot == 0) addresses_ = std::move(names);
-    slot_listeners_[slot] = std::move(fds);
+    return fds;
+  }
+
+  // Binds `slot`'s ReusePort sockets if it has none; false (logged) if that fails.
+  bool ensure_slot_bound(std::size_t slot) {
+    if (slot_listeners_.size() <= slot) slot_listeners_.resize(slot + 1);
+    if (!slot_listeners_[slot].empty() || opts_.listen.empty()) return true;
+    const std::vector<UniqueFd>* model = nullptr;
+    for (auto& set : slot_listeners_)
+      if (!set.empty()) model = &set;
+    try {
+      slot_listeners_[slot] = bind_set(addresses_, model);
+      return true;
+    } catch (const std::system_error& e) {
+      log(std::string("cannot bind for slot ") + std::to_string(slot) + ": " + e.what());
+      return false;
+    }
   }
 
   void log(const std::string& msg) {
@@ -362,6 +370,9 @@ class Master {
     Slot& s = slots_[slot];
     cancel_restart(s);
     s.errored = false;
+    if constexpr (WantsReusePort<Balance>) {
+      if (bound_ && !ensure_slot_bound(slot)) return retry_spawn(slot, "bind failed");
+    }
     std::pair<UniqueFd, UniqueFd> pair;
     try {
       pair = make_channel_pair();
@@ -604,6 +615,10 @@ class Master {
     if (shutting_down_) return;
     RestartDecision d = restart_.on_exit(w.slot_, info);
     using A = RestartDecision::Action;
+    if constexpr (WantsReusePort<Balance>) {
+      if (d.action != A::restart && w.slot_ < slot_listeners_.size())
+        slot_listeners_[w.slot_].clear();  // nobody will accept there: stop the kernel routing to it
+    }
     if (d.action == A::give_up) {
       s.errored = true;
       log("slot " + std::to_string(w.slot_) + " is errored: its workers keep exiting (last: " +

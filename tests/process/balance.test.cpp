@@ -13,6 +13,7 @@
 
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/resource.h>
@@ -54,7 +55,8 @@ struct SlotServer : Puppet {
   explicit SlotServer(prefork::WorkerContext<>& ctx)
       : Puppet(ctx),
         body_("slot " + std::to_string(ctx.slot()) + " pid " + std::to_string(ctx.pid()) + "\n"),
-        http_(ctx.loop(), [this](const http::Request&, http::Response& res) { res.body = body_; }) {}
+        http_(ctx.loop(),
+              [this](const http::Request&, http::Response& res) { res.body = body_; }) {}
 
   void on_connection(prefork::Connection c) { http_.adopt(std::move(c)); }
   void on_drain() { http_.drain(); }
@@ -149,11 +151,11 @@ struct DescriptorFiller {
 ///   "fork <id> <slot> <pid>"    "listening <id> <slot> <pid> <address>..." (the addresses
 ///   "exit <id> <slot> <pid> <exit code> <signal>"     on_listening's second argument gets)
 ///   "message <id> <text>"       "log <library diagnostic>"
-/// and takes commands: "send <id> <text>", "sync" (answers "synced" after everything before
-/// it), "fds" ("fds <open descriptors>"), "limit" ("limited <fillers> <errno text>": the next
-/// descriptor fails with EMFILE), "unlimit" ("unlimited"), "wait <ms>" ("waited", that much
-/// later on the master's clock), "shutdown". EOF on the command pipe (the test process died)
-/// shuts down fast.
+/// and takes commands: "send <id> <text>", "kill <id>" (Worker::kill: a planned stop), "sync"
+/// (answers "synced" after everything before it), "fds" ("fds <open descriptors>"), "limit"
+/// ("limited <fillers> <errno text>": the next descriptor fails with EMFILE), "unlimit"
+/// ("unlimited"), "wait <ms>" ("waited", that much later on the master's clock), "shutdown".
+/// EOF on the command pipe (the test process died) shuts down fast.
 template <class Server, class Balance, class Restart = prefork::Backoff<prefork::RestartOnCrash>>
 class RemoteMaster {
  public:
@@ -266,6 +268,8 @@ class RemoteMaster {
       if (w.empty()) return;
       if (w[0] == "sync") {
         m.loop().post([&] { say("synced"); });
+      } else if (w[0] == "kill" && w.size() == 2) {
+        if (auto* x = m.worker(static_cast<unsigned>(std::stoul(w[1])))) x->kill();
       } else if (w[0] == "send" && w.size() == 3) {
         cluster.send(static_cast<unsigned>(std::stoul(w[1])), w[2]);
       } else if (w[0] == "fds") {
@@ -312,6 +316,34 @@ class RemoteMaster {
   pid_t pid_ = -1;
   std::optional<int> status_;
 };
+
+/// Waits for every client's answer at once, up to one deadline for all of them: a client
+/// whose answer never comes costs the test one deadline, not one each.
+std::vector<HttpResult> receive_all(std::vector<HttpClient>& clients, Clock::time_point deadline) {
+  std::vector<HttpResult> results(clients.size());
+  std::vector<bool> done(clients.size(), false);
+  for (;;) {
+    std::vector<pollfd> fds;
+    std::vector<std::size_t> which;
+    for (std::size_t i = 0; i < clients.size(); ++i) {
+      if (done[i]) continue;
+      fds.push_back({clients[i].fd(), POLLIN, 0});
+      which.push_back(i);
+    }
+    if (fds.empty()) return results;
+    int r = ::poll(fds.data(), fds.size(), ms_until(deadline));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) break;
+    for (std::size_t k = 0; k < fds.size(); ++k) {
+      if (!fds[k].revents) continue;
+      results[which[k]] = clients[which[k]].receive();  // Connection: close: all of it is there
+      done[which[k]] = true;
+    }
+  }
+  for (std::size_t i = 0; i < clients.size(); ++i)
+    if (!done[i]) results[i].error = "no answer by the deadline";
+  return results;
+}
 
 Options listening_on(unsigned workers, std::vector<std::string> listen = {"127.0.0.1:0"}) {
   return Options{.workers = workers, .listen = std::move(listen)};
@@ -687,6 +719,41 @@ TEST_CASE("The listening socket stays open with no worker alive and is served on
   SECTION("reuse-port") { check_backlog_waits_for_a_worker<prefork::ReusePort>(); }
 }
 
+TEST_CASE("A reuse-port worker stopped on purpose leaves no new connection stranded on its socket",
+          "[balance][listen]") {
+  FdLeakCheck fds;
+  RemoteMaster<SlotServer, prefork::ReusePort> master(listening_on(2));
+  REQUIRE(master.pid() > 0);
+  std::vector<Listening> ready = master.expect_listening(2);
+  const std::string address = ready[0].addresses.at(0);
+  const Listening stopped = ready[1];
+
+  // A planned stop (scaling down): RestartOnCrash does not replace it, so slot 1 stays empty.
+  master.command("kill " + std::to_string(stopped.id));
+  master.expect("exit " + std::to_string(stopped.id) + " ");
+  master.sync();
+
+  // Each connection has its own source port, so the kernel's reuse-port hash spreads them over
+  // every socket in the group; with 24 of them, some hash to slot 1's (2^-24 that none does).
+  constexpr std::size_t kClients = 24;
+  std::vector<HttpClient> clients(kClients);
+  for (auto& c : clients) {
+    REQUIRE(c.connect(address));
+    REQUIRE(c.send_get());
+  }
+  std::vector<HttpResult> results = receive_all(clients, Clock::now() + kDeadline);
+  std::size_t stranded = 0;
+  for (std::size_t i = 0; i < kClients; ++i) {
+    Served s = served_by(results[i]);
+    INFO("client " << i << " " << s.error);
+    CHECK(s.slot == 0);
+    if (s.slot != 0) ++stranded;
+  }
+  INFO(stranded << " of " << kClients << " connections were never answered");
+  CHECK(stranded == 0);
+  CHECK(exited_zero(master.finish()));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Listen addresses.
 
@@ -903,6 +970,79 @@ TEST_CASE("A regular file at the Unix listen path makes bind fail and is not del
   std::string content;
   std::getline(f, content);
   CHECK(content == "precious");
+}
+
+TEST_CASE("A bind that fails on a later address leaves no Unix socket file behind", "[listen]") {
+  FdLeakCheck fds;
+  TempDir dir;
+  REQUIRE_FALSE(dir.path.empty());
+  TakenPort taken;
+  REQUIRE_FALSE(taken.address.empty());
+  const std::string path = dir.path + "/s.sock";
+  Options opts{.workers = 2, .listen = {"unix:" + path, taken.address}, .handle_signals = false};
+  const std::string message = "prefork: bind " + taken.address + ": Address already in use";
+
+  SECTION("one shared socket per address") {
+    prefork::Cluster<Puppet> cluster(opts);
+    check_address_in_use([&] { cluster.bind(); }, message);
+    CHECK(cluster.addresses().empty());
+  }
+  SECTION("reuse-port") {
+    prefork::Cluster<Puppet, prefork::ReusePort> cluster(opts);
+    check_address_in_use([&] { cluster.bind(); }, message);
+    CHECK(cluster.addresses().empty());
+  }
+  // "Nothing stays bound": the socket is closed, and its file must not be left on disk either.
+  CHECK_FALSE(exists(path));
+}
+
+TEST_CASE("A reuse-port bind that fails for a later slot leaves nothing bound", "[listen]") {
+  FdLeakCheck fds;
+  Pipe result;
+  REQUIRE(result.read >= 0);
+  // In a harness child, whose descriptor limit can be lowered so that slot 0's socket is the
+  // last one the process may open and slot 1's fails with EMFILE.
+  pid_t child = fork_harness([&] {
+    result.close_read();
+    prefork::Cluster<Puppet, prefork::ReusePort> cluster(
+        Options{.workers = 3, .listen = {"127.0.0.1:0"}, .handle_signals = false});
+    const std::size_t before = count_open_fds();
+    DescriptorFiller filler;
+    filler.fill();
+    if (filler.fillers.empty()) {
+      write_all(result.write, "could not fill the descriptor table\n");
+      return 1;
+    }
+    ::close(filler.fillers.back());  // exactly one descriptor left
+    filler.fillers.pop_back();
+    std::string what = "no exception";
+    try {
+      cluster.bind();
+    } catch (const std::system_error& e) {
+      what = e.what();
+    }
+    filler.release();
+    std::string report = what + "\naddresses " + std::to_string(cluster.addresses().size()) +
+                         "\nextra descriptors " +
+                         std::to_string(count_open_fds() - before) + "\n";
+    write_all(result.write, report);
+    return 0;
+  });
+  result.close_write();
+  REQUIRE(child > 0);
+  LineReader reader(result.read);
+  auto what = reader.next(Clock::now() + kDeadline);
+  auto addresses = reader.next(Clock::now() + kDeadline);
+  auto extra = reader.next(Clock::now() + kDeadline);
+  auto status = wait_child(child, Clock::now() + kDeadline);
+  if (!status) kill_and_reap(child);
+  REQUIRE(what.has_value());
+  INFO(reader.transcript());
+  CHECK(what->starts_with("prefork: socket for 127.0.0.1:"));
+  CHECK(what->ends_with("Too many open files"));
+  CHECK(addresses == std::optional<std::string>("addresses 0"));
+  CHECK(extra == std::optional<std::string>("extra descriptors 0"));
+  CHECK(exited_zero(status));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -42,8 +42,8 @@ std::size_t slots_for(const std::vector<WorkerLoad>& ready) {
   return n;
 }
 
-// Asks the policy for one connection with `ready` workers (in that order, with their loads) (in that order) and returns the slot it
-// chose, so that assertions read as slot numbers rather than indices into `ready`.
+// Asks the policy for one connection with `ready` workers (in that order, with their loads) and
+// returns the slot it chose, so that assertions read as slot numbers rather than indices.
 template <class Policy>
 std::size_t pick_loaded(Policy& p, std::vector<WorkerLoad> ready, const SocketAddress& peer = {}) {
   std::optional<std::size_t> index =
@@ -337,7 +337,8 @@ TEST_CASE("IpHash treats an IPv4-mapped IPv6 address like the IPv4 address", "[b
   CHECK(IpHash::hash(mapped) == IpHash::hash(v4));
   for (std::size_t slots : {2u, 3u, 4u, 7u, 16u}) {
     INFO(slots << " slots");
-    CHECK(ip_hash_slot(mapped, slots, all_slots(slots)) == ip_hash_slot(v4, slots, all_slots(slots)));
+    CHECK(ip_hash_slot(mapped, slots, all_slots(slots)) ==
+          ip_hash_slot(v4, slots, all_slots(slots)));
   }
   // A native IPv6 address hashes its 16 bytes: ::1 is not 127.0.0.1.
   CHECK(IpHash::hash(address("[::1]:80")) != IpHash::hash(address("127.0.0.1:80")));
