@@ -755,7 +755,7 @@ targets() {
 
 # ----------------------------------------------------------------------------------------------
 
-note "hello: $hello_source; cases: $(for c in "${ALL_CASES[@]}"; do wanted "$c" && printf '%s ' "$c"; done); ${duration} s runs, repeat $repeat; logs in $tmp"
+note "hello: $hello_source; cases: $(for c in "${ALL_CASES[@]}"; do wanted "$c" && printf '%s ' "$c"; done | sed 's/ $//'); ${duration} s runs, repeat $repeat; logs in $tmp"
 wanted cpu && case_cpu
 if wanted close || wanted keepalive; then case_http; fi
 wanted fairness && case_fairness
