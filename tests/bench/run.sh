@@ -28,7 +28,8 @@
 #   --out FILE  also write the final Markdown report to FILE.
 #   --keep-logs keep the temporary directory (server logs, wrk/ab output) and print its path.
 #
-# Needs: curl, ab (apache2-utils), wrk; node and nginx are optional (their columns print "n/a").
+# Needs: curl, ab (apache2-utils), wrk; node and nginx are optional (their columns print "n/a");
+# NODE=/path/to/node and NGINX=/path/to/nginx pick other binaries.
 # Every server is bound to 127.0.0.1, on a port from --port 0 (hello) or a free port the kernel
 # picked (Node, nginx); every process started here is stopped by pid on exit.
 set -euo pipefail
@@ -54,7 +55,7 @@ keep_logs=0
 only=""
 retries=2
 
-usage() { sed -n '7,27s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { awk 'NR >= 7 && !/^#/ { exit } NR >= 7 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; }
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 2; }
 note() { printf '[bench %s] %s\n' "$(date '+%H:%M:%S')" "$*" >&2; }
 
@@ -111,9 +112,11 @@ hello=$(cd "$(dirname "$hello")" && pwd)/hello
 for tool in curl ab wrk awk; do
   command -v "$tool" >/dev/null || die "$tool is missing (tests/deps.sh installs it)"
 done
-have_node=0; command -v node >/dev/null && node --version >/dev/null 2>&1 && have_node=1
-have_nginx=0; nginx_bin=$(command -v nginx || true)
-[[ -z $nginx_bin && -x /usr/sbin/nginx ]] && nginx_bin=/usr/sbin/nginx
+# NODE and NGINX name other binaries (a newer Node, an nginx built elsewhere).
+node_bin=${NODE:-node}
+have_node=0; command -v "$node_bin" >/dev/null && "$node_bin" --version >/dev/null 2>&1 && have_node=1
+have_nginx=0; nginx_bin=${NGINX:-$(command -v nginx || true)}
+[[ -z $nginx_bin && -x /usr/sbin/nginx ]] && nginx_bin=/usr/sbin/nginx  # sbin: not in a user's PATH
 [[ -n $nginx_bin ]] && "$nginx_bin" -v >/dev/null 2>&1 && have_nginx=1
 ((have_node)) || note "node not found: its columns print n/a"
 ((have_nginx)) || note "nginx not found: its columns print n/a (apt-get install nginx-light or nginx)"
@@ -125,12 +128,6 @@ clk_tck=$(getconf CLK_TCK)
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/prefork-bench.XXXXXX")
 started=()
-
-# Every run uses one copy of the binary, so a rebuild during the run cannot mix two versions.
-hello_source=$hello
-hello_stamp=$(date -r "$hello_source" '+%Y-%m-%d %H:%M:%S'; sha256sum "$hello_source" | cut -c1-12)
-cp "$hello_source" "$tmp/hello"
-hello="$tmp/hello"
 
 alive() { kill -0 "$1" 2>/dev/null; }
 
@@ -181,6 +178,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+# Every run uses one copy of the binary, so a rebuild during the run cannot mix two versions.
+hello_source=$hello
+hello_stamp=$(date -r "$hello_source" '+%Y-%m-%d %H:%M:%S'; sha256sum "$hello_source" | cut -c1-12)
+cp "$hello_source" "$tmp/hello"
+hello="$tmp/hello"
 
 # A port nobody listens on, chosen by the kernel (bind to port 0, read it, close). Another process
 # could take it before the server binds it; start_* then sees the server fail and tries again.
@@ -261,7 +264,7 @@ start_node() {
     srv_port=$(free_port)
     srv_log="$tmp/node-$mode-$RANDOM.log"
     : >"$srv_log"
-    WORKERS=2 PORT=$srv_port HOST=127.0.0.1 WORK=$work node "$BENCH_DIR/node/$script" \
+    WORKERS=2 PORT=$srv_port HOST=127.0.0.1 WORK=$work "$node_bin" "$BENCH_DIR/node/$script" \
       >"$srv_log" 2>&1 &
     srv_pid=$!
     started+=("$srv_pid")
@@ -408,7 +411,7 @@ show() {
   local v
   v=$(value "$1")
   printf '%s' "$(fmt_int "$v")"
-  [[ -n $v ]] && ((${foreign[$1]:-0} > foreign_limit)) && printf ' (!)'
+  suspect "$1" && printf ' (!)'
   return 0
 }
 
@@ -446,9 +449,15 @@ ab_errors() {
 # ----------------------------------------------------------------------------------------------
 # Results: space-separated samples per key, reduced to a median for the tables.
 
-declare -A samples=() errors=() ticks=() conns=() fair=()
+declare -A samples=() clean=() errors=() ticks=() conns=() fair=()
 
-add_sample() { samples[$1]="${samples[$1]:-}$2 "; }
+# $1 key, $2 value, $3 other load (%) during its run. Samples with other load above the limit
+# are kept apart: a figure is the median of the clean ones, or of all when none is clean.
+add_sample() {
+  samples[$1]="${samples[$1]:-}$2 "
+  ((${3:-0} <= foreign_limit)) && clean[$1]="${clean[$1]:-}$2 "
+  return 0
+}
 add_errors() { errors[$1]=$((${errors[$1]:-0} + $2)); }
 
 median() {
@@ -456,7 +465,8 @@ median() {
   tr ' ' '\n' <<<"$1" | sed '/^$/d' | sort -g |
     awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
-value() { median "${samples[$1]:-}"; }
+value() { if suspect "$1"; then median "${samples[$1]:-}"; else median "${clean[$1]:-}"; fi; }
+suspect() { [[ -n ${samples[$1]:-} && -z ${clean[$1]:-} ]]; }
 
 fmt_int() {
   [[ -z $1 ]] && { echo "n/a"; return; }
@@ -504,11 +514,11 @@ measure() {
   done
   if [[ -z ${foreign[$key]:-} ]] || ((best_share > ${foreign[$key]})); then foreign[$key]=$best_share; fi
   if [[ $kind == ab ]]; then
-    add_sample "$key" "$(ab_rps "$best")"
+    add_sample "$key" "$(ab_rps "$best")" "$best_share"
     add_errors "$key" "$(ab_errors "$best")"
     note "$key: $(ab_rps "$best") req/s (other load $best_share%)"
   else
-    add_sample "$key" "$(wrk_rps "$best")"
+    add_sample "$key" "$(wrk_rps "$best")" "$best_share"
     add_errors "$key" "$(wrk_errors "$best")"
     note "$key: $(wrk_rps "$best") req/s, master $(<"$best.master-ticks") ticks (other load $best_share%)"
     if [[ $kind == close ]]; then
@@ -613,13 +623,14 @@ report() {
   echo "- date: $(date '+%Y-%m-%d %H:%M:%S %Z')"
   echo "- machine: $(nproc) CPUs ($cpu_model), $kernel; load generator on the same cores, loopback"
   echo "- hello: $hello_source (built $(head -n 1 <<<"$hello_stamp"), sha256 $(tail -n 1 <<<"$hello_stamp"))"
-  echo "- node: $( ((have_node)) && node --version || echo n/a), nginx: $( ((have_nginx)) && "$nginx_bin" -v 2>&1 | sed 's/^nginx version: //' || echo n/a), $(wrk --version 2>&1 | head -n 1 | awk '{ print $1, $2 }'), $(ab -V | head -n 1 | sed 's/This is //; s/,.*//')"
+  echo "- node: $( ((have_node)) && "$node_bin" --version || echo n/a), nginx: $( ((have_nginx)) && "$nginx_bin" -v 2>&1 | sed 's/^nginx version: //' || echo n/a), $(wrk --version 2>&1 | head -n 1 | awk '{ print $1, $2 }'), $(ab -V | head -n 1 | sed 's/This is //; s/, Version / /; s/ <.*//')"
   if ((busy_runs)); then
     echo "- WARNING: before $busy_runs run(s) the machine stayed under 90% idle for 15 s (other load)"
   fi
-  local k worst=0
+  local k worst=0 marked=0
   for k in "${!foreign[@]}"; do ((foreign[$k] > worst)) && worst=${foreign[$k]}; done
-  echo "- other load: at most $worst% of the machine during a measured run (CPU used by neither the server nor the load generator); figures marked (!) had more than $foreign_limit% and are suspect"
+  for k in "${!samples[@]}"; do suspect "$k" && marked=$((marked + 1)); done
+  echo "- other load (CPU used by neither the server nor the load generator): at most $worst% of the machine in a kept run; each figure is the median of its runs with at most $foreign_limit%; figures with no such run: $marked, marked (!)"
   echo "- runs: ${duration} s each after a ${warmup} s warm-up, median of $repeat; fairness: $fair_requests requests at concurrency 50$( ((quick)) && echo '; QUICK (smoke run, not a measurement)')"
 
   if wanted cpu; then
@@ -714,33 +725,36 @@ check() {  # $1 a, $2 b, $3 threshold -> echoes 1/0, or nothing when either is m
   meets "$1" "$2" "$3" && echo 1 || echo 0
 }
 
+# " (!)" when any of the figures named is suspect (measured under other load).
+sus() { local k; for k in "$@"; do suspect "$k" && { printf ' (!)'; return 0; }; done; return 0; }
+
+# $1 target text, $2 and $3 the keys of a ratio, $4 its threshold.
+ratio_target() {
+  local a b
+  a=$(value "$2"); b=$(value "$3")
+  target_row "$1" "$(ratio "$a" "$b")$(sus "$2" "$3")" "$(check "$a" "$b" "$4")"
+}
+
 targets() {
   echo
   echo "## Targets"
   echo
   echo "| target | measured | |"
   echo "|---|---|---|"
-  local a b p r
+  local p r
   if wanted cpu; then
-    a=$(value cpu,hello-round-robin-w2); b=$(value cpu,hello-round-robin-w1)
-    target_row "CPU-bound, hello cluster/single >= 1.9" "$(ratio "$a" "$b")" "$(check "$a" "$b" 1.9)"
+    ratio_target "CPU-bound, hello cluster/single >= 1.9" cpu,hello-round-robin-w2 cpu,hello-round-robin-w1 1.9
   fi
   if wanted close; then
-    a=$(value close,hello-round-robin)
-    b=$(value close,node-cluster)
-    target_row "round-robin, new conn/request >= 2.5x Node cluster" "$(ratio "$a" "$b")" "$(check "$a" "$b" 2.5)"
-    b=$(value close,nginx)
-    target_row "round-robin, new conn/request >= 0.8x nginx" "$(ratio "$a" "$b")" "$(check "$a" "$b" 0.8)"
+    ratio_target "round-robin, new conn/request >= 2.5x Node cluster" close,hello-round-robin close,node-cluster 2.5
+    ratio_target "round-robin, new conn/request >= 0.8x nginx" close,hello-round-robin close,nginx 0.8
     for p in shared reuse-port; do
-      a=$(value "close,hello-$p")
-      target_row "$p (kernel dispatch), new conn/request >= 0.95x nginx" "$(ratio "$a" "$b")" "$(check "$a" "$b" 0.95)"
+      ratio_target "$p (kernel dispatch), new conn/request >= 0.95x nginx" "close,hello-$p" close,nginx 0.95
     done
   fi
   if wanted keepalive; then
-    b=$(value keepalive,nginx)
     for p in "${POLICIES[@]}"; do
-      a=$(value "keepalive,hello-$p")
-      target_row "$p, keep-alive >= 0.9x nginx" "$(ratio "$a" "$b")" "$(check "$a" "$b" 0.9)"
+      ratio_target "$p, keep-alive >= 0.9x nginx" "keepalive,hello-$p" keepalive,nginx 0.9
     done
   fi
   if wanted fairness; then
