@@ -1,11 +1,14 @@
 // hello: the seed's server.js + cluster.js. A master forks one worker per CPU; every worker
 // answers any HTTP request, after a loop that simulates CPU work, with the pid that served it.
-// Crashed workers are replaced, SIGUSR2 restarts the workers one at a time, and SIGTERM or
-// SIGINT stops everything gracefully (exit status 0).
+// Crashed workers are replaced, SIGUSR2 restarts the workers one at a time, SIGUSR1 replaces the
+// master itself (a new master from the binary on disk takes over the listening socket), and
+// SIGTERM or SIGINT stops everything gracefully (exit status 0; a second signal: at once).
 //
 //   hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]
-//         [--balance round-robin|least-connections|ip-hash|shared|reuse-port]
+//         [--balance round-robin|least-connections|ip-hash|shared|reuse-port] [--crash-ms MS]
 //         defaults: 127.0.0.1, 8080, one worker per CPU, 10000000 iterations, fork, round-robin
+//   --crash-ms MS: every worker exits with status 1 after a random time below MS (the seed's
+//                  availability experiment); the master replaces it as usual.
 //
 //   $ ./hello --workers 2 --port 0
 //   Master PID: 4120
@@ -17,12 +20,25 @@
 //   $ kill -9 4121          # the master prints:
 //   Worker 4121 died (code -1 / signal 9); starting a new one
 //   Started process 4130
+//   $ kill -USR2 4120       # rolling restart
+//   Started process 4131
+//   Started process 4132
+//   Reload done: 2 workers replaced in 12 ms
+//   $ kill -USR1 4120       # master upgrade: the new master prints its own lines, then
+//   Master PID: 4133
+//   Upgraded from master 4120
+//   Listening on 127.0.0.1:41237
+//   Started process 4134
+//   Started process 4135
+//   Upgrade done: new master 4133 is serving; this master exits
 #include <unistd.h>
 
 #include <charconv>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -40,6 +56,7 @@ struct Config {
   unsigned long long work = 10'000'000;
   prefork::SpawnMode spawn = prefork::SpawnMode::fork;
   std::string balance = "round-robin";
+  unsigned crash_ms = 0;  // 0: never crash on purpose
 };
 
 // Parsed in main() before the cluster starts: a forked worker inherits it, an exec'd worker
@@ -64,6 +81,14 @@ struct Hello {
         }) {
     http_.on_open([&ctx] { ctx.connection_opened(); });
     http_.on_close([&ctx] { ctx.connection_closed(); });
+    if (config.crash_ms > 0) {
+      // The seed's `setTimeout(() => process.exit(1), Math.random() * ms)`. A timer runs
+      // between two events, so the exit never interrupts a request halfway through.
+      std::mt19937 rng(static_cast<unsigned>(pid_) ^ static_cast<unsigned>(
+          std::chrono::steady_clock::now().time_since_epoch().count()));
+      std::uniform_int_distribution<unsigned> below(0, config.crash_ms - 1);
+      ctx.loop().after(std::chrono::milliseconds(below(rng)), [&ctx] { ctx.exit(1); }, false);
+    }
   }
 
   void on_connection(prefork::Connection c) { http_.adopt(std::move(c)); }
@@ -87,7 +112,8 @@ using HelloCluster = prefork::Cluster<Hello, Balance>;
 
 constexpr const char* kUsage =
     "usage: hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]\n"
-    "             [--balance round-robin|least-connections|ip-hash|shared|reuse-port]\n";
+    "             [--balance round-robin|least-connections|ip-hash|shared|reuse-port]\n"
+    "             [--crash-ms MS]\n";
 
 [[noreturn]] void usage_error(const std::string& message) {
   std::fprintf(stderr, "hello: %s\n%s", message.c_str(), kUsage);
@@ -121,7 +147,7 @@ Config parse_args(int argc, char** argv) {
       inline_value = true;
     }
     if (flag != "--host" && flag != "--port" && flag != "--workers" && flag != "--work" &&
-        flag != "--spawn" && flag != "--balance")
+        flag != "--spawn" && flag != "--balance" && flag != "--crash-ms")
       usage_error("unknown option '" + std::string(arg) + "'");
     if (!inline_value) {
       if (i + 1 >= argc) usage_error(std::string(flag) + " needs a value");
@@ -136,6 +162,8 @@ Config parse_args(int argc, char** argv) {
       c.workers = parse_number<unsigned>(flag, value, 1, 4096);
     } else if (flag == "--work") {
       c.work = parse_number<unsigned long long>(flag, value, 0, 1'000'000'000'000ULL);
+    } else if (flag == "--crash-ms") {
+      c.crash_ms = parse_number<unsigned>(flag, value, 1, 86'400'000);
     } else if (flag == "--balance") {
       if (value != "round-robin" && value != "least-connections" && value != "ip-hash" &&
           value != "shared" && value != "reuse-port")
@@ -155,9 +183,13 @@ template <class Balance>
 int serve(const std::string& address) {
   using Cluster = HelloCluster<Balance>;
   Cluster cluster(prefork::Options{
-      .workers = config.workers, .listen = {address}, .spawn = config.spawn});
+      .workers = config.workers,
+      .listen = {address},
+      .defer_accept = std::chrono::seconds(1),  // HTTP: the client speaks first
+      .spawn = config.spawn});
   if (cluster.is_master()) {
     std::printf("Master PID: %d\n", static_cast<int>(::getpid()));
+    if (pid_t old = cluster.upgraded_from()) std::printf("Upgraded from master %d\n", static_cast<int>(old));
     cluster.bind();  // now, so that a port-0 address can be printed before workers start
     std::printf("Listening on %s\n", cluster.addresses().front().c_str());
     std::fflush(stdout);
@@ -169,6 +201,23 @@ int serve(const std::string& address) {
     });
     cluster.on_errored([](std::size_t slot, const prefork::ExitInfo&) {
       std::printf("Workers in slot %zu keep crashing; not restarting it\n", slot);
+      std::fflush(stdout);
+    });
+    cluster.on_reload_done([](const prefork::ReloadReport& r) {
+      if (r.ok) {
+        std::printf("Reload done: %u workers replaced in %lld ms\n", r.replaced,
+                    static_cast<long long>(r.took.count()));
+      } else {
+        std::printf("Reload failed: %s; old workers keep serving\n", r.reason.c_str());
+      }
+      std::fflush(stdout);
+    });
+    cluster.on_upgrade_done([](const prefork::UpgradeReport& u) {
+      if (u.ok) {
+        std::printf("Upgrade done: new master %d is serving; this master exits\n", u.new_master);
+      } else {
+        std::printf("Upgrade failed: %s; this master keeps serving\n", u.reason.c_str());
+      }
       std::fflush(stdout);
     });
   }

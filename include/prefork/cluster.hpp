@@ -121,6 +121,9 @@ class Cluster {
   std::size_t broadcast(const message_type& m) { return master_ ? master_->broadcast(m) : 0; }
   void shutdown(bool fast = false) { if (master_) master_->shutdown(fast); }
   void reload() { if (master_) master_->reload(); }
+  bool upgrade() { return master_ && master_->upgrade(); }
+  /// In a master started by an upgrade, the old master's pid; 0 otherwise (and in a worker).
+  pid_t upgraded_from() const noexcept { return master_ ? master_->upgraded_from() : 0; }
   EventLoop::TimerId every(Clock::duration d, std::function<void()> cb) {
     return master_ ? master_->every(d, std::move(cb)) : 0;
   }
@@ -139,7 +142,10 @@ class Cluster {
   void on_message(std::function<void(WorkerT&, const message_type&)> cb) { if (master_) master_->on_message(std::move(cb)); }
   void on_error(std::function<void(WorkerT&, std::error_code)> cb) { if (master_) master_->on_error(std::move(cb)); }
   void on_errored(std::function<void(std::size_t, const ExitInfo&)> cb) { if (master_) master_->on_errored(std::move(cb)); }
-  void on_reload_done(std::function<void(bool)> cb) { if (master_) master_->on_reload_done(std::move(cb)); }
+  /// cb(const ReloadReport&) or cb(bool ok).
+  template <class F>
+  void on_reload_done(F cb) { if (master_) master_->on_reload_done(std::move(cb)); }
+  void on_upgrade_done(std::function<void(const UpgradeReport&)> cb) { if (master_) master_->on_upgrade_done(std::move(cb)); }
 
  private:
   std::optional<MasterT> master_;

@@ -18,6 +18,7 @@
 #include <iterator>
 #include <map>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -25,12 +26,14 @@
 #include <utility>
 #include <vector>
 
-#include <prefork/balance/policy.hpp>
 #include <sys/socket.h>
+
+#include <prefork/balance/policy.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
 #include <prefork/detail/process.hpp>
 #include <prefork/detail/socket.hpp>
+#include <prefork/detail/upgrade.hpp>
 #include <prefork/event_loop.hpp>
 #include <prefork/options.hpp>
 #include <prefork/restart.hpp>
@@ -75,8 +78,13 @@ inline void validate(const Options& o) {
   if (o.workers == 0) bad("workers must be at least 1");
   if (o.workers > 4096) bad("workers must be at most 4096, got " + std::to_string(o.workers));
   if (o.backlog <= 0) bad("backlog must be positive, got " + std::to_string(o.backlog));
+  if (o.defer_accept.count() < 0 || o.defer_accept.count() > 3600)
+    bad("defer_accept must be between 0 and 3600 s");
   if (o.drain_timeout.count() < 0) bad("drain_timeout must not be negative");
   if (o.kill_timeout.count() < 0) bad("kill_timeout must not be negative");
+  if (o.reload_surge == 0) bad("reload_surge must be at least 1");
+  if (o.reload_timeout.count() <= 0) bad("reload_timeout must be positive");
+  if (o.upgrade_timeout.count() <= 0) bad("upgrade_timeout must be positive");
   if (o.max_message_size == 0 || o.max_message_size > 0xffffffffu)
     bad("max_message_size must be between 1 byte and 4 GiB - 1");
   if (o.max_queued_bytes == 0) bad("max_queued_bytes must be positive");
@@ -108,6 +116,11 @@ class Master {
       exec_path_ = opts_.exec_argv.empty() ? detail::own_executable() : opts_.exec_argv.front();
       if (exec_argv_.empty()) throw std::invalid_argument("prefork: exec mode needs an argv");
     }
+    master_argv_ = detail::own_argv();
+    master_path_ = detail::own_executable();
+    std::string upgrade_error;
+    upgrade_boot_ = detail::take_upgrade_boot(upgrade_error);
+    if (!upgrade_error.empty()) throw std::runtime_error("prefork: " + upgrade_error);
     slots_.resize(opts_.workers);
     loop_.on_exception([this](std::exception_ptr e) {
       try {
@@ -146,8 +159,22 @@ class Master {
   void on_errored(std::function<void(std::size_t slot, const ExitInfo&)> cb) {
     on_errored_ = std::move(cb);
   }
-  /// A rolling restart finished (true) or was stopped because a replacement failed (false).
-  void on_reload_done(std::function<void(bool ok)> cb) { on_reload_done_ = std::move(cb); }
+  /// A rolling restart finished: cb(const ReloadReport&), or cb(bool ok). ok once every old
+  /// worker has exited; not ok as soon as it stopped because a replacement failed.
+  template <class F>
+  void on_reload_done(F cb) {
+    if constexpr (std::is_invocable_v<F&, const ReloadReport&>) {
+      on_reload_done_ = std::move(cb);
+    } else {
+      on_reload_done_ = [cb = std::move(cb)](const ReloadReport& r) mutable { cb(r.ok); };
+    }
+  }
+
+  /// A master upgrade ended (old master side): the new master is serving and this one is
+  /// shutting down (ok), or the new master failed and this one keeps serving.
+  void on_upgrade_done(std::function<void(const UpgradeReport&)> cb) {
+    on_upgrade_done_ = std::move(cb);
+  }
 
   EventLoop& loop() noexcept { return loop_; }
   const Options& options() const noexcept { return opts_; }
@@ -158,21 +185,28 @@ class Master {
   void bind() {
     if (bound_) return;
     std::vector<UniqueFd> fds;
-    std::vector<std::string> names;
+    std::vector<std::string> names, created;  // created: Unix socket files this call made
     std::vector<std::vector<UniqueFd>> sets;
     try {
       for (auto& spec : opts_.listen) {
-        fds.push_back(detail::listen_on(spec, opts_.backlog, WantsReusePort<Balance>));
-        names.push_back(detail::to_string(detail::local_address(fds.back().get())));
+        UniqueFd fd = take_inherited(spec, WantsReusePort<Balance> ? 0 : -1);
+        bool fresh = !fd;
+        if (fresh)
+          fd = detail::listen_on(spec, opts_.backlog, WantsReusePort<Balance>, defer_accept_s());
+        names.push_back(detail::to_string(detail::local_address(fd.get())));
+        if (fresh) created.push_back(names.back());
+        fds.push_back(std::move(fd));
       }
       if constexpr (WantsReusePort<Balance>) {
         sets.push_back(std::move(fds));
-        for (std::size_t s = 1; s < slots_.size(); ++s) sets.push_back(bind_set(names, &sets[0]));
+        for (std::size_t s = 1; s < slots_.size(); ++s)
+          sets.push_back(bind_set(names, &sets[0], s));
       }
     } catch (...) {
-      for (auto& n : names) detail::unlink_unix_socket(n);  // nothing stays bound
+      for (auto& n : created) detail::unlink_unix_socket(n);  // nothing stays bound
       throw;
     }
+    if (upgrade_boot_) upgrade_boot_->fds.clear();  // inherited sockets nobody listens on
     listeners_ = std::move(fds);
     slot_listeners_ = std::move(sets);
     addresses_ = std::move(names);
@@ -227,18 +261,25 @@ class Master {
   }
   bool cancel(EventLoop::TimerId id) noexcept { return loop_.cancel(id); }
 
-  /// Graceful shutdown: stop restarting, close the listening sockets, disconnect every worker;
-  /// run() returns 0 once all have exited. Called again (or with fast), it sends SIGTERM to
-  /// every worker at once.
+  /// Graceful shutdown: stop restarting and accepting, close the listening sockets, hand the
+  /// connections accepted but not dealt out yet to a worker, and disconnect every worker (each
+  /// drains and exits); run() returns 0 once all have exited. Called again (or with fast), it
+  /// sends SIGTERM to every worker at once.
   void shutdown(bool fast = false) {
     bool again = shutting_down_;
-    shutting_down_ = true;
     if (!again) {
+      finish_reload(false, "the master is shutting down");
+      if (upgrade_.active) upgrade_failed("the master is shutting down", SIGTERM);
+      if constexpr (MasterDispatch<Balance>) {
+        stop_accepting();
+        dispatch_pending();
+      }
+      shutting_down_ = true;
       for (auto& s : slots_) cancel_restart(s);
       for (auto& l : listeners_) loop_.unwatch(l.get());
       listeners_.clear();
       slot_listeners_.clear();
-      pending_.clear();
+      flush_pending();
       for (auto& [id, w] : workers_) w->disconnect();
     }
     if (again || fast) {
@@ -251,23 +292,116 @@ class Master {
   }
   bool shutting_down() const noexcept { return shutting_down_; }
 
-  /// Rolling restart: for each worker in turn, fork its replacement into the same slot, and
-  /// once the replacement is listening (online, if the cluster does not listen), disconnect
-  /// the old one. A request while one runs is coalesced into one more pass.
+  /// Rolling restart: for each worker, fork its replacement into the same slot, and once the
+  /// replacement is listening (online, if the cluster does not listen), disconnect the old one.
+  /// Options::reload_surge replacements run at once. A replacement that exits or misses
+  /// Options::reload_timeout stops the restart; the old workers keep serving. A request while
+  /// one runs is coalesced into one more pass after it.
   void reload() {
     if (shutting_down_) return;
-    if (reloading_) {
-      reload_again_ = true;
+    if (reload_.active) {
+      reload_.again = true;
       return;
     }
-    reloading_ = true;
-    reload_queue_.clear();
+    reload_ = ReloadState{};
+    reload_.active = true;
+    reload_.started = Clock::now();
     for (auto& [id, w] : workers_)
       if (!w->exited_after_disconnect_ && slots_[w->slot_].worker_id == id)
-        reload_queue_.push_back(id);
-    reload_next();
+        reload_.queue.push_back(id);
+    reload_pump();
   }
-  bool reloading() const noexcept { return reloading_; }
+  bool reloading() const noexcept { return reload_.active; }
+
+  /// Master upgrade (nginx's binary upgrade, in one step): fork and exec the program on disk,
+  /// with the same arguments, as a new master that inherits the listening sockets instead of
+  /// binding them. The new master starts its own workers; once every one of them listens it
+  /// tells this master, which then shuts down gracefully (on_upgrade_done ok). If the new
+  /// master exits first or misses Options::upgrade_timeout, it is killed and this master keeps
+  /// serving. One upgrade at a time: false (logged) if one runs, or before run() has bound.
+  bool upgrade() {
+    if (shutting_down_) return refuse_upgrade("the master is shutting down");
+    if (upgrade_.pidfd) return refuse_upgrade("one is already running (new master pid " +
+                                              std::to_string(upgrade_.pid) + ")");
+    if (!bound_) return refuse_upgrade("the master is not serving yet");
+    std::vector<detail::InheritedSocket> sockets;
+    if constexpr (WantsReusePort<Balance>) {
+      for (std::size_t slot = 0; slot < slot_listeners_.size(); ++slot)
+        for (std::size_t i = 0; i < slot_listeners_[slot].size(); ++i)
+          sockets.push_back({slot_listeners_[slot][i].get(), static_cast<long>(slot), opts_.listen[i]});
+    } else {
+      for (std::size_t i = 0; i < listeners_.size(); ++i)
+        sockets.push_back({listeners_[i].get(), -1, opts_.listen[i]});
+    }
+    for (auto& spec : opts_.listen)
+      if (!detail::encodable(spec)) return refuse_upgrade("a listen address holds a newline");
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0)
+      return refuse_upgrade(std::string("pipe: ") + std::strerror(errno));
+    UniqueFd ready_read(p[0]), ready_write(p[1]);
+
+    // Prepared before fork(): after it, the child only calls async-signal-safe functions.
+    std::vector<std::string> env_store = environment_without_markers();
+    env_store.push_back(std::string(detail::kUpgradeEnv) + "=" +
+                        detail::encode_upgrade(::getpid(), ready_write.get(), sockets));
+    std::vector<char*> argv, envp;
+    for (auto& a : master_argv_) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    for (auto& e : env_store) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    std::vector<int> keep{ready_write.get()};
+    for (auto& s : sockets) keep.push_back(s.fd);
+    std::vector<int> close_fds{ready_read.get()};
+    for (int fd : master_only_fds())
+      if (std::find(keep.begin(), keep.end(), fd) == keep.end()) close_fds.push_back(fd);
+
+    pid_t pid;
+    {
+      detail::SignalBlock block;
+      std::fflush(nullptr);
+      pid = ::fork();
+      if (pid == 0) {
+        detail::reset_signals_in_child();
+        for (int fd : close_fds) ::close(fd);
+        for (int fd : keep)
+          if (!detail::keep_across_exec(fd)) ::_exit(127);
+        ::execve(master_path_.c_str(), argv.data(), envp.data());
+        char msg[256];
+        std::snprintf(msg, sizeof msg, "upgrade: execve %s failed: %s", master_path_.c_str(),
+                      std::strerror(errno));
+        detail::child_error(msg);
+        ::_exit(127);
+      }
+    }
+    if (pid < 0) return refuse_upgrade(std::string("fork: ") + std::strerror(errno));
+    ready_write.reset();
+    UniqueFd pidfd(detail::pidfd_open(pid));
+    if (!pidfd) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+      return refuse_upgrade(std::string("pidfd_open: ") + std::strerror(errno));
+    }
+    upgrade_.active = true;
+    upgrade_.pid = pid;
+    upgrade_.pidfd = std::move(pidfd);
+    upgrade_.ready = std::move(ready_read);
+    loop_.watch(upgrade_.pidfd.get(), EventLoop::readable,
+                [this](std::uint32_t) { on_new_master_exit(); }, false);
+    loop_.watch(upgrade_.ready.get(), EventLoop::readable,
+                [this](std::uint32_t) { on_new_master_ready(); }, false);
+    upgrade_.timer = loop_.after(opts_.upgrade_timeout, [this] {
+      upgrade_.timer = 0;
+      upgrade_failed("the new master (pid " + std::to_string(upgrade_.pid) +
+                         ") was not ready after " + std::to_string(opts_.upgrade_timeout.count()) +
+                         " ms (upgrade_timeout); killed it",
+                     SIGKILL);
+    }, false);
+    log("upgrade: started new master pid " + std::to_string(pid) + " (" + master_path_ + ")");
+    return true;
+  }
+  bool upgrading() const noexcept { return upgrade_.active; }
+  /// In a master started by an upgrade: the pid of the master it replaces; 0 otherwise.
+  pid_t upgraded_from() const noexcept { return upgrade_boot_ ? upgrade_boot_->old_master : 0; }
 
   /// Binds, installs the signal handlers, forks the workers and supervises them until
   /// shutdown. Returns 0 after a graceful shutdown. Throws std::system_error for set-up
@@ -278,13 +412,16 @@ class Master {
       loop_.on_signal(SIGTERM, [this](const signalfd_siginfo&) { shutdown(); });
       loop_.on_signal(SIGINT, [this](const signalfd_siginfo&) { shutdown(); });
       loop_.on_signal(SIGUSR2, [this](const signalfd_siginfo&) { reload(); });
+      loop_.on_signal(SIGUSR1, [this](const signalfd_siginfo&) { upgrade(); });
     }
     for (std::size_t s = 0; s < slots_.size(); ++s)
       if (!slots_[s].worker_id) spawn(s);
     if constexpr (MasterDispatch<Balance>) resume_accepting();
     loop_.restart();
     loop_.run();
-    for (auto& a : addresses_) detail::unlink_unix_socket(a);
+    // After an upgrade the new master serves on the Unix socket files: they stay.
+    if (!handed_over_)
+      for (auto& a : addresses_) detail::unlink_unix_socket(a);
     return 0;
   }
 
@@ -302,15 +439,17 @@ class Master {
   // a slot that will not be refilled has its sockets closed (after_exit), and bound again when
   // a worker is forked into it.
   std::vector<UniqueFd> bind_set(const std::vector<std::string>& names,
-                                 const std::vector<UniqueFd>* model) {
+                                 const std::vector<UniqueFd>* model, std::size_t slot) {
     std::vector<UniqueFd> fds;
     for (std::size_t i = 0; i < names.size(); ++i) {
-      if (names[i].starts_with("unix:") && model && i < model->size()) {
+      if (UniqueFd fd = take_inherited(opts_.listen[i], static_cast<long>(slot))) {
+        fds.push_back(std::move(fd));
+      } else if (names[i].starts_with("unix:") && model && i < model->size()) {
         int d = ::fcntl((*model)[i].get(), F_DUPFD_CLOEXEC, 0);
         if (d < 0) detail::throw_errno("dup listening socket");
         fds.emplace_back(d);
       } else {
-        fds.push_back(detail::listen_on(names[i], opts_.backlog, true));
+        fds.push_back(detail::listen_on(names[i], opts_.backlog, true, defer_accept_s()));
       }
     }
     return fds;
@@ -324,13 +463,15 @@ class Master {
     for (auto& set : slot_listeners_)
       if (!set.empty()) model = &set;
     try {
-      slot_listeners_[slot] = bind_set(addresses_, model);
+      slot_listeners_[slot] = bind_set(addresses_, model, slot);
       return true;
     } catch (const std::system_error& e) {
       log(std::string("cannot bind for slot ") + std::to_string(slot) + ": " + e.what());
       return false;
     }
   }
+
+  int defer_accept_s() const noexcept { return static_cast<int>(opts_.defer_accept.count()); }
 
   void log(const std::string& msg) {
     if (opts_.log) {
@@ -358,6 +499,9 @@ class Master {
     for (auto& set : slot_listeners_)
       for (auto& l : set) fds.push_back(l.get());
     for (auto& h : pending_) fds.push_back(h.fd.get());
+    if (upgrade_boot_ && upgrade_boot_->notify) fds.push_back(upgrade_boot_->notify.get());
+    if (upgrade_.pidfd) fds.push_back(upgrade_.pidfd.get());
+    if (upgrade_.ready) fds.push_back(upgrade_.ready.get());
     for (auto& [id, w] : workers_) {
       for (auto& h : w->in_flight_) fds.push_back(h.fd.get());
       if (w->channel_ && w->channel_->is_open()) fds.push_back(w->channel_->native_handle());
@@ -390,10 +534,8 @@ class Master {
     if (opts_.spawn == SpawnMode::exec) {
       for (auto& a : exec_argv_) argv.push_back(const_cast<char*>(a.c_str()));
       argv.push_back(nullptr);
-      std::string marker = std::string(detail::kWorkerEnv) + "=";
-      for (char** e = environ; e && *e; ++e)
-        if (std::strncmp(*e, marker.c_str(), marker.size()) != 0) env_store.emplace_back(*e);
-      env_store.push_back(marker + std::to_string(id) + "," + std::to_string(slot) + "," +
+      env_store = environment_without_markers();
+      env_store.push_back(std::string(detail::kWorkerEnv) + "=" + std::to_string(id) + "," + std::to_string(slot) + "," +
                           std::to_string(theirs.get()) + "," +
                           std::to_string(opts_.max_message_size) + "," +
                           std::to_string(opts_.max_queued_bytes));
@@ -516,7 +658,10 @@ class Master {
         if (w.state_ != WorkerState::none) break;
         w.state_ = WorkerState::online;
         if (on_online_) on_online_(w);
-        if (opts_.listen.empty()) reload_progress(w);  // nothing to listen on: online is ready
+        if (opts_.listen.empty()) {  // nothing to listen on: online is ready
+          reload_ready(w);
+          tell_old_master_if_ready();
+        }
         return;
       case FrameKind::listening:
         if (w.state_ != WorkerState::online) break;
@@ -526,7 +671,8 @@ class Master {
           restart_.on_listening(w.slot_);
         if (on_listening_) on_listening_(w);
         if constexpr (MasterDispatch<Balance>) resume_accepting();
-        reload_progress(w);
+        reload_ready(w);
+        tell_old_master_if_ready();
         return;
       case FrameKind::disconnect:
         // The worker is draining on its own initiative (Node: worker.disconnect() in a worker).
@@ -602,13 +748,7 @@ class Master {
   }
 
   void after_exit(WorkerT& w, const ExitInfo& info) {
-    if (reloading_ && reload_new_ == w.id_ && w.state_ == WorkerState::dead) {
-      // The replacement died before it was ready: stop, and give the slot back to the old one.
-      Slot& s = slots_[w.slot_];
-      if (worker(reload_old_)) s.worker_id = reload_old_;
-      log("rolling restart stopped: replacement " + describe(w) + " exited before listening");
-      finish_reload(false);
-    }
+    reload_exited(w, info);
     Slot& s = slots_[w.slot_];
     if (s.worker_id != w.id_) return;  // replaced already (rolling restart)
     s.worker_id = 0;
@@ -647,7 +787,8 @@ class Master {
   static constexpr std::size_t kMaxUnacked = 128;
 
   void resume_accepting() {
-    if (shutting_down_ || accept_paused_) return;
+    if (shutting_down_) return flush_pending();
+    if (accept_paused_) return;
     dispatch_pending();
     if (!pending_.empty()) return;
     for (auto& l : listeners_) {
@@ -674,6 +815,17 @@ class Master {
     }
   }
 
+  // Sends one connection to `w` and keeps the master's copy in its in-flight list; false (the
+  // connection still in `h`) if its channel cannot take it now.
+  bool hand_to(WorkerT& w, detail::Handoff& h) {
+    if (!w.channel_->has_room(h.peer.length)) return false;
+    std::string address(reinterpret_cast<const char*>(&h.peer.storage), h.peer.length);
+    if (w.channel_->send_borrowed(FrameKind::connection, std::move(address), 0, h.fd.get()))
+      return false;
+    w.in_flight_.push_back(std::move(h));
+    return true;
+  }
+
   // Hands one connection to a worker; false (and the connection back in `h`) if none can
   // take it now.
   bool dispatch(detail::Handoff& h) {
@@ -683,11 +835,7 @@ class Master {
     for (std::size_t k = 0; k < ready_workers_.size(); ++k) {
       std::size_t i = (first + k) % ready_workers_.size();
       WorkerT* w = ready_workers_[i];
-      if (w->in_flight_.size() >= kMaxUnacked || !w->channel_->has_room(h.peer.length)) continue;
-      std::string address(reinterpret_cast<const char*>(&h.peer.storage), h.peer.length);
-      if (w->channel_->send_borrowed(FrameKind::connection, std::move(address), 0, h.fd.get()))
-        continue;
-      w->in_flight_.push_back(std::move(h));
+      if (w->in_flight_.size() >= kMaxUnacked || !hand_to(*w, h)) continue;
       ++ready_[i].connections;
       return true;
     }
@@ -698,6 +846,26 @@ class Master {
     if (pending_.empty()) return;
     collect_ready();
     while (!pending_.empty() && dispatch(pending_.front())) pending_.pop_front();
+  }
+
+  // Shutting down: connections already accepted go to any worker that still reads its channel
+  // (a draining worker serves what reaches it before the disconnect frame), whatever its load.
+  void flush_pending() {
+    while (!pending_.empty()) {
+      detail::Handoff& h = pending_.front();
+      bool sent = false;
+      for (auto& [id, w] : workers_)
+        if (w->state_ == WorkerState::listening && w->is_connected() && hand_to(*w, h)) {
+          sent = true;
+          break;
+        }
+      if (!sent) break;
+      pending_.pop_front();
+    }
+    if (!pending_.empty())
+      log(std::to_string(pending_.size()) +
+          " accepted connections closed unanswered: no worker is left to take them");
+    pending_.clear();
   }
 
   void accept_from(int listener) {
@@ -728,44 +896,225 @@ class Master {
     }
   }
 
-  void reload_next() {
-    while (!reload_queue_.empty()) {
-      unsigned old_id = reload_queue_.front();
-      reload_queue_.pop_front();
+  // Rolling restart. `starting` maps each replacement to the old worker it replaces; an old
+  // worker is disconnected when its replacement is ready, and the restart is done when the
+  // queue is empty and every old worker has exited.
+  struct ReloadState {
+    bool active = false;
+    bool again = false;                        // coalesced request: one more pass after this
+    std::deque<unsigned> queue;                // old workers still to replace
+    std::map<unsigned, unsigned> starting;     // replacement id -> old id
+    std::map<unsigned, EventLoop::TimerId> deadlines;  // replacement id -> reload_timeout
+    std::vector<unsigned> draining;            // old workers disconnected, not exited yet
+    unsigned replaced = 0;
+    Clock::time_point started{};
+  };
+
+  void reload_pump() {
+    while (reload_.active && reload_.starting.size() < opts_.reload_surge &&
+           !reload_.queue.empty()) {
+      unsigned old_id = reload_.queue.front();
+      reload_.queue.pop_front();
       WorkerT* old = worker(old_id);
       if (!old || old->exited_after_disconnect_) continue;
-      reload_old_ = old_id;
-      WorkerT* fresh = spawn(old->slot_);
+      std::size_t slot = old->slot_;
+      WorkerT* fresh = spawn(slot);
       if (!fresh) {
-        slots_[old->slot_].worker_id = old_id;
-        log("rolling restart stopped: could not fork a replacement");
-        return finish_reload(false);
+        cancel_restart(slots_[slot]);
+        slots_[slot].worker_id = old_id;
+        return finish_reload(false, "could not fork a replacement for " + describe(*old));
       }
-      reload_new_ = fresh->id_;
-      return;
+      unsigned fresh_id = fresh->id_;
+      reload_.starting[fresh_id] = old_id;
+      reload_.deadlines[fresh_id] = loop_.after(opts_.reload_timeout, [this, fresh_id] {
+        reload_.deadlines.erase(fresh_id);
+        WorkerT* late = worker(fresh_id);
+        std::string why = "not ready after " + std::to_string(opts_.reload_timeout.count()) +
+                          " ms (reload_timeout)";
+        if (late) late->exit_.reason = "rolling restart: " + why + "; SIGKILL";
+        finish_reload(false, "replacement " +
+                                 (late ? describe(*late) : "worker " + std::to_string(fresh_id)) +
+                                 " " + why);
+      }, false);
     }
-    finish_reload(true);
+    if (reload_.active && reload_.queue.empty() && reload_.starting.empty() &&
+        reload_.draining.empty())
+      finish_reload(true, {});
   }
 
-  void reload_progress(WorkerT& w) {
-    if (!reloading_ || w.id_ != reload_new_) return;
-    if (WorkerT* old = worker(reload_old_)) old->disconnect();
-    reload_new_ = reload_old_ = 0;
-    reload_next();
+  // A worker became ready (listening, or online without listeners).
+  void reload_ready(WorkerT& w) {
+    if (!reload_.active) return;
+    auto it = reload_.starting.find(w.id_);
+    if (it == reload_.starting.end()) return;
+    unsigned old_id = it->second;
+    reload_.starting.erase(it);
+    if (auto t = reload_.deadlines.find(w.id_); t != reload_.deadlines.end()) {
+      loop_.cancel(t->second);
+      reload_.deadlines.erase(t);
+    }
+    if (WorkerT* old = worker(old_id)) {
+      old->disconnect();
+      reload_.draining.push_back(old_id);
+    }
+    ++reload_.replaced;
+    reload_pump();
   }
 
-  void finish_reload(bool ok) {
-    reloading_ = false;
-    reload_new_ = reload_old_ = 0;
-    reload_queue_.clear();
-    log(ok ? "rolling restart done" : "rolling restart failed; old workers keep serving");
-    if (on_reload_done_) on_reload_done_(ok);
-    if (ok && reload_again_) {
-      reload_again_ = false;
-      reload();
+  void reload_exited(WorkerT& w, const ExitInfo& info) {
+    if (!reload_.active) return;
+    if (reload_.starting.count(w.id_)) {
+      std::string how = info.signal ? "was killed by signal " + std::to_string(info.signal)
+                                    : "exited with code " + std::to_string(info.exit_code);
+      return finish_reload(false, "replacement " + describe(w) + " " + how + " before it was ready");
     }
-    reload_again_ = false;
+    auto d = std::find(reload_.draining.begin(), reload_.draining.end(), w.id_);
+    if (d == reload_.draining.end()) return;
+    reload_.draining.erase(d);
+    reload_pump();
   }
+
+  // Ends the rolling restart. On failure every replacement that is not ready yet is stopped
+  // and its slot given back to the old worker, which keeps serving; a replacement whose old
+  // worker is gone keeps the slot (and, if it is stuck, is killed as a crash, so that the
+  // RestartPolicy refills the slot).
+  void finish_reload(bool ok, const std::string& reason) {
+    if (!reload_.active) return;
+    ReloadState r = std::move(reload_);
+    reload_ = ReloadState{};
+    for (auto& [id, timer] : r.deadlines) loop_.cancel(timer);
+    for (auto& [fresh_id, old_id] : r.starting) {
+      WorkerT* fresh = worker(fresh_id);
+      WorkerT* old = worker(old_id);
+      if (old && !old->exited_after_disconnect_ && fresh && fresh->state_ != WorkerState::dead) {
+        slots_[fresh->slot_].worker_id = old_id;
+        fresh->kill(SIGKILL);
+      } else if (old && !old->exited_after_disconnect_) {
+        slots_[old->slot_].worker_id = old_id;
+      } else if (fresh && fresh->state_ != WorkerState::dead) {
+        fresh->signal(SIGKILL);
+      }
+    }
+    ReloadReport report;
+    report.ok = ok;
+    report.replaced = r.replaced;
+    report.took = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - r.started);
+    report.reason = reason;
+    if (ok) {
+      log("rolling restart done: " + std::to_string(r.replaced) + " workers replaced in " +
+          std::to_string(report.took.count()) + " ms");
+    } else {
+      log("rolling restart stopped: " + reason + "; the old workers keep serving");
+    }
+    if (on_reload_done_) on_reload_done_(report);
+    if (ok && r.again && !shutting_down_) reload();
+  }
+
+  // This environment minus the variables that tell a process it is a worker or a new master.
+  static std::vector<std::string> environment_without_markers() {
+    std::vector<std::string> env;
+    std::string worker = std::string(detail::kWorkerEnv) + "=";
+    std::string upgrade = std::string(detail::kUpgradeEnv) + "=";
+    for (char** e = environ; e && *e; ++e) {
+      std::string_view v(*e);
+      if (!v.starts_with(worker) && !v.starts_with(upgrade)) env.emplace_back(v);
+    }
+    return env;
+  }
+
+  // New master: a socket the old master handed over for this listen entry and slot.
+  UniqueFd take_inherited(const std::string& spec, long slot) {
+    if (!upgrade_boot_) return {};
+    auto& b = *upgrade_boot_;
+    for (std::size_t i = 0; i < b.sockets.size() && i < b.fds.size(); ++i)
+      if (b.fds[i] && b.sockets[i].spec == spec && b.sockets[i].slot == slot)
+        return std::move(b.fds[i]);
+    return {};
+  }
+
+  // New master: once every slot has a listening worker (online, without listeners), tell the
+  // old master, which then drains and exits.
+  void tell_old_master_if_ready() {
+    if (!upgrade_boot_ || !upgrade_boot_->notify) return;
+    for (auto& s : slots_) {
+      WorkerT* w = s.worker_id ? worker(s.worker_id) : nullptr;
+      if (!w) return;
+      if (opts_.listen.empty() ? w->state_ == WorkerState::none
+                               : w->state_ != WorkerState::listening)
+        return;
+    }
+    static constexpr char kReady[] = "ready\n";
+    detail::write_all(upgrade_boot_->notify.get(), kReady, sizeof kReady - 1);
+    upgrade_boot_->notify.reset();
+    log("upgrade: every worker is listening; the old master (pid " +
+        std::to_string(upgrade_boot_->old_master) + ") hands over");
+  }
+
+  bool refuse_upgrade(const std::string& why) {
+    log("upgrade refused: " + why);
+    return false;
+  }
+
+  // Old master: the new master wrote "ready" (or closed the pipe, which its exit explains).
+  void on_new_master_ready() {
+    char buf[64];
+    ssize_t n = detail::retry_eintr([&] { return ::read(upgrade_.ready.get(), buf, sizeof buf); });
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    loop_.unwatch(upgrade_.ready.get());
+    upgrade_.ready.reset();
+    if (n <= 0 || std::string_view(buf, static_cast<std::size_t>(n)).find("ready") ==
+                      std::string_view::npos)
+      return;  // the pidfd reports the exit
+    if (!upgrade_.active) return;
+    upgrade_.active = false;
+    if (upgrade_.timer) loop_.cancel(upgrade_.timer);
+    upgrade_.timer = 0;
+    handed_over_ = true;
+    log("upgrade: new master pid " + std::to_string(upgrade_.pid) +
+        " is serving; this master shuts down");
+    if (on_upgrade_done_) on_upgrade_done_(UpgradeReport{true, upgrade_.pid, {}});
+    shutdown();
+  }
+
+  void on_new_master_exit() {
+    detail::Reaped r = detail::reap(upgrade_.pidfd.get());
+    if (!r.done) return;
+    loop_.unwatch(upgrade_.pidfd.get());
+    upgrade_.pidfd.reset();
+    std::string how = r.signal ? "was killed by signal " + std::to_string(r.signal)
+                               : "exited with code " + std::to_string(r.exit_code);
+    if (upgrade_.active) {
+      upgrade_failed("the new master (pid " + std::to_string(upgrade_.pid) + ") " + how +
+                         " before it was ready",
+                     0);
+    } else if (!handed_over_) {
+      log("upgrade: the stopped new master (pid " + std::to_string(upgrade_.pid) + ") " + how);
+    }
+  }
+
+  // The upgrade failed: this master keeps serving. `sig` (if any) goes to the new master,
+  // whose pidfd stays watched until it is reaped.
+  void upgrade_failed(const std::string& why, int sig) {
+    if (!upgrade_.active) return;
+    upgrade_.active = false;
+    if (upgrade_.timer) loop_.cancel(upgrade_.timer);
+    upgrade_.timer = 0;
+    if (upgrade_.ready) {
+      loop_.unwatch(upgrade_.ready.get());
+      upgrade_.ready.reset();
+    }
+    if (sig && upgrade_.pidfd) detail::pidfd_send_signal(upgrade_.pidfd.get(), sig);
+    log("upgrade failed: " + why + "; this master keeps serving");
+    if (on_upgrade_done_) on_upgrade_done_(UpgradeReport{false, upgrade_.pid, why});
+  }
+
+  struct UpgradeState {
+    bool active = false;  // waiting for the new master to be ready
+    pid_t pid = -1;
+    UniqueFd pidfd;       // until the new master is reaped (or this master has handed over)
+    UniqueFd ready;       // the read end of the new master's "ready" pipe
+    EventLoop::TimerId timer = 0;
+  };
 
   Options opts_;
   [[no_unique_address]] Restart restart_;
@@ -774,6 +1123,11 @@ class Master {
   ChildMain child_main_;
   std::vector<std::string> exec_argv_;
   std::string exec_path_;
+  std::vector<std::string> master_argv_;  // what an upgrade executes
+  std::string master_path_;
+  std::optional<detail::UpgradeBoot> upgrade_boot_;  // set in a master started by an upgrade
+  UpgradeState upgrade_;
+  bool handed_over_ = false;  // an upgrade succeeded: the new master owns the sockets
   EventLoop loop_;
   std::vector<UniqueFd> listeners_;
   std::vector<std::string> addresses_;
@@ -787,17 +1141,15 @@ class Master {
   std::deque<detail::Handoff> pending_;  // accepted, not handed to any worker yet
   std::vector<std::vector<UniqueFd>> slot_listeners_;  // ReusePort: per slot
   bool shutting_down_ = false;
-  bool reloading_ = false;
-  bool reload_again_ = false;
-  std::deque<unsigned> reload_queue_;
-  unsigned reload_old_ = 0, reload_new_ = 0;
+  ReloadState reload_;
 
   std::function<void(WorkerT&)> on_fork_, on_online_, on_listening_, on_disconnect_;
   std::function<void(WorkerT&, const ExitInfo&)> on_exit_;
   std::function<void(WorkerT&, const message_type&)> on_message_;
   std::function<void(WorkerT&, std::error_code)> on_error_;
   std::function<void(std::size_t, const ExitInfo&)> on_errored_;
-  std::function<void(bool)> on_reload_done_;
+  std::function<void(const ReloadReport&)> on_reload_done_;
+  std::function<void(const UpgradeReport&)> on_upgrade_done_;
 };
 
 }  // namespace prefork

@@ -63,6 +63,21 @@ struct ExitInfo {
   bool crashed() const noexcept { return exit_code != 0; }
 };
 
+/// How a rolling restart ended (Master::on_reload_done).
+struct ReloadReport {
+  bool ok = false;                     ///< every worker was replaced and the old ones have exited
+  unsigned replaced = 0;               ///< old workers drained after their replacement listened
+  std::chrono::milliseconds took{0};   ///< from reload() to the exit of the last old worker
+  std::string reason{};                ///< why it stopped, when !ok
+};
+
+/// How a master upgrade ended, as the old master sees it (Master::on_upgrade_done).
+struct UpgradeReport {
+  bool ok = false;       ///< the new master is serving; this one is shutting down
+  int new_master = -1;   ///< the new master's pid
+  std::string reason{};  ///< why it failed, when !ok
+};
+
 /// Options for a Cluster. Aggregate: use designated initializers.
 struct Options {
   /// Worker processes to keep running; one per CPU by default.
@@ -71,18 +86,33 @@ struct Options {
   std::vector<std::string> listen{};
   /// listen(2) backlog for each listening socket.
   int backlog = 511;
+  /// TCP listeners: hand a connection over only once the client has sent its first bytes
+  /// (TCP_DEFER_ACCEPT), or after about this long. For protocols where the client speaks first
+  /// (HTTP): fewer wake-ups, and a worker never holds a connection it could not have read
+  /// yet, so one that crashes between requests loses none. 0 (the default): off.
+  std::chrono::seconds defer_accept{0};
   SpawnMode spawn = SpawnMode::fork;
   /// After disconnect() a worker has this long to drain before it gets SIGTERM...
   std::chrono::milliseconds drain_timeout{10000};
   /// ...and then this long before SIGKILL.
   std::chrono::milliseconds kill_timeout{5000};
+  /// Rolling restart: how many replacement workers start at once (each old worker is drained
+  /// once its replacement is listening).
+  unsigned reload_surge = 1;
+  /// Rolling restart: a replacement must be listening (online, if the cluster listens on
+  /// nothing) within this long, or it is killed, the rolling restart stops, and the old
+  /// workers keep serving.
+  std::chrono::milliseconds reload_timeout{30000};
+  /// Master upgrade: the new master must have every worker listening within this long, or it is
+  /// killed and this master keeps serving.
+  std::chrono::milliseconds upgrade_timeout{60000};
   /// Largest user or internal message a channel accepts, in bytes (payload, not framing).
   std::size_t max_message_size = std::size_t{256} << 20;
   /// Bytes a channel may hold queued for sending before send() reports errc::queue_full; an
   /// empty queue always takes one message, however large (up to max_message_size).
   std::size_t max_queued_bytes = std::size_t{64} << 20;
-  /// The master installs handlers for SIGTERM/SIGINT (graceful shutdown, twice: fast) and
-  /// SIGUSR2 (rolling restart). Turn off to manage signals yourself.
+  /// The master installs handlers for SIGTERM/SIGINT (graceful shutdown, twice: fast), SIGUSR2
+  /// (rolling restart) and SIGUSR1 (master upgrade). Turn off to manage signals yourself.
   bool handle_signals = true;
   /// exec mode: the program and arguments of the workers; empty means this process's own
   /// /proc/self/exe with its original argv.

@@ -139,8 +139,11 @@ inline void unlink_unix_socket(std::string_view address) noexcept {
 
 /// Creates a non-blocking, close-on-exec listening socket. Throws std::system_error whose
 /// message names the operation and the address ("prefork: bind 127.0.0.1:8080: Address
-/// already in use"). A stale Unix socket file (nobody accepting) is replaced.
-inline UniqueFd listen_on(const std::string& spec, int backlog, bool reuse_port = false) {
+/// already in use"). A stale Unix socket file (nobody accepting) is replaced. defer_accept_s
+/// > 0 sets TCP_DEFER_ACCEPT on TCP sockets: accept wakes when the client's first data arrives
+/// (or, at the latest, about that many seconds after the handshake).
+inline UniqueFd listen_on(const std::string& spec, int backlog, bool reuse_port = false,
+                          int defer_accept_s = 0) {
   SocketAddress a;
   if (auto ec = parse_address(spec, a))
     throw std::system_error(ec, "prefork: bad listen address '" + spec +
@@ -154,6 +157,9 @@ inline UniqueFd listen_on(const std::string& spec, int backlog, bool reuse_port 
     if (a.family() == AF_INET6) ::setsockopt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
     if (reuse_port && ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0)
       throw_errno("setsockopt SO_REUSEPORT " + spec);
+    if (defer_accept_s > 0 && ::setsockopt(fd.get(), IPPROTO_TCP, TCP_DEFER_ACCEPT,
+                                           &defer_accept_s, sizeof defer_accept_s) != 0)
+      throw_errno("setsockopt TCP_DEFER_ACCEPT " + spec);
   }
   if (::bind(fd.get(), a.get(), a.length) != 0) {
     if (errno != EADDRINUSE || a.family() != AF_UNIX || !remove_stale_unix_socket(a))
