@@ -64,9 +64,19 @@ inline std::vector<std::string> own_argv() {
   return argv;
 }
 
-/// The path of the binary on disk, resolved now: after a deploy replaces the file, exec'ing this
-/// path runs the new binary (while /proc/self/exe would still name the old, deleted one).
-inline std::string own_executable() {
+/// The path of the program on disk, as an absolute path fixed now: argv[0] when it names a file
+/// (made absolute against the current directory, symlinks left alone), else /proc/self/exe
+/// resolved. Exec'ing it later runs whatever a deploy put there: a binary renamed over the old
+/// one, or a new release behind a swapped symlink (/proc/self/exe would name the old file).
+inline std::string own_executable(const std::vector<std::string>& argv) {
+  if (!argv.empty() && argv[0].find('/') != std::string::npos) {
+    std::string path = argv[0];
+    if (path.front() != '/') {
+      char cwd[4096];
+      if (::getcwd(cwd, sizeof cwd)) path = std::string(cwd) + "/" + path;
+    }
+    if (::access(path.c_str(), X_OK) == 0) return path;
+  }
   char buf[4096];
   ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
   if (n <= 0) return "/proc/self/exe";
@@ -113,11 +123,12 @@ class Master {
     detail::validate(opts_);
     if (opts_.spawn == SpawnMode::exec) {
       exec_argv_ = opts_.exec_argv.empty() ? detail::own_argv() : opts_.exec_argv;
-      exec_path_ = opts_.exec_argv.empty() ? detail::own_executable() : opts_.exec_argv.front();
+      exec_path_ = opts_.exec_argv.empty() ? detail::own_executable(exec_argv_)
+                                           : opts_.exec_argv.front();
       if (exec_argv_.empty()) throw std::invalid_argument("prefork: exec mode needs an argv");
     }
     master_argv_ = detail::own_argv();
-    master_path_ = detail::own_executable();
+    master_path_ = detail::own_executable(master_argv_);
     std::string upgrade_error;
     upgrade_boot_ = detail::take_upgrade_boot(upgrade_error);
     if (!upgrade_error.empty()) throw std::runtime_error("prefork: " + upgrade_error);
