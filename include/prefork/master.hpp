@@ -13,6 +13,7 @@
 #include <cstring>
 #include <deque>
 #include <exception>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iterator>
@@ -75,6 +76,7 @@ inline std::string own_executable(const std::vector<std::string>& argv) {
       char cwd[4096];
       if (::getcwd(cwd, sizeof cwd)) path = std::string(cwd) + "/" + path;
     }
+    path = std::filesystem::path(path).lexically_normal().string();
     if (::access(path.c_str(), X_OK) == 0) return path;
   }
   char buf[4096];
