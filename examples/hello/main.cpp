@@ -212,11 +212,12 @@ int serve(const std::string& address) {
       }
       std::fflush(stdout);
     });
-    cluster.on_upgrade_done([](const prefork::UpgradeReport& u) {
+    cluster.on_upgrade_done([&cluster](const prefork::UpgradeReport& u) {
       if (u.ok) {
         std::printf("Upgrade done: new master %d is serving; this master exits\n", u.new_master);
       } else {
-        std::printf("Upgrade failed: %s; this master keeps serving\n", u.reason.c_str());
+        std::printf("Upgrade failed: %s%s\n", u.reason.c_str(),
+                    cluster.shutting_down() ? "" : "; this master keeps serving");
       }
       std::fflush(stdout);
     });

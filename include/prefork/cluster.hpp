@@ -120,6 +120,7 @@ class Cluster {
   }
   std::size_t broadcast(const message_type& m) { return master_ ? master_->broadcast(m) : 0; }
   void shutdown(bool fast = false) { if (master_) master_->shutdown(fast); }
+  bool shutting_down() const noexcept { return master_ && master_->shutting_down(); }
   void reload() { if (master_) master_->reload(); }
   bool upgrade() { return master_ && master_->upgrade(); }
   /// In a master started by an upgrade, the old master's pid; 0 otherwise (and in a worker).

@@ -282,7 +282,7 @@ class Master {
     bool again = shutting_down_;
     if (!again) {
       finish_reload(false, "the master is shutting down");
-      if (upgrade_.active) upgrade_failed("the master is shutting down", SIGTERM);
+      successor_.fail("the master is shutting down", SIGTERM);
       if constexpr (MasterDispatch<Balance>) {
         stop_accepting();
         dispatch_pending();
@@ -334,8 +334,9 @@ class Master {
   /// serving. One upgrade at a time: false (logged) if one runs, or before run() has bound.
   bool upgrade() {
     if (shutting_down_) return refuse_upgrade("the master is shutting down");
-    if (upgrade_.pidfd) return refuse_upgrade("one is already running (new master pid " +
-                                              std::to_string(upgrade_.pid) + ")");
+    if (successor_.running())
+      return refuse_upgrade("one is already running (new master pid " +
+                            std::to_string(successor_.pid()) + ")");
     if (!bound_) return refuse_upgrade("the master is not serving yet");
     std::vector<detail::InheritedSocket> sockets;
     if constexpr (WantsReusePort<Balance>) {
@@ -348,71 +349,20 @@ class Master {
     }
     for (auto& spec : opts_.listen)
       if (!detail::encodable(spec)) return refuse_upgrade("a listen address holds a newline");
-    int p[2];
-    if (::pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0)
-      return refuse_upgrade(std::string("pipe: ") + std::strerror(errno));
-    UniqueFd ready_read(p[0]), ready_write(p[1]);
-
-    // Prepared before fork(): after it, the child only calls async-signal-safe functions.
-    std::vector<std::string> env_store = environment_without_markers();
-    env_store.push_back(std::string(detail::kUpgradeEnv) + "=" +
-                        detail::encode_upgrade(::getpid(), ready_write.get(), sockets));
-    std::vector<char*> argv, envp;
-    for (auto& a : master_argv_) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    for (auto& e : env_store) envp.push_back(e.data());
-    envp.push_back(nullptr);
-    std::vector<int> keep{ready_write.get()};
-    for (auto& s : sockets) keep.push_back(s.fd);
-    std::vector<int> close_fds{ready_read.get()};
-    for (int fd : master_only_fds())
-      if (std::find(keep.begin(), keep.end(), fd) == keep.end()) close_fds.push_back(fd);
-
-    pid_t pid;
-    {
-      detail::SignalBlock block;
-      std::fflush(nullptr);
-      pid = ::fork();
-      if (pid == 0) {
-        detail::reset_signals_in_child();
-        for (int fd : close_fds) ::close(fd);
-        for (int fd : keep)
-          if (!detail::keep_across_exec(fd)) ::_exit(127);
-        ::execve(master_path_.c_str(), argv.data(), envp.data());
-        char msg[256];
-        std::snprintf(msg, sizeof msg, "upgrade: execve %s failed: %s", master_path_.c_str(),
-                      std::strerror(errno));
-        detail::child_error(msg);
-        ::_exit(127);
-      }
-    }
-    if (pid < 0) return refuse_upgrade(std::string("fork: ") + std::strerror(errno));
-    ready_write.reset();
-    UniqueFd pidfd(detail::pidfd_open(pid));
-    if (!pidfd) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-      return refuse_upgrade(std::string("pidfd_open: ") + std::strerror(errno));
-    }
-    upgrade_.active = true;
-    upgrade_.pid = pid;
-    upgrade_.pidfd = std::move(pidfd);
-    upgrade_.ready = std::move(ready_read);
-    loop_.watch(upgrade_.pidfd.get(), EventLoop::readable,
-                [this](std::uint32_t) { on_new_master_exit(); }, false);
-    loop_.watch(upgrade_.ready.get(), EventLoop::readable,
-                [this](std::uint32_t) { on_new_master_ready(); }, false);
-    upgrade_.timer = loop_.after(opts_.upgrade_timeout, [this] {
-      upgrade_.timer = 0;
-      upgrade_failed("the new master (pid " + std::to_string(upgrade_.pid) +
-                         ") was not ready after " + std::to_string(opts_.upgrade_timeout.count()) +
-                         " ms (upgrade_timeout); killed it",
-                     SIGKILL);
-    }, false);
-    log("upgrade: started new master pid " + std::to_string(pid) + " (" + master_path_ + ")");
+    std::string error = successor_.start(
+        master_path_, master_argv_, environment_without_markers(), sockets, master_only_fds(),
+        opts_.upgrade_timeout, [this] { upgrade_succeeded(); },
+        [this](const std::string& why) {
+          log("upgrade failed: " + why +
+              (shutting_down_ ? std::string() : "; this master keeps serving"));
+          if (on_upgrade_done_) on_upgrade_done_(UpgradeReport{false, successor_.pid(), why});
+        });
+    if (!error.empty()) return refuse_upgrade(error);
+    log("upgrade: started new master pid " + std::to_string(successor_.pid()) + " (" +
+        master_path_ + ")");
     return true;
   }
-  bool upgrading() const noexcept { return upgrade_.active; }
+  bool upgrading() const noexcept { return successor_.waiting(); }
   /// In a master started by an upgrade: the pid of the master it replaces; 0 otherwise.
   pid_t upgraded_from() const noexcept { return upgrade_boot_ ? upgrade_boot_->old_master : 0; }
 
@@ -513,8 +463,7 @@ class Master {
       for (auto& l : set) fds.push_back(l.get());
     for (auto& h : pending_) fds.push_back(h.fd.get());
     if (upgrade_boot_ && upgrade_boot_->notify) fds.push_back(upgrade_boot_->notify.get());
-    if (upgrade_.pidfd) fds.push_back(upgrade_.pidfd.get());
-    if (upgrade_.ready) fds.push_back(upgrade_.ready.get());
+    successor_.descriptors(fds);
     for (auto& [id, w] : workers_) {
       for (auto& h : w->in_flight_) fds.push_back(h.fd.get());
       if (w->channel_ && w->channel_->is_open()) fds.push_back(w->channel_->native_handle());
@@ -1068,66 +1017,13 @@ class Master {
     return false;
   }
 
-  // Old master: the new master wrote "ready" (or closed the pipe, which its exit explains).
-  void on_new_master_ready() {
-    char buf[64];
-    ssize_t n = detail::retry_eintr([&] { return ::read(upgrade_.ready.get(), buf, sizeof buf); });
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
-    loop_.unwatch(upgrade_.ready.get());
-    upgrade_.ready.reset();
-    if (n <= 0 || std::string_view(buf, static_cast<std::size_t>(n)).find("ready") ==
-                      std::string_view::npos)
-      return;  // the pidfd reports the exit
-    if (!upgrade_.active) return;
-    upgrade_.active = false;
-    if (upgrade_.timer) loop_.cancel(upgrade_.timer);
-    upgrade_.timer = 0;
+  void upgrade_succeeded() {
     handed_over_ = true;
-    log("upgrade: new master pid " + std::to_string(upgrade_.pid) +
+    log("upgrade: new master pid " + std::to_string(successor_.pid()) +
         " is serving; this master shuts down");
-    if (on_upgrade_done_) on_upgrade_done_(UpgradeReport{true, upgrade_.pid, {}});
+    if (on_upgrade_done_) on_upgrade_done_(UpgradeReport{true, successor_.pid(), {}});
     shutdown();
   }
-
-  void on_new_master_exit() {
-    detail::Reaped r = detail::reap(upgrade_.pidfd.get());
-    if (!r.done) return;
-    loop_.unwatch(upgrade_.pidfd.get());
-    upgrade_.pidfd.reset();
-    std::string how = r.signal ? "was killed by signal " + std::to_string(r.signal)
-                               : "exited with code " + std::to_string(r.exit_code);
-    if (upgrade_.active) {
-      upgrade_failed("the new master (pid " + std::to_string(upgrade_.pid) + ") " + how +
-                         " before it was ready",
-                     0);
-    } else if (!handed_over_) {
-      log("upgrade: the stopped new master (pid " + std::to_string(upgrade_.pid) + ") " + how);
-    }
-  }
-
-  // The upgrade failed: this master keeps serving. `sig` (if any) goes to the new master,
-  // whose pidfd stays watched until it is reaped.
-  void upgrade_failed(const std::string& why, int sig) {
-    if (!upgrade_.active) return;
-    upgrade_.active = false;
-    if (upgrade_.timer) loop_.cancel(upgrade_.timer);
-    upgrade_.timer = 0;
-    if (upgrade_.ready) {
-      loop_.unwatch(upgrade_.ready.get());
-      upgrade_.ready.reset();
-    }
-    if (sig && upgrade_.pidfd) detail::pidfd_send_signal(upgrade_.pidfd.get(), sig);
-    log("upgrade failed: " + why + "; this master keeps serving");
-    if (on_upgrade_done_) on_upgrade_done_(UpgradeReport{false, upgrade_.pid, why});
-  }
-
-  struct UpgradeState {
-    bool active = false;  // waiting for the new master to be ready
-    pid_t pid = -1;
-    UniqueFd pidfd;       // until the new master is reaped (or this master has handed over)
-    UniqueFd ready;       // the read end of the new master's "ready" pipe
-    EventLoop::TimerId timer = 0;
-  };
 
   Options opts_;
   [[no_unique_address]] Restart restart_;
@@ -1139,9 +1035,9 @@ class Master {
   std::vector<std::string> master_argv_;  // what an upgrade executes
   std::string master_path_;
   std::optional<detail::UpgradeBoot> upgrade_boot_;  // set in a master started by an upgrade
-  UpgradeState upgrade_;
   bool handed_over_ = false;  // an upgrade succeeded: the new master owns the sockets
   EventLoop loop_;
+  detail::Successor successor_{loop_};  // after loop_: it unwatches on destruction
   std::vector<UniqueFd> listeners_;
   std::vector<std::string> addresses_;
   bool bound_ = false;

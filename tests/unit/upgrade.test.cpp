@@ -6,8 +6,11 @@
 
 #include <fcntl.h>
 #include <sys/socket.h>
+#include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <string>
@@ -134,4 +137,125 @@ TEST_CASE("A listen spec with a newline cannot be encoded", "[upgrade]") {
   CHECK(prefork::detail::encodable("unix:/tmp/a b"));
   CHECK_FALSE(prefork::detail::encodable("unix:/tmp/a\nb"));
   CHECK_FALSE(prefork::detail::encodable(std::string("unix:/tmp/a\0b", 13)));
+}
+
+namespace {
+
+using prefork::detail::Successor;
+using namespace std::chrono_literals;
+
+// Runs `loop` until `done` or 10 s have passed.
+void run_until(prefork::EventLoop& loop, const bool& done) {
+  auto deadline = prefork::Clock::now() + 10s;
+  while (!done && prefork::Clock::now() < deadline) loop.run_once(100);
+}
+
+// The notify descriptor, from the first line of PREFORK_UPGRADE ("<pid> <fd>"), in sh.
+constexpr const char* kNotifyFd = "fd=${PREFORK_UPGRADE#* }; fd=${fd%%[!0-9]*}; ";
+
+struct Outcome {
+  bool done = false, ready = false;
+  std::string why;
+};
+
+std::string start_sh(Successor& s, const std::string& script, Outcome& out,
+                     const std::vector<InheritedSocket>& sockets = {},
+                     const std::vector<int>& close_in_child = {},
+                     prefork::Clock::duration timeout = 10s) {
+  return s.start("/bin/sh", {"sh", "-c", script}, {"PATH=/usr/bin:/bin"}, sockets, close_in_child,
+                 timeout,
+                 [&out] { out.done = out.ready = true; },
+                 [&out](const std::string& why) {
+                   out.done = true;
+                   out.why = why;
+                 });
+}
+
+}  // namespace
+
+TEST_CASE("Successor reports ready when the new master writes ready on its pipe", "[upgrade]") {
+  FdLeakCheck leaks;
+  prefork::EventLoop loop;
+  UniqueFd tcp = prefork::detail::listen_on("127.0.0.1:0", 16);
+  UniqueFd secret = prefork::detail::listen_on("127.0.0.1:0", 16);  // must not reach the child
+  Outcome out;
+  {
+    Successor s(loop);
+    // The child checks that it holds the socket it was given and not the one it was not.
+    std::string script = std::string(kNotifyFd) + "test -e /proc/$$/fd/" +
+                         std::to_string(tcp.get()) + " || exit 4; test -e /proc/$$/fd/" +
+                         std::to_string(secret.get()) + " && exit 5; echo ready >&$fd; exec sleep 30";
+    REQUIRE(start_sh(s, script, out, {{tcp.get(), -1, "127.0.0.1:0"}}, {secret.get()}) == "");
+    CHECK(s.waiting());
+    CHECK(s.running());
+    run_until(loop, out.done);
+    CHECK(out.ready);
+    CHECK(out.why.empty());
+    CHECK_FALSE(s.waiting());
+    REQUIRE(s.running());
+    ::kill(s.pid(), SIGKILL);  // the test's stand-in for a new master that outlives us
+    auto deadline = prefork::Clock::now() + 10s;
+    while (s.running() && prefork::Clock::now() < deadline) loop.run_once(100);
+    CHECK_FALSE(s.running());  // reaped through its pidfd, with no second callback
+  }
+}
+
+TEST_CASE("Successor reports a new master that exits before it is ready with its exit code",
+          "[upgrade]") {
+  FdLeakCheck leaks;
+  prefork::EventLoop loop;
+  Successor s(loop);
+  Outcome out;
+  REQUIRE(start_sh(s, "exit 3", out) == "");
+  run_until(loop, out.done);
+  CHECK_FALSE(out.ready);
+  CHECK(out.why.find("exited with code 3 before it was ready") != std::string::npos);
+  CHECK_FALSE(s.running());
+}
+
+TEST_CASE("Successor kills a new master that is not ready by the deadline and reaps it",
+          "[upgrade]") {
+  FdLeakCheck leaks;
+  prefork::EventLoop loop;
+  Successor s(loop);
+  Outcome out;
+  REQUIRE(start_sh(s, "exec sleep 30", out, {}, {}, 200ms) == "");
+  pid_t pid = s.pid();
+  run_until(loop, out.done);
+  CHECK_FALSE(out.ready);
+  CHECK(out.why.find("was not ready after 200 ms") != std::string::npos);
+  auto deadline = prefork::Clock::now() + 10s;
+  while (s.running() && prefork::Clock::now() < deadline) loop.run_once(100);
+  CHECK_FALSE(s.running());
+  CHECK((::kill(pid, 0) == -1 && errno == ESRCH));
+}
+
+TEST_CASE("Successor refuses a second start while the first new master runs", "[upgrade]") {
+  FdLeakCheck leaks;
+  prefork::EventLoop loop;
+  Successor s(loop);
+  Outcome first, second;
+  REQUIRE(start_sh(s, "exec sleep 30", first) == "");
+  CHECK(start_sh(s, "exit 0", second).find("still running") != std::string::npos);
+  s.fail("test over", SIGKILL);
+  CHECK(first.done);
+  CHECK(first.why == "test over");
+  CHECK_FALSE(second.done);
+  auto deadline = prefork::Clock::now() + 10s;
+  while (s.running() && prefork::Clock::now() < deadline) loop.run_once(100);
+  CHECK_FALSE(s.running());
+}
+
+TEST_CASE("Successor reports a program that cannot be executed as exit code 127", "[upgrade]") {
+  FdLeakCheck leaks;
+  prefork::EventLoop loop;
+  Successor s(loop);
+  Outcome out;
+  REQUIRE(s.start("/nonexistent/prefork-new-master", {"x"}, {}, {}, {}, 10s, [&] { out.done = out.ready = true; },
+                  [&](const std::string& why) {
+                    out.done = true;
+                    out.why = why;
+                  }) == "");
+  run_until(loop, out.done);
+  CHECK(out.why.find("exited with code 127") != std::string::npos);
 }

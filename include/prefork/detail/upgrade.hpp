@@ -1,5 +1,6 @@
 // Master upgrade hand-over: what an old master tells the new master it exec's, in one
-// environment variable, and how the new master takes it back. The listening sockets themselves
+// environment variable, and how the new master takes it back; and Successor, the old master's
+// watch over the new master until it is ready or has failed. The listening sockets themselves
 // cross execve as inherited descriptors; the variable says which descriptor is which.
 //
 //   PREFORK_UPGRADE=<old master pid> <notify fd>\n<fd> <slot> <listen spec>\n...
@@ -15,15 +16,22 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <charconv>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <prefork/detail/process.hpp>
 #include <prefork/detail/unique_fd.hpp>
+#include <prefork/event_loop.hpp>
 
 namespace prefork::detail {
 
@@ -125,6 +133,172 @@ inline std::optional<UpgradeBoot> take_upgrade_boot(std::string& error) {
   ::unsetenv(kUpgradeEnv);
   return parse_upgrade(value, error);
 }
+
+/// The old master's side of an upgrade: the new master it forked and exec'd, watched on the old
+/// master's loop through a pidfd and the read end of a "ready" pipe, with a deadline. Exactly
+/// one of on_ready / on_fail is called per start(); the process stays watched until it is
+/// reaped (or release() after success: the new master outlives the old one). Master process.
+class Successor {
+ public:
+  using ReadyFn = std::function<void()>;
+  using FailFn = std::function<void(const std::string& why)>;
+
+  explicit Successor(EventLoop& loop) noexcept : loop_(loop) {}
+  Successor(const Successor&) = delete;
+  Successor& operator=(const Successor&) = delete;
+  ~Successor() { reset(); }
+
+  /// Forks and execs `path` with `argv`, and `env` plus PREFORK_UPGRADE naming `sockets` and the
+  /// ready pipe; the child keeps exactly those descriptors of ours open, closes `close_in_child`,
+  /// and starts with default signal dispositions and an empty mask. Returns an empty string, or
+  /// why nothing was started (nothing is left running then).
+  std::string start(const std::string& path, const std::vector<std::string>& argv,
+                    std::vector<std::string> env, const std::vector<InheritedSocket>& sockets,
+                    const std::vector<int>& close_in_child, Clock::duration timeout,
+                    ReadyFn on_ready, FailFn on_fail) {
+    if (pidfd_) return "a new master (pid " + std::to_string(pid_) + ") is still running";
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) return std::string("pipe: ") + std::strerror(errno);
+    UniqueFd ready_read(p[0]), ready_write(p[1]);
+
+    // Prepared before fork(): after it, the child only calls async-signal-safe functions.
+    env.push_back(std::string(kUpgradeEnv) + "=" +
+                  encode_upgrade(::getpid(), ready_write.get(), sockets));
+    std::vector<char*> args, envp;
+    for (auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    for (auto& e : env) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    std::vector<int> keep{ready_write.get()};
+    for (auto& s : sockets) keep.push_back(s.fd);
+    std::vector<int> close_fds{ready_read.get()};
+    for (int fd : close_in_child)
+      if (std::find(keep.begin(), keep.end(), fd) == keep.end()) close_fds.push_back(fd);
+
+    pid_t pid;
+    {
+      SignalBlock block;
+      std::fflush(nullptr);
+      pid = ::fork();
+      if (pid == 0) exec_child(path, args, envp, keep, close_fds);
+    }
+    if (pid < 0) return std::string("fork: ") + std::strerror(errno);
+    ready_write.reset();
+    UniqueFd pidfd(pidfd_open(pid));
+    if (!pidfd) {
+      std::string why = std::string("pidfd_open: ") + std::strerror(errno);
+      ::kill(pid, SIGKILL);
+      retry_eintr([&] { return ::waitpid(pid, nullptr, 0); });
+      return why;
+    }
+    pid_ = pid;
+    pidfd_ = std::move(pidfd);
+    ready_ = std::move(ready_read);
+    waiting_ = true;
+    on_ready_ = std::move(on_ready);
+    on_fail_ = std::move(on_fail);
+    loop_.watch(pidfd_.get(), EventLoop::readable, [this](std::uint32_t) { on_exit(); }, false);
+    loop_.watch(ready_.get(), EventLoop::readable, [this](std::uint32_t) { on_readable(); }, false);
+    auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count();
+    timer_ = loop_.after(timeout, [this, ms] {
+      timer_ = 0;
+      fail("the new master (pid " + std::to_string(pid_) + ") was not ready after " +
+               std::to_string(ms) + " ms (upgrade_timeout); killed it",
+           SIGKILL);
+    }, false);
+    return {};
+  }
+
+  /// Started, and neither ready nor failed yet.
+  bool waiting() const noexcept { return waiting_; }
+  /// Started and not reaped yet (a second upgrade must wait for it).
+  bool running() const noexcept { return static_cast<bool>(pidfd_); }
+  pid_t pid() const noexcept { return pid_; }
+
+  /// Gives up while waiting: on_fail(why), and `sig` (0: none) to the new master, which stays
+  /// watched until it is reaped.
+  void fail(const std::string& why, int sig) {
+    if (!waiting_) return;
+    stop_waiting();
+    if (sig && pidfd_) pidfd_send_signal(pidfd_.get(), sig);
+    if (auto cb = std::exchange(on_fail_, nullptr)) cb(why);
+  }
+
+  /// The descriptors a child of the old master must not inherit.
+  void descriptors(std::vector<int>& out) const {
+    if (pidfd_) out.push_back(pidfd_.get());
+    if (ready_) out.push_back(ready_.get());
+  }
+
+ private:
+  [[noreturn]] static void exec_child(const std::string& path, std::vector<char*>& args,
+                                      std::vector<char*>& envp, const std::vector<int>& keep,
+                                      const std::vector<int>& close_fds) noexcept {
+    reset_signals_in_child();
+    for (int fd : close_fds) ::close(fd);
+    for (int fd : keep)
+      if (!keep_across_exec(fd)) ::_exit(127);
+    ::execve(path.c_str(), args.data(), envp.data());
+    char msg[256];
+    std::snprintf(msg, sizeof msg, "upgrade: execve %s failed: %s", path.c_str(),
+                  std::strerror(errno));
+    child_error(msg);
+    ::_exit(127);
+  }
+
+  void stop_waiting() {
+    waiting_ = false;
+    if (timer_) loop_.cancel(timer_);
+    timer_ = 0;
+    if (ready_) {
+      loop_.unwatch(ready_.get());
+      ready_.reset();
+    }
+  }
+
+  // "ready" from the new master; EOF without it means it is exiting, which its pidfd reports.
+  void on_readable() {
+    char buf[64];
+    ssize_t n = retry_eintr([&] { return ::read(ready_.get(), buf, sizeof buf); });
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    bool ready = n > 0 && std::string_view(buf, static_cast<std::size_t>(n)).find("ready") !=
+                              std::string_view::npos;
+    loop_.unwatch(ready_.get());
+    ready_.reset();
+    if (!ready || !waiting_) return;
+    stop_waiting();
+    on_fail_ = nullptr;
+    if (auto cb = std::exchange(on_ready_, nullptr)) cb();
+  }
+
+  void on_exit() {
+    Reaped r = reap(pidfd_.get());
+    if (!r.done) return;
+    loop_.unwatch(pidfd_.get());
+    pidfd_.reset();
+    std::string how = r.signal ? "was killed by signal " + std::to_string(r.signal)
+                               : "exited with code " + std::to_string(r.exit_code);
+    fail("the new master (pid " + std::to_string(pid_) + ") " + how + " before it was ready", 0);
+  }
+
+  void reset() noexcept {
+    if (timer_) loop_.cancel(timer_);
+    timer_ = 0;
+    if (ready_) loop_.unwatch(ready_.get());
+    if (pidfd_) loop_.unwatch(pidfd_.get());
+    ready_.reset();
+    pidfd_.reset();
+  }
+
+  EventLoop& loop_;
+  pid_t pid_ = -1;
+  UniqueFd pidfd_;
+  UniqueFd ready_;
+  EventLoop::TimerId timer_ = 0;
+  bool waiting_ = false;
+  ReadyFn on_ready_;
+  FailFn on_fail_;
+};
 
 }  // namespace prefork::detail
 
