@@ -27,8 +27,10 @@ inline const std::string kHello = PREFORK_EXAMPLES_DIR "/hello";
 /// destruction if the test did not wait for it.
 class HelloProcess {
  public:
-  explicit HelloProcess(const std::vector<std::string>& args) {
-    std::vector<std::string> argv_store{kHello};
+  explicit HelloProcess(const std::vector<std::string>& args) : HelloProcess(kHello, args) {}
+  /// hello from another path (a copy of kHello that a test replaces, as a deployment does).
+  HelloProcess(const std::string& program, const std::vector<std::string>& args) {
+    std::vector<std::string> argv_store{program};
     argv_store.insert(argv_store.end(), args.begin(), args.end());
     std::vector<char*> argv;
     for (auto& a : argv_store) argv.push_back(a.data());
@@ -37,7 +39,7 @@ class HelloProcess {
     posix_spawn_file_actions_init(&actions);
     posix_spawn_file_actions_adddup2(&actions, out_.write, 1);
     posix_spawn_file_actions_adddup2(&actions, err_.write, 2);
-    int rc = ::posix_spawn(&pid_, kHello.c_str(), &actions, nullptr, argv.data(), environ);
+    int rc = ::posix_spawn(&pid_, program.c_str(), &actions, nullptr, argv.data(), environ);
     posix_spawn_file_actions_destroy(&actions);
     out_.close_write();
     err_.close_write();
