@@ -497,8 +497,8 @@ class Master {
       for (auto& a : exec_argv_) argv.push_back(const_cast<char*>(a.c_str()));
       argv.push_back(nullptr);
       env_store = environment_without_markers();
-      env_store.push_back(std::string(detail::kWorkerEnv) + "=" + std::to_string(id) + "," + std::to_string(slot) + "," +
-                          std::to_string(theirs.get()) + "," +
+      env_store.push_back(std::string(detail::kWorkerEnv) + "=" + std::to_string(id) + "," +
+                          std::to_string(slot) + "," + std::to_string(theirs.get()) + "," +
                           std::to_string(opts_.max_message_size) + "," +
                           std::to_string(opts_.max_queued_bytes));
       for (auto& e : env_store) envp.push_back(e.data());
