@@ -11,12 +11,10 @@
 // blocking sockets whose every step times out, so it never stalls a master's loop.
 #include <catch2/catch.hpp>
 
-#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -26,11 +24,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
-#include <functional>
 #include <map>
 #include <optional>
 #include <set>
-#include <sstream>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -40,6 +36,7 @@
 #include "harness.hpp"
 #include "hello_process.hpp"
 #include "http_client.hpp"
+#include "remote_master.hpp"
 
 using namespace prefork_test;
 using prefork::ExitInfo;
@@ -86,239 +83,6 @@ Served served_by(const HttpResult& r) {
   return s;
 }
 
-std::vector<std::string> words(std::string_view line) {
-  std::vector<std::string> v;
-  std::istringstream in{std::string(line)};
-  std::string w;
-  while (in >> w) v.push_back(w);
-  return v;
-}
-
-/// "listening <id> <slot> <pid> <address>...", as RemoteMaster reports it.
-struct Listening {
-  unsigned id = 0;
-  std::size_t slot = 0;
-  pid_t pid = -1;
-  std::vector<std::string> addresses;
-};
-
-std::optional<Listening> parse_listening(const std::string& line) {
-  auto w = words(line);
-  if (w.size() < 4 || w[0] != "listening") return std::nullopt;
-  Listening l;
-  l.id = static_cast<unsigned>(std::stoul(w[1]));
-  l.slot = std::stoul(w[2]);
-  l.pid = static_cast<pid_t>(std::stol(w[3]));
-  l.addresses.assign(w.begin() + 4, w.end());
-  return l;
-}
-
-/// Empties its fd table up to a lowered RLIMIT_NOFILE, so that the next descriptor this
-/// process asks for (accept4 included) fails with EMFILE; release() undoes it.
-struct DescriptorFiller {
-  rlimit saved{};
-  std::vector<int> fillers;
-  bool limited = false;
-  int last_errno = 0;
-
-  std::size_t fill() {
-    if (::getrlimit(RLIMIT_NOFILE, &saved) != 0) return 0;
-    std::vector<int> fds = open_fds();  // opendir needs a descriptor: before the limit
-    int top = fds.empty() ? 2 : *std::max_element(fds.begin(), fds.end());
-    // Room for one more than the highest open descriptor: with no gaps below it (as under
-    // meson test) a limit of top + 1 would leave nothing to fill.
-    rlimit low{static_cast<rlim_t>(top + 2), saved.rlim_max};
-    if (::setrlimit(RLIMIT_NOFILE, &low) != 0) return 0;
-    limited = true;
-    for (;;) {
-      int d = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-      if (d < 0) {
-        last_errno = errno;
-        break;
-      }
-      fillers.push_back(d);
-    }
-    return fillers.size();
-  }
-
-  void release() {
-    for (int fd : fillers) ::close(fd);
-    fillers.clear();
-    if (limited) ::setrlimit(RLIMIT_NOFILE, &saved);
-    limited = false;
-  }
-};
-
-/// A cluster whose master runs in a harness child. It reports, one line each:
-///   "fork <id> <slot> <pid>"    "listening <id> <slot> <pid> <address>..." (the addresses
-///   "exit <id> <slot> <pid> <exit code> <signal>"     on_listening's second argument gets)
-///   "message <id> <text>"       "log <library diagnostic>"
-/// and takes commands: "send <id> <text>", "kill <id>" (Worker::kill: a planned stop), "sync"
-/// (answers "synced" after everything before it), "fds" ("fds <open descriptors>"), "limit"
-/// ("limited <fillers> <errno text>": the next descriptor fails with EMFILE), "unlimit"
-/// ("unlimited"), "wait <ms>" ("waited", that much later on the master's clock), "shutdown".
-/// EOF on the command pipe (the test process died) shuts down fast.
-template <class Server, class Balance, class Restart = prefork::Backoff<prefork::RestartOnCrash>>
-class RemoteMaster {
- public:
-  using ClusterT = prefork::Cluster<Server, Balance, Restart>;
-
-  explicit RemoteMaster(Options opts, Restart restart = {}) {
-    pid_ = fork_harness([&] { return run_child(std::move(opts), std::move(restart)); });
-    commands_.close_read();
-    reports_.close_write();
-  }
-  RemoteMaster(const RemoteMaster&) = delete;
-  RemoteMaster& operator=(const RemoteMaster&) = delete;
-  ~RemoteMaster() {
-    if (pid_ > 0 && !status_) kill_and_reap(pid_);
-  }
-
-  pid_t pid() const noexcept { return pid_; }
-  const std::string& transcript() const noexcept { return reader_.transcript(); }
-
-  void command(const std::string& c) { write_all(commands_.write, c + "\n"); }
-
-  /// The next report starting with prefix (earlier ones are skipped); fails the test case,
-  /// with what the master said, at the deadline.
-  std::string expect(std::string_view prefix) {
-    auto line = reader_.next_starting_with(prefix, Clock::now() + kDeadline);
-    if (!line) FAIL("no '" << prefix << "' report in time; the master said:\n" << transcript());
-    return *line;
-  }
-
-  /// Every report up to and including the next one starting with prefix.
-  std::vector<std::string> expect_all_until(std::string_view prefix) {
-    std::vector<std::string> lines;
-    const auto deadline = Clock::now() + kDeadline;
-    while (auto line = reader_.next(deadline)) {
-      lines.push_back(*line);
-      if (line->starts_with(prefix)) return lines;
-    }
-    FAIL("no '" << prefix << "' report in time; the master said:\n" << transcript());
-    return lines;
-  }
-
-  /// A report line that has already arrived, without waiting.
-  std::optional<std::string> arrived() { return reader_.next(Clock::now()); }
-
-  /// The next n 'listening' reports, by slot.
-  std::vector<Listening> expect_listening(std::size_t n) {
-    std::vector<Listening> v;
-    for (std::size_t i = 0; i < n; ++i) {
-      auto l = parse_listening(expect("listening "));
-      REQUIRE(l.has_value());
-      v.push_back(*l);
-    }
-    std::sort(v.begin(), v.end(), [](auto& a, auto& b) { return a.slot < b.slot; });
-    return v;
-  }
-
-  /// Waits until the master has handled every command and event that came before.
-  void sync() {
-    command("sync");
-    expect("synced");
-  }
-
-  std::size_t master_fds() {
-    command("fds");
-    return static_cast<std::size_t>(number_after(expect("fds "), "fds "));
-  }
-
-  /// Graceful shutdown; the master process's wait status (nullopt: it had to be killed).
-  std::optional<int> finish() {
-    command("shutdown");
-    status_ = wait_child(pid_, Clock::now() + kDeadline);
-    if (!status_) {
-      kill_and_reap(pid_);
-      status_ = -1;
-      return std::nullopt;
-    }
-    return status_;
-  }
-
- private:
-  int run_child(Options opts, Restart restart) {
-    commands_.close_write();
-    reports_.close_read();
-    const int out = reports_.write;
-    auto say = [out](const std::string& line) { write_all(out, line + "\n"); };
-    opts.log = [say](std::string_view m) { say("log " + std::string(m)); };
-    opts.handle_signals = false;
-    ClusterT cluster(std::move(opts), std::move(restart));
-    auto& m = cluster.master();
-    auto who = [](WorkerT& w) {
-      return std::to_string(w.id()) + " " + std::to_string(w.slot()) + " " +
-             std::to_string(w.pid());
-    };
-    m.on_fork([&](WorkerT& w) { say("fork " + who(w)); });
-    m.on_listening([&](WorkerT& w, const std::vector<std::string>& addresses) {
-      std::string line = "listening " + who(w);
-      for (auto& a : addresses) line += " " + a;
-      say(line);
-    });
-    m.on_exit([&](WorkerT& w, const ExitInfo& e) {
-      say("exit " + who(w) + " " + std::to_string(e.exit_code) + " " + std::to_string(e.signal));
-    });
-    m.on_message([&](WorkerT& w, const std::string& text) {
-      say("message " + std::to_string(w.id()) + " " + text);
-    });
-
-    DescriptorFiller filler;
-    auto handle = [&](const std::string& c) {
-      auto w = words(c);
-      if (w.empty()) return;
-      if (w[0] == "sync") {
-        m.loop().post([&] { say("synced"); });
-      } else if (w[0] == "kill" && w.size() == 2) {
-        if (auto* x = m.worker(static_cast<unsigned>(std::stoul(w[1])))) x->kill();
-      } else if (w[0] == "send" && w.size() == 3) {
-        cluster.send(static_cast<unsigned>(std::stoul(w[1])), w[2]);
-      } else if (w[0] == "fds") {
-        say("fds " + std::to_string(count_open_fds()));
-      } else if (w[0] == "limit") {
-        std::size_t n = filler.fill();
-        say("limited " + std::to_string(n) + " " + std::strerror(filler.last_errno));
-      } else if (w[0] == "unlimit") {
-        filler.release();
-        say("unlimited");
-      } else if (w[0] == "wait" && w.size() == 2) {
-        cluster.after(std::chrono::milliseconds(std::stol(w[1])), [&] { say("waited"); });
-      } else if (w[0] == "shutdown") {
-        cluster.shutdown();
-      } else {
-        say("unknown command " + c);
-      }
-    };
-    std::string pending;
-    const int in = commands_.read;
-    m.loop().watch(in, prefork::EventLoop::readable, [&](std::uint32_t) {
-      char buf[512];
-      ssize_t n = ::read(in, buf, sizeof buf);
-      if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
-      if (n <= 0) {
-        m.loop().unwatch(in);
-        cluster.shutdown(true);
-        return;
-      }
-      pending.append(buf, static_cast<std::size_t>(n));
-      for (auto nl = pending.find('\n'); nl != std::string::npos; nl = pending.find('\n')) {
-        std::string line = pending.substr(0, nl);
-        pending.erase(0, nl + 1);
-        handle(line);
-      }
-    }, false);
-    int rc = cluster.run();
-    filler.release();
-    return rc;
-  }
-
-  Pipe commands_, reports_;
-  LineReader reader_{reports_.read};
-  pid_t pid_ = -1;
-  std::optional<int> status_;
-};
-
 /// Waits for every client's answer at once, up to one deadline for all of them: a client
 /// whose answer never comes costs the test one deadline, not one each.
 std::vector<HttpResult> receive_all(std::vector<HttpClient>& clients, Clock::time_point deadline) {
@@ -348,7 +112,7 @@ std::vector<HttpResult> receive_all(std::vector<HttpClient>& clients, Clock::tim
 }
 
 Options listening_on(unsigned workers, std::vector<std::string> listen = {"127.0.0.1:0"}) {
-  return Options{.workers = workers, .listen = std::move(listen)};
+  return Options{.workers = workers, .listen = std::move(listen), .handle_signals = false};
 }
 
 bool exited_zero(const std::optional<int>& status) {
@@ -570,11 +334,11 @@ TEST_CASE("IpHash sends every connection from one address to its slot and then t
   }
 
   REQUIRE(::kill(first, SIGKILL) == 0);
-  auto exit = words(master.expect("exit "));
-  REQUIRE(exit.size() == 6);
-  CHECK(exit[2] == std::to_string(home));
-  CHECK(exit[3] == std::to_string(first));
-  CHECK(exit[5] == std::to_string(SIGKILL));
+  auto exit = parse_exit(master.expect("exit "));
+  REQUIRE(exit.has_value());
+  CHECK(exit->slot == static_cast<std::size_t>(home));
+  CHECK(exit->pid == first);
+  CHECK(exit->signal == SIGKILL);
   std::vector<Listening> replacement = master.expect_listening(1);
   REQUIRE(replacement[0].slot == static_cast<std::size_t>(home));
   const pid_t second = replacement[0].pid;
@@ -627,8 +391,7 @@ TEST_CASE("Connections handed to a stuck worker are answered by another worker o
     CHECK(s.pid != stuck.pid);
     answered_by.insert(s.pid);
   }
-  auto exit = words(master.expect("exit " + std::to_string(stuck.id) + " "));
-  CHECK(exit.back() == std::to_string(SIGKILL));
+  CHECK(master.expect_exit(stuck.id).signal == SIGKILL);
   if (workers == 1) CHECK(answered_by.size() == 1);  // the replacement, in slot 0
   CHECK(exited_zero(master.finish()));
 }

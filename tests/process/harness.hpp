@@ -284,6 +284,15 @@ inline long number_after(std::string_view text, std::string_view prefix, long fa
   return v;
 }
 
+/// The whitespace-separated words of line ("exit 3 1 42" -> {"exit", "3", "1", "42"}).
+inline std::vector<std::string> words(std::string_view line) {
+  std::vector<std::string> v;
+  std::istringstream in{std::string(line)};
+  std::string w;
+  while (in >> w) v.push_back(w);
+  return v;
+}
+
 /// A Server that does what the master tells it, for tests that steer workers by message:
 ///   "exit:N"     ctx.exit(N)             "_exit:N"    ::_exit(N), no flushing
 ///   "disconnect" ctx.disconnect()        "spin"       replies "spinning", then loops for ever

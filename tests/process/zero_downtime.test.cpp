@@ -8,7 +8,7 @@
 // fork-mode workers keep running the master's image.
 //
 // hello runs as a child of the test (posix_spawn), its stdout read line by line with deadlines.
-// Library-level clusters run their master in a harness child (RemoteCluster), steered by
+// Library-level clusters run their master in a harness child (RemoteMaster), steered by
 // commands on one pipe and reporting its events on another; the test process is only a client
 // (HttpLoad's client threads start after the last fork of the test process).
 #include <catch2/catch.hpp>
@@ -28,7 +28,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <map>
 #include <optional>
 #include <set>
@@ -42,6 +41,7 @@
 #include "harness.hpp"
 #include "hello_process.hpp"
 #include "http_client.hpp"
+#include "remote_master.hpp"
 
 using namespace prefork_test;
 using prefork::ExitInfo;
@@ -167,14 +167,6 @@ int next_read(int fd) {
   }
 }
 
-std::vector<std::string> words(std::string_view line) {
-  std::vector<std::string> v;
-  std::istringstream in{std::string(line)};
-  std::string w;
-  while (in >> w) v.push_back(w);
-  return v;
-}
-
 // ---------------------------------------------------------------------------------------------
 // A Server for library-level drain tests.
 
@@ -230,224 +222,6 @@ struct DrainServer : Puppet {
 
   std::string body_;
   http::Server http_;
-};
-
-/// "listening <id> <slot> <pid> <address>...", as RemoteCluster reports it.
-struct Listening {
-  unsigned id = 0;
-  std::size_t slot = 0;
-  pid_t pid = -1;
-  std::vector<std::string> addresses;
-};
-
-/// "exit <id> <slot> <pid> <exit code> <signal> <after disconnect 0|1> <reason...>".
-struct Exit {
-  unsigned id = 0;
-  pid_t pid = -1;
-  int code = 0;
-  int signal = 0;
-  bool after_disconnect = false;
-  std::string reason;
-};
-
-std::optional<Exit> parse_exit(const std::string& line) {
-  auto w = words(line);
-  if (w.size() < 7 || w[0] != "exit") return std::nullopt;
-  Exit e;
-  e.id = static_cast<unsigned>(std::stoul(w[1]));
-  e.pid = static_cast<pid_t>(std::stol(w[3]));
-  e.code = std::stoi(w[4]);
-  e.signal = std::stoi(w[5]);
-  e.after_disconnect = w[6] == "1";
-  for (std::size_t i = 7; i < w.size(); ++i) e.reason += (i > 7 ? " " : "") + w[i];
-  return e;
-}
-
-/// A cluster whose master runs in a harness child. It reports, one line each:
-///   "fork|online|disconnect <id> <slot> <pid>"   "listening <id> <slot> <pid> <address>..."
-///   "exit <id> <slot> <pid> <exit code> <signal> <after disconnect 0|1> <reason>"
-///   "message <id> <text>"   "reload-done <0|1>"   "log <library diagnostic>"
-///   and once run() has returned: "returned <rc> children <0|1>" (1: a child is left unreaped)
-/// and takes commands: "send <id> <text>", "disconnect <id>", "kill <id>", "reload [times]",
-/// "count" ("workers <n>"), "sync" ("synced" after everything before it), "wait <ms>"
-/// ("waited", that much later on the master's clock), "shutdown", "shutdown fast". EOF on the
-/// command pipe (the test process died) shuts down fast. `setup` may add callbacks (or replace
-/// these) in the master before run(); `extra` handles commands this class does not know.
-template <class Server, class Balance = prefork::RoundRobin,
-          class Restart = prefork::Backoff<prefork::RestartOnCrash>>
-class RemoteCluster {
- public:
-  using ClusterT = prefork::Cluster<Server, Balance, Restart>;
-  using Say = std::function<void(const std::string&)>;
-  using Setup = std::function<void(ClusterT&, const Say&)>;
-  using Extra = std::function<bool(ClusterT&, const std::vector<std::string>&, const Say&)>;
-
-  explicit RemoteCluster(Options opts, Setup setup = {}, Extra extra = {}) {
-    pid_ = fork_harness([&] { return run_child(std::move(opts), setup, extra); });
-    commands_.close_read();
-    reports_.close_write();
-  }
-  RemoteCluster(const RemoteCluster&) = delete;
-  RemoteCluster& operator=(const RemoteCluster&) = delete;
-  ~RemoteCluster() {
-    if (pid_ > 0 && !status_) kill_and_reap(pid_);
-  }
-
-  pid_t pid() const noexcept { return pid_; }
-  const std::string& transcript() const noexcept { return reader_.transcript(); }
-
-  void command(const std::string& c) { write_all(commands_.write, c + "\n"); }
-
-  /// The next report starting with prefix (earlier ones are skipped); fails the test case,
-  /// with what the master said, at the deadline.
-  std::string expect(std::string_view prefix) {
-    auto line = reader_.next_starting_with(prefix, Clock::now() + kDeadline);
-    if (!line) FAIL("no '" << prefix << "' report in time; the master said:\n" << transcript());
-    return *line;
-  }
-
-  /// Every report up to and including the next one starting with prefix.
-  std::vector<std::string> expect_all_until(std::string_view prefix) {
-    std::vector<std::string> lines;
-    const auto deadline = Clock::now() + kDeadline;
-    while (auto line = reader_.next(deadline)) {
-      lines.push_back(*line);
-      if (line->starts_with(prefix)) return lines;
-    }
-    FAIL("no '" << prefix << "' report in time; the master said:\n" << transcript());
-    return lines;
-  }
-
-  Exit expect_exit(unsigned id) {
-    auto e = parse_exit(expect("exit " + std::to_string(id) + " "));
-    REQUIRE(e.has_value());
-    return *e;
-  }
-
-  /// The next n 'listening' reports, by slot.
-  std::vector<Listening> expect_listening(std::size_t n) {
-    std::vector<Listening> v;
-    for (std::size_t i = 0; i < n; ++i) {
-      auto w = words(expect("listening "));
-      REQUIRE(w.size() >= 4);
-      Listening l;
-      l.id = static_cast<unsigned>(std::stoul(w[1]));
-      l.slot = std::stoul(w[2]);
-      l.pid = static_cast<pid_t>(std::stol(w[3]));
-      l.addresses.assign(w.begin() + 4, w.end());
-      v.push_back(l);
-    }
-    std::sort(v.begin(), v.end(), [](auto& a, auto& b) { return a.slot < b.slot; });
-    return v;
-  }
-
-  void sync() {
-    command("sync");
-    expect("synced");
-  }
-
-  /// The master process's wait status, waiting up to deadline (nullopt: still running).
-  std::optional<int> wait(Clock::time_point deadline) {
-    if (!status_) status_ = wait_child(pid_, deadline);
-    return status_;
-  }
-
-  /// Graceful shutdown; the master process's wait status (nullopt: it had to be killed).
-  std::optional<int> finish() {
-    command("shutdown");
-    if (wait(Clock::now() + kDeadline)) return status_;
-    kill_and_reap(pid_);
-    status_ = -1;
-    return std::nullopt;
-  }
-
- private:
-  int run_child(Options opts, const Setup& setup, const Extra& extra) {
-    commands_.close_write();
-    reports_.close_read();
-    const int out = reports_.write;
-    Say say = [out](const std::string& line) { write_all(out, line + "\n"); };
-    opts.log = [say](std::string_view m) { say("log " + std::string(m)); };
-    ClusterT cluster(std::move(opts));
-    auto& m = cluster.master();
-    auto who = [](WorkerT& w) {
-      return std::to_string(w.id()) + " " + std::to_string(w.slot()) + " " +
-             std::to_string(w.pid());
-    };
-    m.on_fork([&](WorkerT& w) { say("fork " + who(w)); });
-    m.on_online([&](WorkerT& w) { say("online " + who(w)); });
-    m.on_listening([&](WorkerT& w, const std::vector<std::string>& addresses) {
-      std::string line = "listening " + who(w);
-      for (auto& a : addresses) line += " " + a;
-      say(line);
-    });
-    m.on_disconnect([&](WorkerT& w) { say("disconnect " + who(w)); });
-    m.on_exit([&](WorkerT& w, const ExitInfo& e) {
-      say("exit " + who(w) + " " + std::to_string(e.exit_code) + " " + std::to_string(e.signal) +
-          " " + (e.exited_after_disconnect ? "1" : "0") + " " + e.reason);
-    });
-    m.on_message([&](WorkerT& w, const std::string& text) {
-      say("message " + std::to_string(w.id()) + " " + text);
-    });
-    cluster.on_reload_done([&](bool ok) { say(std::string("reload-done ") + (ok ? "1" : "0")); });
-    if (setup) setup(cluster, say);
-
-    auto handle = [&](const std::string& c) {
-      auto w = words(c);
-      if (w.empty()) return;
-      auto id = [&] { return static_cast<unsigned>(std::stoul(w.at(1))); };
-      if (w[0] == "sync") {
-        m.loop().post([&] { say("synced"); });
-      } else if (w[0] == "send" && w.size() >= 3) {
-        std::string text = w[2];
-        for (std::size_t i = 3; i < w.size(); ++i) text += " " + w[i];
-        cluster.send(id(), text);
-      } else if (w[0] == "disconnect" && w.size() == 2) {
-        if (auto* x = m.worker(id())) x->disconnect();
-      } else if (w[0] == "kill" && w.size() == 2) {
-        if (auto* x = m.worker(id())) x->kill();
-      } else if (w[0] == "reload") {
-        int times = w.size() == 2 ? std::stoi(w[1]) : 1;
-        for (int i = 0; i < times; ++i) cluster.reload();
-      } else if (w[0] == "count") {
-        say("workers " + std::to_string(cluster.workers().size()));
-      } else if (w[0] == "wait" && w.size() == 2) {
-        cluster.after(std::chrono::milliseconds(std::stol(w[1])), [&] { say("waited"); });
-      } else if (w[0] == "shutdown") {
-        cluster.shutdown(w.size() == 2 && w[1] == "fast");
-      } else if (!extra || !extra(cluster, w, say)) {
-        say("unknown command " + c);
-      }
-    };
-    std::string pending;
-    const int in = commands_.read;
-    m.loop().watch(in, prefork::EventLoop::readable, [&](std::uint32_t) {
-      char buf[512];
-      ssize_t n = ::read(in, buf, sizeof buf);
-      if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
-      if (n <= 0) {
-        m.loop().unwatch(in);
-        cluster.shutdown(true);
-        return;
-      }
-      pending.append(buf, static_cast<std::size_t>(n));
-      for (auto nl = pending.find('\n'); nl != std::string::npos; nl = pending.find('\n')) {
-        std::string line = pending.substr(0, nl);
-        pending.erase(0, nl + 1);
-        handle(line);
-      }
-    }, false);
-    int rc = cluster.run();
-    errno = 0;
-    bool children_left = !(::waitpid(-1, nullptr, WNOHANG) == -1 && errno == ECHILD);
-    say("returned " + std::to_string(rc) + " children " + (children_left ? "1" : "0"));
-    return rc;
-  }
-
-  Pipe commands_, reports_;
-  LineReader reader_{reports_.read};
-  pid_t pid_ = -1;
-  std::optional<int> status_;
 };
 
 Options listening_on(unsigned workers) {
@@ -618,7 +392,7 @@ TEST_CASE("A request in progress when its worker is disconnected is answered wit
   Pipe gate, at_gate;
   g_gate = gate.read;
   g_at_gate = at_gate.write;
-  RemoteCluster<DrainServer> master(listening_on(1));
+  RemoteMaster<DrainServer> master(listening_on(1));
   REQUIRE(master.pid() > 0);
   const Listening w = master.expect_listening(1).front();
 
@@ -658,7 +432,7 @@ TEST_CASE("A request in progress when its worker is disconnected is answered wit
 TEST_CASE("A request still arriving when its worker starts draining is answered with Connection close",
           "[zero-downtime][drain]") {
   FdLeakCheck fds;
-  RemoteCluster<DrainServer> master(listening_on(1));
+  RemoteMaster<DrainServer> master(listening_on(1));
   REQUIRE(master.pid() > 0);
   const Listening w = master.expect_listening(1).front();
 
@@ -695,7 +469,7 @@ TEST_CASE("A request still arriving when its worker starts draining is answered 
 TEST_CASE("An idle keep-alive connection of a draining worker is closed with a FIN and no reset",
           "[zero-downtime][drain]") {
   FdLeakCheck fds;
-  RemoteCluster<DrainServer> master(listening_on(1));
+  RemoteMaster<DrainServer> master(listening_on(1));
   REQUIRE(master.pid() > 0);
   const Listening w = master.expect_listening(1).front();
 
@@ -725,7 +499,7 @@ TEST_CASE("A request that reached an idle keep-alive connection just before the 
   FdLeakCheck fds;
   Pipe gate;
   g_gate = gate.read;
-  RemoteCluster<DrainServer> master(listening_on(1));
+  RemoteMaster<DrainServer> master(listening_on(1));
   REQUIRE(master.pid() > 0);
   const Listening w = master.expect_listening(1).front();
 
@@ -807,7 +581,7 @@ TEST_CASE("A second SIGTERM while a worker is stuck draining shuts the cluster d
   opts.handle_signals = true;
   opts.drain_timeout = std::chrono::milliseconds(60000);  // far beyond any deadline here
   opts.kill_timeout = std::chrono::milliseconds(60000);
-  RemoteCluster<Puppet> master(std::move(opts));
+  RemoteMaster<Puppet> master(std::move(opts));
   REQUIRE(master.pid() > 0);
   const std::vector<Listening> ws = master.expect_listening(2);
 
@@ -966,7 +740,7 @@ struct FragileServer : DrainServer {
   }
 };
 
-using FragileCluster = RemoteCluster<FragileServer>;
+using FragileCluster = RemoteMaster<FragileServer>;
 
 /// Reports every ReloadReport as "reload-report <ok 0|1> <replaced> <reason...>".
 void report_reloads(FragileCluster::ClusterT& cluster, const FragileCluster::Say& say) {
@@ -1094,7 +868,7 @@ TEST_CASE("A rolling restart with reload_surge 2 starts two replacements before 
   FdLeakCheck fds;
   Options opts = listening_on(4);
   opts.reload_surge = 2;
-  FragileCluster master(std::move(opts), report_reloads, set_replacements);
+  FragileCluster master(std::move(opts), {}, report_reloads, set_replacements);
   REQUIRE(master.pid() > 0);
   master.expect_listening(4);
 
@@ -1145,7 +919,7 @@ TEST_CASE("A rolling restart with reload_surge 2 starts two replacements before 
 TEST_CASE("A replacement that exits at start-up stops the rolling restart and the old workers serve",
           "[zero-downtime][reload]") {
   FdLeakCheck fds;
-  FragileCluster master(listening_on(2), report_reloads, set_replacements);
+  FragileCluster master(listening_on(2), {}, report_reloads, set_replacements);
   REQUIRE(master.pid() > 0);
   const std::vector<Listening> old = master.expect_listening(2);
   const std::string address = old[0].addresses.at(0);
@@ -1194,7 +968,7 @@ TEST_CASE("A replacement not listening within reload_timeout is killed and the o
   FdLeakCheck fds;
   Options opts = listening_on(2);
   opts.reload_timeout = std::chrono::milliseconds(300);
-  FragileCluster master(std::move(opts), report_reloads, set_replacements);
+  FragileCluster master(std::move(opts), {}, report_reloads, set_replacements);
   REQUIRE(master.pid() > 0);
   const std::vector<Listening> old = master.expect_listening(2);
   const std::string address = old[0].addresses.at(0);
@@ -1230,7 +1004,7 @@ TEST_CASE("Reload requests while a rolling restart runs are coalesced into one m
   const int calls = GENERATE(2, 3);
   INFO(calls << " reload() calls in a row");
   FdLeakCheck fds;
-  FragileCluster master(listening_on(2), report_reloads, set_replacements);
+  FragileCluster master(listening_on(2), {}, report_reloads, set_replacements);
   REQUIRE(master.pid() > 0);
   const std::vector<Listening> old = master.expect_listening(2);
   const std::string address = old[0].addresses.at(0);
