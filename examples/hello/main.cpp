@@ -6,9 +6,12 @@
 //
 //   hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]
 //         [--balance round-robin|least-connections|ip-hash|shared|reuse-port] [--crash-ms MS]
+//         [--faults]
 //         defaults: 127.0.0.1, 8080, one worker per CPU, 10000000 iterations, fork, round-robin
 //   --crash-ms MS: every worker exits with status 1 after a random time below MS (the seed's
 //                  availability experiment); the master replaces it as usual.
+//   --faults:      GET /crash makes the worker that reads it exit with status 1 at once, and
+//                  GET /hang makes it spin for ever (for demos and tests of supervision).
 //
 //   $ ./hello --workers 2 --port 0
 //   Master PID: 4120
@@ -57,6 +60,7 @@ struct Config {
   prefork::SpawnMode spawn = prefork::SpawnMode::fork;
   std::string balance = "round-robin";
   unsigned crash_ms = 0;  // 0: never crash on purpose
+  bool faults = false;    // GET /crash and GET /hang
 };
 
 // Parsed in main() before the cluster starts: a forked worker inherits it, an exec'd worker
@@ -75,7 +79,8 @@ struct Hello {
   explicit Hello(prefork::WorkerContext<>& ctx)
       : pid_(ctx.pid()),
         body_("Handled by process " + std::to_string(pid_) + "\n"),
-        http_(ctx.loop(), [this](const http::Request&, http::Response& res) {
+        http_(ctx.loop(), [this](const http::Request& req, http::Response& res) {
+          if (config.faults) inject_fault(req.path());
           simulate_cpu_work(config.work);
           res.body = body_;
         }) {
@@ -92,6 +97,17 @@ struct Hello {
   }
 
   void on_connection(prefork::Connection c) { http_.adopt(std::move(c)); }
+
+  // --faults: a crash mid-request (the client sees its connection closed, unanswered) and a
+  // hang that blocks the worker's loop for good (what a watchdog is for).
+  static void inject_fault(std::string_view path) {
+    if (path == "/crash") {
+      std::fflush(nullptr);
+      ::_exit(1);
+    }
+    if (path == "/hang")
+      for (;;) asm volatile("");
+  }
   void on_listening() {
     std::printf("Started process %d\n", static_cast<int>(pid_));
     std::fflush(stdout);
@@ -113,7 +129,7 @@ using HelloCluster = prefork::Cluster<Hello, Balance>;
 constexpr const char* kUsage =
     "usage: hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]\n"
     "             [--balance round-robin|least-connections|ip-hash|shared|reuse-port]\n"
-    "             [--crash-ms MS]\n";
+    "             [--crash-ms MS] [--faults]\n";
 
 [[noreturn]] void usage_error(const std::string& message) {
   std::fprintf(stderr, "hello: %s\n%s", message.c_str(), kUsage);
@@ -138,6 +154,10 @@ Config parse_args(int argc, char** argv) {
     if (arg == "--help" || arg == "-h") {
       std::fputs(kUsage, stdout);
       std::exit(0);
+    }
+    if (arg == "--faults") {
+      c.faults = true;
+      continue;
     }
     std::string_view flag = arg, value;
     bool inline_value = false;

@@ -147,6 +147,7 @@ class WorkerContext {
 
  private:
   void on_frame(Frame&& f) {
+    if (f.kind != FrameKind::connection && (unacked_ || !arrived_.empty())) hand_over_arrived();
     switch (f.kind) {
       case FrameKind::user: {
         if (!on_message_) return;
@@ -195,18 +196,39 @@ class WorkerContext {
     if (on_listening_) on_listening_();
   }
 
+  // A connection frame is acknowledged before the Server sees the connection: the frames that
+  // one read brought are collected, and at the end of the loop round one `accepted` frame goes
+  // out first, then each connection is handed over. Until the acknowledgement the master keeps
+  // its own copy of the socket and gives it to another worker if this one dies (the frames it
+  // never read); after it, the master has closed its copy, so a worker that dies while serving
+  // a connection closes it (the client sees EOF) instead of the master handing a half-read
+  // connection to someone else, and the socket's teardown happens in the worker that used it.
   void adopt_connection(Frame&& f) {
-    // Acknowledged even if unusable: until then the master keeps its own copy of the socket
-    // and hands it to another worker if this one dies.
     ++unacked_;
-    schedule_report();
-    if (f.fds.size() != 1 || !on_connection_) return;
-    detail::SocketAddress peer;
-    if (f.payload.size() <= sizeof peer.storage) {
-      std::memcpy(&peer.storage, f.payload.data(), f.payload.size());
-      peer.length = static_cast<socklen_t>(f.payload.size());
+    if (f.fds.size() == 1 && on_connection_) {
+      detail::SocketAddress peer;
+      if (f.payload.size() <= sizeof peer.storage) {
+        std::memcpy(&peer.storage, f.payload.data(), f.payload.size());
+        peer.length = static_cast<socklen_t>(f.payload.size());
+      }
+      arrived_.emplace_back(std::move(f.fds[0]), peer);
     }
-    on_connection_(Connection(std::move(f.fds[0]), peer));
+    if (handover_posted_) return;
+    handover_posted_ = true;
+    loop_.post([this] {
+      handover_posted_ = false;
+      hand_over_arrived();
+    });
+  }
+
+  // Also run before any other frame is handled, so the Server sees connections and messages in
+  // the order the master sent them.
+  void hand_over_arrived() {
+    if (unacked_ && channel_ && channel_->is_open())
+      channel_->send(FrameKind::accepted, {}, std::exchange(unacked_, 0));
+    std::vector<Connection> batch = std::exchange(arrived_, {});
+    for (auto& c : batch)
+      if (on_connection_) on_connection_(std::move(c));
   }
 
   // Accepts a batch, then yields to the loop. EMFILE and friends pause every listener for a
@@ -249,15 +271,13 @@ class WorkerContext {
     }, false);
   }
 
-  // One report per loop round, after the round's callbacks: how many connection frames arrived
-  // (so the master can drop its copies) and how many connections are open.
+  // One report per loop round, after the round's callbacks: how many connections are open.
   void schedule_report() {
     if (report_scheduled_ || !channel_) return;
     report_scheduled_ = true;
     loop_.post([this] {
       report_scheduled_ = false;
       if (!channel_ || !channel_->is_open()) return;
-      if (unacked_) channel_->send(FrameKind::accepted, {}, std::exchange(unacked_, 0));
       if (connections_ != reported_connections_) {
         reported_connections_ = connections_;
         channel_->send(FrameKind::stats, {}, connections_);
@@ -293,6 +313,8 @@ class WorkerContext {
   std::size_t connections_ = 0;
   std::size_t reported_connections_ = 0;
   std::uint64_t unacked_ = 0;
+  std::vector<Connection> arrived_;  // received this round, acknowledged at its end, then served
+  bool handover_posted_ = false;
   bool report_scheduled_ = false;
   bool draining_ = false;
   bool done_ = false;
