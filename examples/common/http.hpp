@@ -70,10 +70,13 @@ struct Limits {
   /// From the first byte of a request to its last (a request that trickles in gets 408), and
   /// the longest a response may wait for the client to read any of it.
   std::chrono::milliseconds request_timeout{10000};
-  /// After drain(), an idle connection is closed once it has been idle this long, so that a
-  /// request the client sent just before the drain is answered (with Connection: close)
-  /// instead of being cut off.
-  std::chrono::milliseconds drain_idle_grace{100};
+  /// After drain(), a connection idle since the drain began is closed after this long, so
+  /// that a request the client sent just before the drain is answered (with Connection:
+  /// close) instead of being cut off. Closing an idle keep-alive connection always races the
+  /// client's next request; the grace makes the race need a client that was silent for this
+  /// long. 100 ms was not enough on a loaded 2-core machine: a descheduled load generator
+  /// stays silent that long, and its next requests then met closed connections.
+  std::chrono::milliseconds drain_idle_grace{500};
   /// After an error answer, how long the server keeps reading (and discarding) what the
   /// client still sends, so that closing with unread data does not reset the connection
   /// before the client has read the answer (nginx's lingering_close).

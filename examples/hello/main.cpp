@@ -6,12 +6,18 @@
 //
 //   hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]
 //         [--balance round-robin|least-connections|ip-hash|shared|reuse-port] [--crash-ms MS]
-//         [--faults]
-//         defaults: 127.0.0.1, 8080, one worker per CPU, 10000000 iterations, fork, round-robin
+//         [--faults] [--watchdog-ms MS] [--max-requests N] [--max-lifetime-ms MS]
+//         [--max-rss-mb N]
+//         defaults: 127.0.0.1, 8080, one worker per CPU, 10000000 iterations, fork, round-robin,
+//         watchdog 30000 ms (0: off), no recycling
 //   --crash-ms MS: every worker exits with status 1 after a random time below MS (the seed's
 //                  availability experiment); the master replaces it as usual.
 //   --faults:      GET /crash makes the worker that reads it exit with status 1 at once, and
 //                  GET /hang makes it spin for ever (for demos and tests of supervision).
+//   --watchdog-ms MS: a worker whose loop has not turned for MS is replaced and killed.
+//   --max-requests N, --max-lifetime-ms MS, --max-rss-mb N: recycle a worker (replacement
+//                  first, then a drain; one at a time) after N requests (plus up to 10% more,
+//                  per worker), after MS (plus up to 10%), or above N MiB resident.
 //
 //   $ ./hello --workers 2 --port 0
 //   Master PID: 4120
@@ -61,6 +67,10 @@ struct Config {
   std::string balance = "round-robin";
   unsigned crash_ms = 0;  // 0: never crash on purpose
   bool faults = false;    // GET /crash and GET /hang
+  unsigned watchdog_ms = 30000;
+  unsigned long long max_requests = 0;
+  unsigned max_lifetime_ms = 0;
+  unsigned max_rss_mb = 0;
 };
 
 // Parsed in main() before the cluster starts: a forked worker inherits it, an exec'd worker
@@ -79,10 +89,11 @@ struct Hello {
   explicit Hello(prefork::WorkerContext<>& ctx)
       : pid_(ctx.pid()),
         body_("Handled by process " + std::to_string(pid_) + "\n"),
-        http_(ctx.loop(), [this](const http::Request& req, http::Response& res) {
+        http_(ctx.loop(), [this, &ctx](const http::Request& req, http::Response& res) {
           if (config.faults) inject_fault(req.path());
           simulate_cpu_work(config.work);
           res.body = body_;
+          ctx.request_done();  // for --max-requests
         }) {
     http_.on_open([&ctx] { ctx.connection_opened(); });
     http_.on_close([&ctx] { ctx.connection_closed(); });
@@ -129,7 +140,8 @@ using HelloCluster = prefork::Cluster<Hello, Balance>;
 constexpr const char* kUsage =
     "usage: hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]\n"
     "             [--balance round-robin|least-connections|ip-hash|shared|reuse-port]\n"
-    "             [--crash-ms MS] [--faults]\n";
+    "             [--crash-ms MS] [--faults] [--watchdog-ms MS] [--max-requests N]\n"
+    "             [--max-lifetime-ms MS] [--max-rss-mb N]\n";
 
 [[noreturn]] void usage_error(const std::string& message) {
   std::fprintf(stderr, "hello: %s\n%s", message.c_str(), kUsage);
@@ -167,7 +179,9 @@ Config parse_args(int argc, char** argv) {
       inline_value = true;
     }
     if (flag != "--host" && flag != "--port" && flag != "--workers" && flag != "--work" &&
-        flag != "--spawn" && flag != "--balance" && flag != "--crash-ms")
+        flag != "--spawn" && flag != "--balance" && flag != "--crash-ms" &&
+        flag != "--watchdog-ms" && flag != "--max-requests" && flag != "--max-lifetime-ms" &&
+        flag != "--max-rss-mb")
       usage_error("unknown option '" + std::string(arg) + "'");
     if (!inline_value) {
       if (i + 1 >= argc) usage_error(std::string(flag) + " needs a value");
@@ -184,6 +198,14 @@ Config parse_args(int argc, char** argv) {
       c.work = parse_number<unsigned long long>(flag, value, 0, 1'000'000'000'000ULL);
     } else if (flag == "--crash-ms") {
       c.crash_ms = parse_number<unsigned>(flag, value, 1, 86'400'000);
+    } else if (flag == "--watchdog-ms") {
+      c.watchdog_ms = parse_number<unsigned>(flag, value, 0, 86'400'000);
+    } else if (flag == "--max-requests") {
+      c.max_requests = parse_number<unsigned long long>(flag, value, 0, 1ULL << 60);
+    } else if (flag == "--max-lifetime-ms") {
+      c.max_lifetime_ms = parse_number<unsigned>(flag, value, 0, 86'400'000);
+    } else if (flag == "--max-rss-mb") {
+      c.max_rss_mb = parse_number<unsigned>(flag, value, 0, 1'000'000);
     } else if (flag == "--balance") {
       if (value != "round-robin" && value != "least-connections" && value != "ip-hash" &&
           value != "shared" && value != "reuse-port")
@@ -206,7 +228,12 @@ int serve(const std::string& address) {
       .workers = config.workers,
       .listen = {address},
       .defer_accept = std::chrono::seconds(1),  // HTTP: the client speaks first
-      .spawn = config.spawn});
+      .spawn = config.spawn,
+      .watchdog_timeout = std::chrono::milliseconds(config.watchdog_ms),
+      .max_requests = config.max_requests,
+      .max_requests_jitter = config.max_requests / 10,
+      .max_lifetime = std::chrono::milliseconds(config.max_lifetime_ms),
+      .max_rss = std::size_t{config.max_rss_mb} << 20});
   if (cluster.is_master()) {
     std::printf("Master PID: %d\n", static_cast<int>(::getpid()));
     if (pid_t old = cluster.upgraded_from()) std::printf("Upgraded from master %d\n", static_cast<int>(old));

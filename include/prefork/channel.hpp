@@ -38,8 +38,9 @@ enum class FrameKind : std::uint8_t {
   heartbeat = 7,    ///< worker -> master: the worker's loop is turning
   stats = 8,        ///< worker -> master: open connections (tag)
   accepted = 9,     ///< worker -> master: it received `tag` more connection frames
+  retire = 10,      ///< worker -> master: recycle me (payload: why), e.g. max_connections
 };
-inline constexpr std::uint8_t kMaxFrameKind = 9;
+inline constexpr std::uint8_t kMaxFrameKind = 10;
 
 /// One frame as received: the payload and the descriptors that came with it (owned).
 struct Frame {

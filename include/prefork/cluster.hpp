@@ -33,16 +33,17 @@ bool parse_number(std::string_view text, T& out) noexcept {
   return ec == std::errc{} && end == text.data() + text.size();
 }
 
-/// Reads PREFORK_WORKER ("id,slot,fd,max_message_size,max_queued_bytes") and removes it from
-/// the environment, so that neither user code nor the worker's own children see it.
+/// Reads PREFORK_WORKER (encode_boot()'s fields, comma-separated) and removes it from the
+/// environment, so that neither user code nor the worker's own children see it.
 inline std::optional<WorkerBoot> take_exec_boot() noexcept {
   const char* raw = std::getenv(kWorkerEnv);
   if (!raw) return std::nullopt;
   std::string value(raw);
   ::unsetenv(kWorkerEnv);
-  std::string_view parts[5];
+  constexpr std::size_t kFields = 8;
+  std::string_view parts[kFields];
   std::size_t n = 0, start = 0;
-  for (std::size_t i = 0; i <= value.size() && n < 5; ++i) {
+  for (std::size_t i = 0; i <= value.size() && n < kFields; ++i) {
     if (i == value.size() || value[i] == ',') {
       parts[n++] = std::string_view(value).substr(start, i - start);
       start = i + 1;
@@ -50,10 +51,12 @@ inline std::optional<WorkerBoot> take_exec_boot() noexcept {
   }
   WorkerBoot b;
   struct stat st {};
-  if (n != 5 || !parse_number(parts[0], b.id) || !parse_number(parts[1], b.slot) ||
-      !parse_number(parts[2], b.channel_fd) ||
+  if (n != kFields || start <= value.size() || !parse_number(parts[0], b.id) ||
+      !parse_number(parts[1], b.slot) || !parse_number(parts[2], b.channel_fd) ||
       !parse_number(parts[3], b.limits.max_message_size) ||
-      !parse_number(parts[4], b.limits.max_queued_bytes) || ::fstat(b.channel_fd, &st) != 0 ||
+      !parse_number(parts[4], b.limits.max_queued_bytes) ||
+      !parse_number(parts[5], b.heartbeat_ms) || !parse_number(parts[6], b.max_connections) ||
+      !parse_number(parts[7], b.max_requests) || ::fstat(b.channel_fd, &st) != 0 ||
       !S_ISSOCK(st.st_mode)) {
     child_error("ignoring a malformed PREFORK_WORKER environment variable");
     return std::nullopt;

@@ -20,6 +20,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -380,6 +381,7 @@ class Master {
     for (std::size_t s = 0; s < slots_.size(); ++s)
       if (!slots_[s].worker_id) spawn(s);
     if constexpr (MasterDispatch<Balance>) resume_accepting();
+    start_supervision();
     loop_.restart();
     loop_.run();
     // After an upgrade the new master serves on the Unix socket files: they stay.
@@ -489,6 +491,11 @@ class Master {
     unsigned id = next_id_ + 1;
     detail::WorkerBoot boot{id, slot, theirs.get(),
                             {opts_.max_message_size, opts_.max_queued_bytes}};
+    if (opts_.watchdog_timeout.count() > 0)
+      boot.heartbeat_ms = static_cast<std::uint64_t>(
+          std::max<std::int64_t>(1, opts_.watchdog_timeout.count() / 4));
+    if (opts_.max_connections) boot.max_connections = opts_.max_connections + jitter(opts_.max_connections_jitter);
+    if (opts_.max_requests) boot.max_requests = opts_.max_requests + jitter(opts_.max_requests_jitter);
 
     // Prepared before fork(): after it, the exec path only calls async-signal-safe functions.
     std::vector<std::string> env_store;
@@ -497,10 +504,7 @@ class Master {
       for (auto& a : exec_argv_) argv.push_back(const_cast<char*>(a.c_str()));
       argv.push_back(nullptr);
       env_store = environment_without_markers();
-      env_store.push_back(std::string(detail::kWorkerEnv) + "=" + std::to_string(id) + "," +
-                          std::to_string(slot) + "," + std::to_string(theirs.get()) + "," +
-                          std::to_string(opts_.max_message_size) + "," +
-                          std::to_string(opts_.max_queued_bytes));
+      env_store.push_back(std::string(detail::kWorkerEnv) + "=" + detail::encode_boot(boot));
       for (auto& e : env_store) envp.push_back(e.data());
       envp.push_back(nullptr);
     }
@@ -522,6 +526,10 @@ class Master {
     auto owned = std::unique_ptr<WorkerT>(new WorkerT(loop_, opts_, id, slot));
     WorkerT& w = *owned;
     w.pid_ = pid;
+    if (opts_.max_lifetime.count() > 0)  // up to 10% more, so that workers started together
+      w.lifetime_ = opts_.max_lifetime +  // do not all come due together
+                    std::chrono::milliseconds(jitter(static_cast<std::uint64_t>(
+                        opts_.max_lifetime.count() / 10)));
     w.pidfd_.reset(detail::pidfd_open(pid));
     if (!w.pidfd_) {
       // Without a pidfd we cannot reap this child safely; it is ours, so kill and reap it.
@@ -546,6 +554,8 @@ class Master {
                           const std::vector<int>& close_fds, std::vector<char*>& argv,
                           std::vector<char*>& envp) noexcept {
     detail::die_with_parent(parent);
+    // Its own process group, so that whatever it starts can be stopped with it (on_pidfd).
+    ::setpgid(0, 0);
     detail::reset_signals_in_child();
     for (int fd : close_fds) ::close(fd);
     if (opts_.spawn == SpawnMode::exec) {
@@ -604,6 +614,7 @@ class Master {
   }
 
   void on_frame(WorkerT& w, Frame&& f) {
+    w.last_heard_ = Clock::now();
     switch (f.kind) {
       case FrameKind::user: {
         std::error_code ec;
@@ -651,6 +662,10 @@ class Master {
         return;
       }
       case FrameKind::heartbeat: return;
+      case FrameKind::retire:
+        recycle(w, f.payload.empty() ? std::string("the worker asked for it")
+                                     : f.payload.substr(0, 200));
+        return;
       default: break;
     }
     protocol_error(w, make_error_code(errc::malformed_frame));
@@ -684,6 +699,9 @@ class Master {
   }
 
   void on_pidfd(WorkerT& w) {
+    // The worker has exited but is not reaped yet, so its pid (its process group's id) cannot
+    // have been reused: what is left of its group is its own children, stopped with it.
+    ::kill(-w.pid_, SIGKILL);
     detail::Reaped r = detail::reap(w.pidfd_.get());
     if (!r.done) return;
     loop_.unwatch(w.pidfd_.get());
@@ -769,7 +787,7 @@ class Master {
     ready_.clear();
     ready_workers_.clear();
     for (auto& [id, w] : workers_) {
-      if (w->state_ == WorkerState::listening && !w->exited_after_disconnect_ &&
+      if (w->state_ == WorkerState::listening && !w->exited_after_disconnect_ && !w->hung_ &&
           w->is_connected() && w->in_flight_.size() < kMaxUnacked) {
         ready_.push_back({w->slot_, w->reported_connections_ + w->in_flight_.size()});
         ready_workers_.push_back(w.get());
@@ -817,7 +835,8 @@ class Master {
       detail::Handoff& h = pending_.front();
       bool sent = false;
       for (auto& [id, w] : workers_)
-        if (w->state_ == WorkerState::listening && w->is_connected() && hand_to(*w, h)) {
+        if (w->state_ == WorkerState::listening && !w->hung_ && w->is_connected() &&
+            hand_to(*w, h)) {
           sent = true;
           break;
         }
@@ -870,15 +889,16 @@ class Master {
     std::vector<unsigned> draining;            // old workers disconnected, not exited yet
     unsigned replaced = 0;
     Clock::time_point started{};
+    bool requested = true;  // reload(); false: a recycling pass (no on_reload_done)
   };
 
   void reload_pump() {
-    while (reload_.active && reload_.starting.size() < opts_.reload_surge &&
-           !reload_.queue.empty()) {
+    const std::size_t surge = reload_.requested ? opts_.reload_surge : 1;
+    while (reload_.active && reload_.starting.size() < surge && !reload_.queue.empty()) {
       unsigned old_id = reload_.queue.front();
       reload_.queue.pop_front();
       WorkerT* old = worker(old_id);
-      if (!old || old->exited_after_disconnect_) continue;
+      if (!old || old->exited_after_disconnect_ || old->hung_) continue;
       std::size_t slot = old->slot_;
       WorkerT* fresh = spawn(slot);
       if (!fresh) {
@@ -916,6 +936,7 @@ class Master {
       reload_.deadlines.erase(t);
     }
     if (WorkerT* old = worker(old_id)) {
+      if (!old->recycle_reason_.empty()) old->exit_.reason = "recycled: " + old->recycle_reason_;
       old->disconnect();
       reload_.draining.push_back(old_id);
     }
@@ -962,14 +983,104 @@ class Master {
     report.replaced = r.replaced;
     report.took = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - r.started);
     report.reason = reason;
+    const char* what = r.requested ? "rolling restart" : "recycling";
     if (ok) {
-      log("rolling restart done: " + std::to_string(r.replaced) + " workers replaced in " +
+      log(std::string(what) + " done: " + std::to_string(r.replaced) + " workers replaced in " +
           std::to_string(report.took.count()) + " ms");
     } else {
-      log("rolling restart stopped: " + reason + "; the old workers keep serving");
+      log(std::string(what) + " stopped: " + reason + "; the old workers keep serving");
     }
-    if (on_reload_done_) on_reload_done_(report);
-    if (ok && r.again && !shutting_down_) reload();
+    if (r.requested && on_reload_done_) on_reload_done_(report);
+    // A reload asked for during a recycling pass runs whatever became of that pass.
+    if (r.again && (ok || !r.requested) && !shutting_down_) reload();
+  }
+
+  // Recycling: one worker replaced the way a rolling restart replaces it (replacement first,
+  // drain after), through the same machinery, one at a time: a recycling pass of its own, or
+  // one more worker in the pass that runs.
+  void recycle(WorkerT& w, const std::string& why) {
+    if (shutting_down_ || w.exited_after_disconnect_ || w.hung_ || !w.recycle_reason_.empty())
+      return;
+    w.recycle_reason_ = why;
+    log("recycling " + describe(w) + ": " + why);
+    if (reload_.active) {
+      reload_.queue.push_back(w.id_);
+      if (!reload_.requested) reload_pump();
+      return;
+    }
+    reload_ = ReloadState{};
+    reload_.active = true;
+    reload_.requested = false;
+    reload_.started = Clock::now();
+    reload_.queue.push_back(w.id_);
+    reload_pump();
+  }
+
+  // The watchdog's verdict: no new connections (collect_ready skips it), a replacement in its
+  // slot now, and SIGTERM, then SIGKILL. Not a planned exit: ExitInfo says why.
+  void hung(WorkerT& w, Clock::duration silent) {
+    w.hung_ = true;
+    auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(silent).count();
+    w.exit_.reason = "watchdog: no heartbeat for " + std::to_string(ms) + " ms (watchdog_timeout " +
+                     std::to_string(opts_.watchdog_timeout.count()) + " ms)";
+    log(describe(w) + " is hung (" + w.exit_.reason + "); replacing it and sending SIGTERM");
+    if (slots_[w.slot_].worker_id == w.id_ && !shutting_down_) spawn(w.slot_);
+    w.terminate();
+  }
+
+  // The periodic check behind the watchdog, start_timeout, max_lifetime and max_rss.
+  void start_supervision() {
+    using std::chrono::milliseconds;
+    milliseconds tick{1000};
+    for (milliseconds limit : {opts_.watchdog_timeout, opts_.start_timeout, opts_.max_lifetime})
+      if (limit.count() > 0) tick = std::min(tick, std::max(milliseconds(10), limit / 4));
+    if (opts_.watchdog_timeout.count() <= 0 && opts_.start_timeout.count() <= 0 &&
+        opts_.max_lifetime.count() <= 0 && opts_.max_rss == 0)
+      return;
+    loop_.every(tick, [this] { supervise(); }, false);
+  }
+
+  void supervise() {
+    if (shutting_down_) return;
+    auto now = Clock::now();
+    std::vector<WorkerT*> all = workers();  // hung() and recycle() may fork into workers_
+    for (WorkerT* w : all) {
+      if (w->exited_after_disconnect_ || w->hung_ || w->state_ == WorkerState::dead ||
+          w->state_ == WorkerState::disconnected)
+        continue;
+      bool ready = opts_.listen.empty() ? w->state_ != WorkerState::none
+                                        : w->state_ == WorkerState::listening;
+      if (!ready) {
+        if (opts_.start_timeout.count() > 0 && now - w->started_ > opts_.start_timeout &&
+            w->exit_.reason.empty()) {
+          w->exit_.reason = "start timeout: not " +
+                            std::string(opts_.listen.empty() ? "online" : "listening") +
+                            " after " + std::to_string(opts_.start_timeout.count()) + " ms";
+          log(describe(*w) + ": " + w->exit_.reason + "; SIGKILL");
+          w->signal(SIGKILL);
+        }
+        continue;
+      }
+      if (opts_.watchdog_timeout.count() > 0 && now - w->last_heard_ > opts_.watchdog_timeout) {
+        hung(*w, now - w->last_heard_);
+        continue;
+      }
+      if (w->lifetime_.count() > 0 && now - w->started_ > w->lifetime_) {
+        recycle(*w, "max_lifetime " + std::to_string(opts_.max_lifetime.count()) + " ms reached");
+        continue;
+      }
+      if (opts_.max_rss > 0) {
+        std::size_t rss = detail::resident_bytes(w->pid_);
+        if (rss > opts_.max_rss)
+          recycle(*w, "resident memory " + std::to_string(rss >> 20) + " MiB above max_rss " +
+                          std::to_string(opts_.max_rss >> 20) + " MiB");
+      }
+    }
+  }
+
+  std::uint64_t jitter(std::uint64_t max) {
+    if (max == 0) return 0;
+    return std::uniform_int_distribution<std::uint64_t>(0, max)(rng_);
   }
 
   // This environment minus the variables that tell a process it is a worker or a new master.
@@ -1051,6 +1162,7 @@ class Master {
   std::vector<std::vector<UniqueFd>> slot_listeners_;  // ReusePort: per slot
   bool shutting_down_ = false;
   ReloadState reload_;
+  std::mt19937_64 rng_{std::random_device{}()};
 
   std::function<void(WorkerT&)> on_fork_, on_online_, on_listening_, on_disconnect_;
   std::function<void(WorkerT&, const ExitInfo&)> on_exit_;

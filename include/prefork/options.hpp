@@ -106,6 +106,29 @@ struct Options {
   /// Master upgrade: the new master must have every worker listening within this long, or it is
   /// killed and this master keeps serving.
   std::chrono::milliseconds upgrade_timeout{60000};
+  /// Hung-worker watchdog: each worker's loop sends a heartbeat every quarter of this; a
+  /// listening worker not heard from for this long gets no more connections, is replaced at
+  /// once, and gets SIGTERM, then SIGKILL after kill_timeout (ExitInfo::reason "watchdog: ...").
+  /// 0: off.
+  std::chrono::milliseconds watchdog_timeout{30000};
+  /// A worker not listening (online, when the cluster listens on nothing) this long after it
+  /// was started is killed with SIGKILL (reason "start timeout: ..."); the RestartPolicy then
+  /// decides, as for any crash. 0: off.
+  std::chrono::milliseconds start_timeout{60000};
+  /// Recycling: a worker is replaced gracefully (replacement first, then a drain; one at a time)
+  /// after it has taken max_connections connections (0: never), plus a random 0..jitter of its
+  /// own so that workers do not recycle together...
+  std::uint64_t max_connections = 0;
+  std::uint64_t max_connections_jitter = 0;
+  /// ...after max_requests requests, as the Server counts them with
+  /// WorkerContext::request_done() (0: never), plus a random 0..jitter...
+  std::uint64_t max_requests = 0;
+  std::uint64_t max_requests_jitter = 0;
+  /// ...after it has run max_lifetime, plus a random 0-10% (0: never)...
+  std::chrono::milliseconds max_lifetime{0};
+  /// ...or once its resident memory exceeds max_rss bytes, checked at least once a second
+  /// (0: never).
+  std::size_t max_rss = 0;
   /// Largest user or internal message a channel accepts, in bytes (payload, not framing).
   std::size_t max_message_size = std::size_t{256} << 20;
   /// Bytes a channel may hold queued for sending before send() reports errc::queue_full; an

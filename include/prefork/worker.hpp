@@ -37,7 +37,22 @@ struct WorkerBoot {
   std::size_t slot = 0;
   int channel_fd = -1;
   ChannelLimits limits;
+  std::uint64_t heartbeat_ms = 0;     ///< 0: no heartbeats (no watchdog)
+  std::uint64_t max_connections = 0;  ///< ask to be recycled after this many (0: never)
+  std::uint64_t max_requests = 0;     ///< ... or after this many request_done() calls
 };
+
+/// PREFORK_WORKER's value for an exec'd worker (take_exec_boot() in cluster.hpp reads it).
+inline std::string encode_boot(const WorkerBoot& b) {
+  std::string v;
+  for (std::uint64_t x : {std::uint64_t{b.id}, std::uint64_t{b.slot},
+                          static_cast<std::uint64_t>(b.channel_fd),
+                          std::uint64_t{b.limits.max_message_size},
+                          std::uint64_t{b.limits.max_queued_bytes}, b.heartbeat_ms,
+                          b.max_connections, b.max_requests})
+    v += (v.empty() ? "" : ",") + std::to_string(x);
+  return v;
+}
 
 /// The process-wide role; set before any user code of a worker runs.
 inline bool& is_worker_process() noexcept {
@@ -61,7 +76,7 @@ class WorkerContext {
   using message_type = typename Codec::message_type;
 
   explicit WorkerContext(const detail::WorkerBoot& boot)
-      : id_(boot.id), slot_(boot.slot) {
+      : id_(boot.id), slot_(boot.slot), boot_(boot) {
     channel_ = std::make_unique<Channel>(loop_, UniqueFd(boot.channel_fd), boot.limits);
     channel_->on_frame([this](Frame&& f) { on_frame(std::move(f)); });
     channel_->on_close([this](std::error_code ec) { on_channel_closed(ec); });
@@ -111,6 +126,15 @@ class WorkerContext {
   }
   std::size_t connections() const noexcept { return connections_; }
 
+  /// Counts one request served, for Options::max_requests (the library cannot tell requests
+  /// apart inside a connection; the Server can). Reaching the limit asks the master to recycle
+  /// this worker: a replacement starts, then this one drains.
+  void request_done() {
+    ++requests_;
+    if (boot_.max_requests && requests_ == boot_.max_requests)
+      retire("max_requests: served " + std::to_string(requests_) + " requests");
+  }
+
   /// Runs the worker: builds the Server, serves until drained or the master is gone, and
   /// returns the process's exit status. Called by Cluster; not for user code.
   template <class Server>
@@ -131,6 +155,10 @@ class WorkerContext {
     if constexpr (requires(Server& x) { x.on_listening(); })
       on_listening_ = [&s] { s.on_listening(); };
     loop_.on_signal(SIGINT, [this](const signalfd_siginfo&) { begin_drain(true); });
+    if (boot_.heartbeat_ms)  // the watchdog's evidence that this loop turns
+      loop_.every(std::chrono::milliseconds(boot_.heartbeat_ms), [this] {
+        if (channel_ && channel_->is_open()) channel_->send(FrameKind::heartbeat, {});
+      }, false);
 
     while (!done_) {
       loop_.run_once(-1);
@@ -205,6 +233,7 @@ class WorkerContext {
   // connection to someone else, and the socket's teardown happens in the worker that used it.
   void adopt_connection(Frame&& f) {
     ++unacked_;
+    count_connection();
     if (f.fds.size() == 1 && on_connection_) {
       detail::SocketAddress peer;
       if (f.payload.size() <= sizeof peer.storage) {
@@ -239,6 +268,7 @@ class WorkerContext {
       peer.length = sizeof peer.storage;
       int fd = ::accept4(listener, peer.get(), &peer.length, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd >= 0) {
+        count_connection();
         on_connection_(Connection(UniqueFd(fd), peer));
         continue;
       }
@@ -285,6 +315,17 @@ class WorkerContext {
     });
   }
 
+  void count_connection() {
+    ++connections_taken_;
+    if (boot_.max_connections && connections_taken_ == boot_.max_connections)
+      retire("max_connections: took " + std::to_string(connections_taken_) + " connections");
+  }
+
+  // Asks the master to recycle this worker; it keeps serving until the master disconnects it.
+  void retire(const std::string& why) {
+    if (channel_ && channel_->is_open() && !draining_) channel_->send(FrameKind::retire, why);
+  }
+
   void begin_drain(bool tell_master) {
     if (draining_) return;
     draining_ = true;
@@ -302,6 +343,7 @@ class WorkerContext {
 
   unsigned id_;
   std::size_t slot_;
+  detail::WorkerBoot boot_;
   EventLoop loop_;
   std::unique_ptr<Channel> channel_;
   [[no_unique_address]] Codec codec_;
@@ -312,6 +354,8 @@ class WorkerContext {
   std::function<void()> on_listening_;
   std::size_t connections_ = 0;
   std::size_t reported_connections_ = 0;
+  std::uint64_t connections_taken_ = 0;  // ever, for max_connections
+  std::uint64_t requests_ = 0;           // request_done() calls, for max_requests
   std::uint64_t unacked_ = 0;
   std::vector<Connection> arrived_;  // received this round, acknowledged at its end, then served
   bool handover_posted_ = false;

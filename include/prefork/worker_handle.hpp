@@ -116,6 +116,17 @@ class Worker {
     }, false);
   }
 
+  // SIGTERM now, SIGKILL after kill_timeout (a hung worker: no drain to wait for).
+  void terminate() {
+    signal(SIGTERM);
+    if (escalation_timer_) loop_.cancel(escalation_timer_);
+    escalation_timer_ = loop_.after(opts_.kill_timeout, [this] {
+      escalation_timer_ = 0;
+      exit_.reason += "; SIGKILL after SIGTERM was ignored";
+      signal(SIGKILL);
+    }, false);
+  }
+
   void cancel_timers() noexcept {
     if (escalation_timer_) loop_.cancel(escalation_timer_);
     escalation_timer_ = 0;
@@ -135,6 +146,10 @@ class Worker {
   std::size_t reported_connections_ = 0;  // open connections, as the worker last reported
   std::deque<detail::Handoff> in_flight_;  // handed over, not yet acknowledged
   Clock::time_point started_ = Clock::now();
+  Clock::time_point last_heard_ = started_;  // the last frame from it (watchdog)
+  Clock::duration lifetime_{};               // recycled after this long (0: never)
+  bool hung_ = false;                        // the watchdog gave up on it
+  std::string recycle_reason_;               // set once a recycle was asked for
   ExitInfo exit_;
   EventLoop::TimerId escalation_timer_ = 0;
 };

@@ -106,6 +106,23 @@ inline bool keep_across_exec(int fd) noexcept {
   return flags >= 0 && ::fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC) == 0;
 }
 
+/// The resident set size of pid in bytes, from /proc/<pid>/statm; 0 if it cannot be read.
+inline std::size_t resident_bytes(pid_t pid) noexcept {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%d/statm", static_cast<int>(pid));
+  int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  char buf[128];
+  ssize_t n = retry_eintr([&] { return ::read(fd, buf, sizeof buf - 1); });
+  ::close(fd);
+  if (n <= 0) return 0;
+  buf[n] = '\0';
+  unsigned long long size = 0, resident = 0;
+  if (std::sscanf(buf, "%llu %llu", &size, &resident) != 2) return 0;
+  long page = ::sysconf(_SC_PAGESIZE);
+  return static_cast<std::size_t>(resident) * static_cast<std::size_t>(page > 0 ? page : 4096);
+}
+
 /// Writes "prefork: <msg>\n" to stderr with one write(2): usable after fork.
 inline void child_error(const char* msg) noexcept {
   char buf[512];
