@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -78,10 +79,11 @@ inline void append_bytes(std::string& out, const void* data, std::size_t size) {
 
 template <PodPayload T>
 void append_pod(std::string& out, const T& value) {
-  // Copies the padding bytes too; they are indeterminate but copying them through char is
-  // defined ([basic.types.general]/2), and the decoder ignores them.
-  std::array<char, sizeof(T)> raw = std::bit_cast<std::array<char, sizeof(T)>>(value);
-  out.append(raw.data(), raw.size());
+  // The object representation, padding bytes included: reading any object's bytes through a
+  // char glvalue is defined ([basic.lval]/11), and the decoder ignores the padding. (A
+  // bit_cast to std::array<char, N> would not be: a padding bit may only land in an unsigned
+  // char or std::byte, [bit.cast]/2.)
+  out.append(reinterpret_cast<const char*>(std::addressof(value)), sizeof(T));
 }
 
 /// Bytes that are not the object representation of any value of T. Loading such a value is
