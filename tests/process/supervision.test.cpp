@@ -5,7 +5,10 @@
 // already gone is an error value, not a crash.
 #include <catch2/catch.hpp>
 
+#include <poll.h>
 #include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -24,6 +27,8 @@ using namespace prefork_test;
 using prefork::ExitInfo;
 using prefork::Options;
 using WorkerT = prefork::Worker<prefork::StringCodec>;
+
+extern char** environ;
 
 namespace {
 
@@ -363,4 +368,237 @@ TEST_CASE("A draining worker that ignores SIGTERM gets SIGKILL after kill_timeou
   CHECK(info->exited_after_disconnect);
   CHECK(info->reason == "drain timeout: SIGKILL after SIGTERM was ignored");
   CHECK(count_open_fds() == fds_before);
+}
+
+// ---- watchdog, start timeout, recycling, process groups (Options::watchdog_timeout,
+// start_timeout, max_connections, max_lifetime) ---------------------------------------------
+
+namespace {
+
+using SupervisedCluster = prefork::Cluster<Puppet, prefork::RoundRobin, prefork::RestartOnCrash>;
+
+// Runs a one-worker cluster whose worker 1 is told `commands` once it listens and then blocks
+// its loop; returns worker 1's exit record once its replacement (worker 2, slot 0) listens too.
+std::optional<ExitInfo> hang_first_worker(const std::vector<std::string>& commands,
+                                          std::vector<std::pair<unsigned, std::size_t>>& listened) {
+  std::optional<ExitInfo> info;
+  bool timed_out = false;
+  Options opts = listening_options(1);
+  opts.watchdog_timeout = 300ms;
+  opts.kill_timeout = 300ms;
+  SupervisedCluster cluster(std::move(opts));
+  auto done = [&] {
+    if (info && listened.size() >= 2) cluster.shutdown();
+  };
+  cluster.on_listening([&](WorkerT& w) {
+    listened.emplace_back(w.id(), w.slot());
+    if (w.id() == 1) {
+      for (auto& c : commands) w.send(c);
+      w.send("spin");
+    }
+    done();
+  });
+  cluster.on_exit([&](WorkerT& w, const ExitInfo& e) {
+    if (w.id() == 1) info = e;
+    done();
+  });
+  arm_watchdog(cluster, timed_out);
+  CHECK(cluster.run() == 0);
+  CHECK_FALSE(timed_out);
+  return info;
+}
+
+}  // namespace
+
+TEST_CASE("A worker whose loop is blocked past watchdog_timeout is replaced and gets SIGTERM",
+          "[supervision][watchdog]") {
+  std::size_t fds_before = count_open_fds();
+  std::vector<std::pair<unsigned, std::size_t>> listened;
+  std::optional<ExitInfo> info = hang_first_worker({}, listened);
+  REQUIRE(info.has_value());
+  CHECK(info->signal == SIGTERM);
+  CHECK_FALSE(info->exited_after_disconnect);  // the master's verdict, not a planned stop
+  CHECK(info->reason.rfind("watchdog: no heartbeat for ", 0) == 0);
+  REQUIRE(listened.size() >= 2);
+  CHECK(listened[1] == std::make_pair(2u, std::size_t{0}));  // the replacement, same slot
+  CHECK(count_open_fds() == fds_before);
+}
+
+TEST_CASE("A hung worker that ignores SIGTERM gets SIGKILL after kill_timeout",
+          "[supervision][watchdog]") {
+  std::size_t fds_before = count_open_fds();
+  std::vector<std::pair<unsigned, std::size_t>> listened;
+  std::optional<ExitInfo> info = hang_first_worker({"ignore sigterm"}, listened);
+  REQUIRE(info.has_value());
+  CHECK(info->signal == SIGKILL);
+  CHECK(info->reason.rfind("watchdog: ", 0) == 0);
+  CHECK(info->reason.find("SIGKILL after SIGTERM was ignored") != std::string::npos);
+  CHECK(listened.size() >= 2);
+  CHECK(count_open_fds() == fds_before);
+}
+
+namespace {
+
+// Worker 1 never finishes its constructor; later workers start normally.
+struct StuckAtStart : Puppet {
+  explicit StuckAtStart(prefork::WorkerContext<>& ctx) : Puppet(block_first(ctx)) {}
+  static prefork::WorkerContext<>& block_first(prefork::WorkerContext<>& ctx) {
+    if (ctx.id() == 1)
+      for (;;) ::pause();
+    return ctx;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("A worker not listening within start_timeout is killed and its slot restarted",
+          "[supervision][watchdog]") {
+  std::size_t fds_before = count_open_fds();
+  std::optional<ExitInfo> info;
+  std::optional<std::pair<unsigned, std::size_t>> replacement;
+  bool timed_out = false;
+  {
+    Options opts = listening_options(1);
+    opts.start_timeout = 300ms;
+    prefork::Cluster<StuckAtStart> cluster(std::move(opts));  // Backoff<RestartOnCrash>
+    cluster.on_exit([&](WorkerT& w, const ExitInfo& e) {
+      if (w.id() == 1) info = e;
+    });
+    cluster.on_listening([&](WorkerT& w) {
+      replacement.emplace(w.id(), w.slot());
+      cluster.shutdown();
+    });
+    arm_watchdog(cluster, timed_out);
+    CHECK(cluster.run() == 0);
+  }
+  REQUIRE_FALSE(timed_out);
+  REQUIRE(info.has_value());
+  CHECK(info->signal == SIGKILL);
+  CHECK_FALSE(info->exited_after_disconnect);
+  CHECK(info->reason == "start timeout: not listening after 300 ms");
+  REQUIRE(replacement.has_value());
+  CHECK(*replacement == std::make_pair(2u, std::size_t{0}));
+  CHECK(count_open_fds() == fds_before);
+}
+
+TEST_CASE("A worker that took max_connections connections is recycled after its replacement "
+          "listens",
+          "[supervision][recycle]") {
+  std::size_t fds_before = count_open_fds();
+  std::optional<ExitInfo> info;
+  std::vector<std::string> events;
+  bool timed_out = false;
+  {
+    Options opts = listening_options(1);
+    opts.max_connections = 3;
+    SupervisedCluster cluster(std::move(opts));
+    cluster.on_listening([&](WorkerT& w, const std::vector<std::string>& addresses) {
+      events.push_back("listening " + std::to_string(w.id()));
+      if (w.id() != 1) return;
+      for (int i = 0; i < 3; ++i) {  // the kernel completes them from the backlog
+        prefork::UniqueFd c(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+        prefork::detail::SocketAddress a;
+        REQUIRE_FALSE(prefork::detail::parse_address(addresses.at(0), a));
+        REQUIRE(::connect(c.get(), a.get(), a.length) == 0);
+      }
+    });
+    cluster.on_disconnect([&](WorkerT& w) { events.push_back("disconnect " + std::to_string(w.id())); });
+    cluster.on_exit([&](WorkerT& w, const ExitInfo& e) {
+      events.push_back("exit " + std::to_string(w.id()));
+      if (w.id() == 1) {
+        info = e;
+        cluster.shutdown();
+      }
+    });
+    arm_watchdog(cluster, timed_out);
+    CHECK(cluster.run() == 0);
+  }
+  REQUIRE_FALSE(timed_out);
+  REQUIRE(info.has_value());
+  CHECK(info->exit_code == 0);
+  CHECK(info->exited_after_disconnect);
+  CHECK(info->reason == "recycled: max_connections: took 3 connections");
+  // The replacement listened before the old worker was let go.
+  auto at = [&](const std::string& e) { return std::find(events.begin(), events.end(), e); };
+  REQUIRE(at("listening 2") != events.end());
+  CHECK(at("listening 2") < at("disconnect 1"));
+  CHECK(count_open_fds() == fds_before);
+}
+
+TEST_CASE("Workers past max_lifetime are recycled one at a time", "[supervision][recycle]") {
+  std::size_t fds_before = count_open_fds();
+  std::vector<ExitInfo> recycled;
+  int starting = 0, most_starting = 0;
+  bool timed_out = false;
+  {
+    Options opts = listening_options(3);
+    opts.max_lifetime = 200ms;
+    SupervisedCluster cluster(std::move(opts));
+    cluster.on_fork([&](WorkerT& w) {
+      if (w.id() > 3) most_starting = std::max(most_starting, ++starting);
+    });
+    cluster.on_listening([&](WorkerT& w) {
+      if (w.id() > 3) --starting;
+    });
+    cluster.on_exit([&](WorkerT& w, const ExitInfo& e) {
+      if (w.id() <= 3) recycled.push_back(e);
+      if (recycled.size() == 3) cluster.shutdown();
+    });
+    arm_watchdog(cluster, timed_out);
+    CHECK(cluster.run() == 0);
+  }
+  REQUIRE_FALSE(timed_out);
+  REQUIRE(recycled.size() == 3);
+  for (auto& e : recycled) {
+    INFO(e.reason);
+    CHECK(e.exit_code == 0);
+    CHECK(e.reason.rfind("recycled: max_lifetime 200 ms reached", 0) == 0);
+  }
+  CHECK(most_starting == 1);  // never two replacements at once
+  CHECK(count_open_fds() == fds_before);
+}
+
+namespace {
+
+// On "child" starts `sleep 60` and answers "child:<pid>"; otherwise a Puppet.
+struct Parent : Puppet {
+  using Puppet::Puppet;
+  void on_message(const std::string& m) {
+    if (m != "child") return Puppet::on_message(m);
+    pid_t pid = -1;
+    char prog[] = "sleep", arg[] = "60";
+    char* argv[] = {prog, arg, nullptr};
+    if (::posix_spawnp(&pid, "sleep", nullptr, nullptr, argv, environ) != 0) pid = -1;
+    ctx_.send("child:" + std::to_string(pid));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("A process a worker started is stopped when the worker exits", "[supervision]") {
+  Subreaper subreaper;  // the orphaned child comes to this process, to be reaped here
+  REQUIRE(subreaper.ok);
+  pid_t child = -1;
+  bool timed_out = false;
+  {
+    prefork::Cluster<Parent, prefork::RoundRobin, prefork::NeverRestart> cluster(
+        Options{.workers = 1, .handle_signals = false});
+    cluster.on_online([&](WorkerT& w) { w.send("child"); });
+    cluster.on_message([&](WorkerT& w, const std::string& m) {
+      child = static_cast<pid_t>(number_after(m, "child:"));
+      w.send("exit:3");
+    });
+    cluster.on_exit([&](WorkerT&, const ExitInfo&) { cluster.shutdown(); });
+    arm_watchdog(cluster, timed_out);
+    CHECK(cluster.run() == 0);
+  }
+  REQUIRE_FALSE(timed_out);
+  REQUIRE(child > 0);
+  auto deadline = Clock::now() + kDeadline;
+  while (!process_gone(child) && Clock::now() < deadline) {
+    pollfd none{};
+    ::poll(&none, 0, 10);  // polling a process table that gives no event to wait on
+  }
+  CHECK(process_gone(child));
+  ::waitpid(child, nullptr, WNOHANG);
 }
