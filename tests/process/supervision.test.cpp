@@ -611,3 +611,66 @@ TEST_CASE("A process a worker started is stopped when the worker exits", "[super
   CHECK(process_gone(child));
   ::waitpid(child, nullptr, WNOHANG);
 }
+
+namespace {
+
+// "request": counts one with request_done(); "grow": allocates and touches 64 MiB, kept for
+// good; otherwise a Puppet.
+struct Consumer : Puppet {
+  using Puppet::Puppet;
+  void on_message(const std::string& m) {
+    if (m == "request") return ctx_.request_done();
+    if (m == "grow") {
+      hoard_.assign(std::size_t{64} << 20, 'x');
+      ctx_.send("grown");
+      return;
+    }
+    Puppet::on_message(m);
+  }
+  std::string hoard_;
+};
+
+// One worker told `commands` once it listens; worker 1's exit record, once it has exited.
+std::optional<ExitInfo> recycle_first_worker(Options opts,
+                                             const std::vector<std::string>& commands) {
+  std::optional<ExitInfo> info;
+  bool timed_out = false;
+  prefork::Cluster<Consumer, prefork::RoundRobin, prefork::RestartOnCrash> cluster(
+      std::move(opts));
+  cluster.on_listening([&](WorkerT& w) {
+    if (w.id() == 1)
+      for (auto& c : commands) w.send(c);
+  });
+  cluster.on_exit([&](WorkerT& w, const ExitInfo& e) {
+    if (w.id() != 1) return;
+    info = e;
+    cluster.shutdown();
+  });
+  arm_watchdog(cluster, timed_out);
+  CHECK(cluster.run() == 0);
+  CHECK_FALSE(timed_out);
+  return info;
+}
+
+}  // namespace
+
+TEST_CASE("A worker that counted max_requests requests is recycled", "[supervision][recycle]") {
+  Options opts = listening_options(1);
+  opts.max_requests = 3;
+  auto info = recycle_first_worker(std::move(opts), {"request", "request", "request"});
+  REQUIRE(info.has_value());
+  CHECK(info->exit_code == 0);
+  CHECK(info->exited_after_disconnect);
+  CHECK(info->reason == "recycled: max_requests: served 3 requests");
+}
+
+TEST_CASE("A worker whose resident memory exceeds max_rss is recycled", "[supervision][recycle]") {
+  Options opts = listening_options(1);
+  opts.max_rss = std::size_t{32} << 20;
+  auto info = recycle_first_worker(std::move(opts), {"grow"});
+  REQUIRE(info.has_value());
+  CHECK(info->exit_code == 0);
+  CHECK(info->exited_after_disconnect);
+  CHECK(info->reason.rfind("recycled: resident memory ", 0) == 0);
+  CHECK(info->reason.find("above max_rss 32 MiB") != std::string::npos);
+}
