@@ -131,8 +131,8 @@ class Channel {
   /// Queues one frame and writes as much as the socket takes now. Takes ownership of fds,
   /// which are closed once sent (or when the channel closes). Errors, with nothing queued:
   /// errc::frame_too_large (payload over max_message_size), errc::too_many_fds,
-  /// errc::queue_full (the queue holds max_queued_bytes already; an empty queue always takes
-  /// one message), errc::channel_closed.
+  /// errc::queue_full (user and connection frames only: the queue holds max_queued_bytes
+  /// already; an empty queue always takes one message), errc::channel_closed.
   std::error_code send(FrameKind kind, std::string payload, std::uint64_t tag = 0,
                        std::vector<UniqueFd> fds = {}) {
     std::vector<int> raw;
@@ -197,7 +197,12 @@ class Channel {
     if (!sock_) return errc::channel_closed;
     if (payload.size() > limits_.max_message_size) return errc::frame_too_large;
     if (fds.size() > detail::kMaxFdsPerFrame) return errc::too_many_fds;
-    if (!has_room(payload.size())) return errc::queue_full;
+    // The limit is back-pressure on what the application sends (and on the connections the
+    // master deals out). The library's own small control frames always go: a worker whose
+    // Server filled the queue must still acknowledge connections, or the master would keep
+    // its copies and their clients would never see them end.
+    if ((kind == FrameKind::user || kind == FrameKind::connection) && !has_room(payload.size()))
+      return errc::queue_full;
     Out o;
     detail::encode_header(o.header, {static_cast<std::uint8_t>(kind),
                                      static_cast<std::uint8_t>(fds.size()),
