@@ -1062,7 +1062,13 @@ class Master {
         continue;
       }
       if (opts_.watchdog_timeout.count() > 0 && now - w->last_heard_ > opts_.watchdog_timeout) {
-        hung(*w, now - w->last_heard_);
+        // Heartbeats may be waiting unread: the master's own loop may have stood still (a
+        // slow fork, SIGSTOP, swap) and this timer come due before the channels were read.
+        // Judge the worker by what it has sent, not by when the master last looked.
+        if (w->channel_ && w->channel_->is_open()) w->channel_->read_all_pending();
+        if (w->state_ == WorkerState::listening && !w->exited_after_disconnect_ &&
+            Clock::now() - w->last_heard_ > opts_.watchdog_timeout)
+          hung(*w, Clock::now() - w->last_heard_);
         continue;
       }
       if (w->lifetime_.count() > 0 && now - w->started_ > w->lifetime_) {
