@@ -39,8 +39,9 @@ enum class FrameKind : std::uint8_t {
   stats = 8,        ///< worker -> master: open connections (tag)
   accepted = 9,     ///< worker -> master: it received `tag` more connection frames
   retire = 10,      ///< worker -> master: recycle me (payload: why), e.g. max_connections
+  started = 11,     ///< worker -> master: the Server is built and the worker's loop turns
 };
-inline constexpr std::uint8_t kMaxFrameKind = 10;
+inline constexpr std::uint8_t kMaxFrameKind = 11;
 
 /// One frame as received: the payload and the descriptors that came with it (owned).
 struct Frame {

@@ -631,10 +631,14 @@ class Master {
         if (w.state_ != WorkerState::none) break;
         w.state_ = WorkerState::online;
         if (on_online_) on_online_(w);
-        if (opts_.listen.empty()) {  // nothing to listen on: online is ready
-          reload_ready(w);
-          tell_old_master_if_ready();
-        }
+        return;
+      case FrameKind::started:
+        // Nothing to listen on: a built Server is as ready as the worker gets. (With listen
+        // addresses, 'listening' comes later and means the same.)
+        if (w.state_ != WorkerState::online || !opts_.listen.empty() || w.listened_) return;
+        w.listened_ = true;
+        reload_ready(w);
+        tell_old_master_if_ready();
         return;
       case FrameKind::listening:
         if (w.state_ != WorkerState::online) break;
@@ -893,8 +897,14 @@ class Master {
   };
 
   void reload_pump() {
-    const std::size_t surge = reload_.requested ? opts_.reload_surge : 1;
-    while (reload_.active && reload_.starting.size() < surge && !reload_.queue.empty()) {
+    // A rolling restart lets drains overlap (it replaces every worker, fast); recycling replaces
+    // workers one at a time, the next only once the last one has exited, so that recycling
+    // never has several workers on their way out together.
+    auto busy = [this] {
+      return reload_.requested ? reload_.starting.size() >= opts_.reload_surge
+                               : !reload_.starting.empty() || !reload_.draining.empty();
+    };
+    while (reload_.active && !busy() && !reload_.queue.empty()) {
       unsigned old_id = reload_.queue.front();
       reload_.queue.pop_front();
       WorkerT* old = worker(old_id);
@@ -1045,29 +1055,14 @@ class Master {
     auto now = Clock::now();
     std::vector<WorkerT*> all = workers();  // hung() and recycle() may fork into workers_
     for (WorkerT* w : all) {
-      if (w->exited_after_disconnect_ || w->hung_ || w->state_ == WorkerState::dead ||
-          w->state_ == WorkerState::disconnected)
-        continue;
-      bool ready = opts_.listen.empty() ? w->state_ != WorkerState::none
-                                        : w->state_ == WorkerState::listening;
-      if (!ready) {
-        if (opts_.start_timeout.count() > 0 && now - w->started_ > opts_.start_timeout &&
-            w->exit_.reason.empty()) {
-          w->exit_.reason = "start timeout: not " +
-                            std::string(opts_.listen.empty() ? "online" : "listening") +
-                            " after " + std::to_string(opts_.start_timeout.count()) + " ms";
-          log(describe(*w) + ": " + w->exit_.reason + "; SIGKILL");
-          w->signal(SIGKILL);
-        }
+      if (!supervised(*w)) continue;
+      if (!w->listened_) {
+        if (opts_.start_timeout.count() > 0 && now - w->started_ > opts_.start_timeout)
+          start_timed_out(*w);
         continue;
       }
       if (opts_.watchdog_timeout.count() > 0 && now - w->last_heard_ > opts_.watchdog_timeout) {
-        // Heartbeats may be waiting unread: the master's own loop may have stood still (a
-        // slow fork, SIGSTOP, swap) and this timer come due before the channels were read.
-        // Judge the worker by what it has sent, not by when the master last looked.
-        if (w->channel_ && w->channel_->is_open()) w->channel_->read_all_pending();
-        if (w->state_ == WorkerState::listening && !w->exited_after_disconnect_ &&
-            Clock::now() - w->last_heard_ > opts_.watchdog_timeout)
+        if (read_pending(*w) && Clock::now() - w->last_heard_ > opts_.watchdog_timeout)
           hung(*w, Clock::now() - w->last_heard_);
         continue;
       }
@@ -1082,6 +1077,31 @@ class Master {
                           std::to_string(opts_.max_rss >> 20) + " MiB");
       }
     }
+  }
+
+  // A worker the supervision tick still judges: alive, not on its way out.
+  bool supervised(const WorkerT& w) const noexcept {
+    return !w.exited_after_disconnect_ && !w.hung_ && !w.start_timed_out_ &&
+           w.state_ != WorkerState::dead && w.state_ != WorkerState::disconnected;
+  }
+
+  // Frames may be waiting unread: the master's own loop may have stood still (a slow fork, a
+  // SIGSTOP, swap) and the tick come due before the channels were read. A worker is judged by
+  // what it has sent, not by when the master last looked. False if that ended its supervision.
+  bool read_pending(WorkerT& w) {
+    if (w.channel_ && w.channel_->is_open()) w.channel_->read_all_pending();
+    return supervised(w);
+  }
+
+  void start_timed_out(WorkerT& w) {
+    if (!read_pending(w) || w.listened_) return;
+    w.start_timed_out_ = true;
+    w.exit_.start_timed_out = true;
+    w.exit_.reason = "start timeout: not " +
+                     std::string(opts_.listen.empty() ? "started" : "listening") + " after " +
+                     std::to_string(opts_.start_timeout.count()) + " ms";
+    log(describe(w) + ": " + w.exit_.reason + "; SIGKILL");
+    w.signal(SIGKILL);
   }
 
   std::uint64_t jitter(std::uint64_t max) {
@@ -1118,9 +1138,7 @@ class Master {
     for (auto& s : slots_) {
       WorkerT* w = s.worker_id ? worker(s.worker_id) : nullptr;
       if (!w) return;
-      if (opts_.listen.empty() ? w->state_ == WorkerState::none
-                               : w->state_ != WorkerState::listening)
-        return;
+      if (!w->listened_ || w->state_ == WorkerState::disconnected) return;
     }
     static constexpr char kReady[] = "ready\n";
     detail::write_all(upgrade_boot_->notify.get(), kReady, sizeof kReady - 1);

@@ -56,7 +56,10 @@ struct ExitInfo {
   int exit_code = -1;                   ///< the status passed to exit(), or -1
   int signal = 0;                       ///< the signal that killed the process, or 0
   bool exited_after_disconnect = false; ///< a planned exit: disconnect(), kill() or shutdown
-  bool reached_listening = false;       ///< the worker got as far as 'listening'
+  /// The worker got as far as 'listening' (without listen addresses: its Server was built and
+  /// its loop turned), i.e. its start-up worked.
+  bool reached_listening = false;
+  bool start_timed_out = false;         ///< killed by the master at Options::start_timeout
   std::chrono::milliseconds uptime{0};  ///< from fork to exit
   std::string reason{};                 ///< why the master ended it, if it did ("drain timeout")
 
@@ -111,9 +114,9 @@ struct Options {
   /// once, and gets SIGTERM, then SIGKILL after kill_timeout (ExitInfo::reason "watchdog: ...").
   /// 0: off.
   std::chrono::milliseconds watchdog_timeout{30000};
-  /// A worker not listening (online, when the cluster listens on nothing) this long after it
-  /// was started is killed with SIGKILL (reason "start timeout: ..."); the RestartPolicy then
-  /// decides, as for any crash. 0: off.
+  /// A worker not listening (when the cluster listens on nothing: whose Server is not built)
+  /// this long after it was started is killed with SIGKILL (reason "start timeout: ...",
+  /// ExitInfo::start_timed_out); the RestartPolicy then decides, as for any crash. 0: off.
   std::chrono::milliseconds start_timeout{60000};
   /// Recycling: a worker is replaced gracefully (replacement first, then a drain; one at a time)
   /// after it has taken max_connections connections (0: never), plus a random 0..jitter of its

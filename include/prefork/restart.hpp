@@ -101,7 +101,15 @@ struct BackoffOptions {
   /// The delay never grows past this (PM2: 15000 ms). >= initial_delay.
   std::chrono::milliseconds max_delay{15000};
   /// An exit after at least this much uptime ends the streak: restart at once (PM2 min_uptime).
+  /// A worker the master killed at start_timeout never counts as healthy, however long it ran.
   std::chrono::milliseconds healthy_after{1000};
+  /// An exit of a worker that had started (ExitInfo::reached_listening) ends the streak too,
+  /// whatever its uptime: its start-up worked, so a worker killed or crashing afterwards is
+  /// replaced at once, as Node and gunicorn do. Without this, workers SIGKILLed every half
+  /// second under load (tests/bench/chaos.sh) were counted as a crash loop and their
+  /// replacements held back for seconds, leaving one worker to take every reconnect. false:
+  /// judge by uptime alone, as PM2 does.
+  bool started_is_healthy{true};
   /// Consecutive quick exits after which the slot is given up (PM2 max_restarts); 0: never.
   unsigned max_restarts{16};
 };
@@ -113,8 +121,9 @@ struct BackoffOptions {
 /// Per exit in `slot`:
 ///  1. `Inner` decides first. If it says no restart (or gives up), that decision is returned and
 ///     the slot's streak resets to 0.
-///  2. If the worker ran for at least `healthy_after`, the streak resets to 0 and the restart is
-///     immediate: a worker that ran a while and crashed is replaced at once, as before.
+///  2. If the worker had started (reached 'listening', and `started_is_healthy`), or ran for at
+///     least `healthy_after` and was not killed at start_timeout, the streak resets to 0 and the
+///     restart is immediate: a worker that served and then crashed is replaced at once.
 ///  3. Otherwise it was a quick exit (e.g. a crash at start-up): the streak grows by one. If
 ///     `max_restarts != 0` and the streak exceeds it, the decision is give_up and the streak
 ///     resets. Else the restart waits `min(initial_delay * factor^(streak-1), max_delay)`,
@@ -132,7 +141,8 @@ struct BackoffOptions {
 /// exits under min_uptime (1 s) as unstable and marks the app 'errored' after max_restarts (16)
 /// of them in a row; systemd gives a unit up after StartLimitBurst=5 starts within
 /// StartLimitIntervalSec=10 s. The defaults here are PM2's min_uptime/max_restarts; PM2's
-/// exponential backoff exactly is `Backoff<RestartAlways>({.healthy_after = 30s})`.
+/// exponential backoff exactly is
+/// `Backoff<RestartAlways>({.healthy_after = 30s, .started_is_healthy = false})`.
 ///
 /// State is per slot: a vector of `unsigned`, grown on demand up to the highest slot that had a
 /// quick exit. Not thread-safe; the master calls it from its event loop only.
@@ -157,7 +167,8 @@ class Backoff {
       reset(slot);
       return d;
     }
-    if (e.uptime >= options_.healthy_after) {
+    const bool started = e.reached_listening && options_.started_is_healthy;
+    if (started || (e.uptime >= options_.healthy_after && !e.start_timed_out)) {
       reset(slot);
       return d;
     }

@@ -155,6 +155,9 @@ class WorkerContext {
     if constexpr (requires(Server& x) { x.on_listening(); })
       on_listening_ = [&s] { s.on_listening(); };
     loop_.on_signal(SIGINT, [this](const signalfd_siginfo&) { begin_drain(true); });
+    // Without listen addresses this is the worker's 'ready' (start_timeout, the watchdog and a
+    // rolling restart wait for it): a constructor that blocks is a start-up that never ends.
+    channel_->send(FrameKind::started, {});
     if (boot_.heartbeat_ms)  // the watchdog's evidence that this loop turns
       loop_.every(std::chrono::milliseconds(boot_.heartbeat_ms), [this] {
         if (channel_ && channel_->is_open()) channel_->send(FrameKind::heartbeat, {});

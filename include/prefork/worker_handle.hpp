@@ -149,6 +149,7 @@ class Worker {
   Clock::time_point last_heard_ = started_;  // the last frame from it (watchdog)
   Clock::duration lifetime_{};               // recycled after this long (0: never)
   bool hung_ = false;                        // the watchdog gave up on it
+  bool start_timed_out_ = false;             // killed at start_timeout
   std::string recycle_reason_;               // set once a recycle was asked for
   ExitInfo exit_;
   EventLoop::TimerId escalation_timer_ = 0;

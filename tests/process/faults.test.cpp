@@ -753,3 +753,354 @@ TEST_CASE("A connection that reaches a worker whose message queue is full is ack
   CHECK(master.master_fds() == fds_before);
   CHECK(exited_zero(master.finish()));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 5's supervision options (watchdog_timeout, start_timeout, max_connections,
+// max_requests, max_lifetime), hello's --watchdog-ms, --max-requests and --max-lifetime-ms, and
+// process groups, seen from outside: what they do to clients and to the other workers. To be
+// appended to faults.test.cpp (it uses its helpers). supervision.test.cpp checks each
+// mechanism's exit record on its own; these check it under load and across its edges.
+
+namespace {
+
+/// Reads the master's reports until every worker in `ids` has exited (each report at most
+/// kDeadline after the one before, or the test case fails), and returns them.
+std::vector<std::string> read_until_exited(FaultCluster& master, std::set<unsigned> ids) {
+  std::vector<std::string> lines;
+  while (!ids.empty()) {
+    auto part = master.expect_all_until("exit ");
+    lines.insert(lines.end(), part.begin(), part.end());
+    if (auto e = parse_exit(part.back())) ids.erase(e->id);
+  }
+  return lines;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The watchdog.
+
+namespace {
+
+/// The watchdog took no worker for hung and no worker exited; then the master shuts down cleanly.
+void check_no_worker_ended(FaultCluster& master) {
+  INFO("the master said:\n" << master.transcript());
+  CHECK(master.transcript().find(" is hung") == std::string::npos);
+  CHECK(master.transcript().find("exit ") == std::string::npos);
+  CHECK(exited_zero(master.finish()));
+}
+
+}  // namespace
+
+TEST_CASE("hello with a watchdog replaces a worker hung by GET hang and answers every other "
+          "request",
+          "[faults][watchdog][hello]") {
+  REQUIRE(::access(kHello.c_str(), X_OK) == 0);
+  FdLeakCheck fds;
+  HelloProcess hello(
+      {"--workers", "2", "--port", "0", "--work", "0", "--faults", "--watchdog-ms", "300"});
+  REQUIRE(hello.pid() > 0);
+  if (!hello.start(2)) FAIL("hello did not start; it said:\n" << hello.out().transcript());
+  auto kept = one_connection_per_worker(hello.port(), 2);
+  REQUIRE(kept.size() == 2);
+  const pid_t hung = hello.workers()[0], other = hello.workers()[1];
+  REQUIRE(kept[hung].send_get("/hang"));
+  REQUIRE(spins(hung));
+
+  // New connections from now on: those dealt to the hung worker before the watchdog finds it
+  // wait in its channel and go to another worker once it is gone; none is lost.
+  HttpLoad load(hello.port(), 2, HttpLoad::Mode::new_connection);
+  HelloEvents e = read_hello_events(hello, 1, 1);
+  CHECK(load.wait_answered(load.answered() + 200, Clock::now() + kDeadline));
+  load.stop();
+  INFO("hello said:\n" << hello.out().transcript());
+  REQUIRE(e.died.size() == 1);
+  CHECK(e.died[0] == died_line(hung, -1, SIGTERM));
+  REQUIRE(e.started.size() == 1);
+  const pid_t replacement = e.started[0];
+  const auto failures = load.failures();
+  INFO(load.sent() << " requests, " << summary(failures));
+  CHECK(failures.empty());
+  for (auto& [pid, n] : load.by_pid(0)) CHECK((pid == other || pid == replacement));
+  // The hung request is lost with its worker, and the worker is not replaced twice.
+  CHECK(closed_unanswered(kept[hung].read()));
+  REQUIRE(::kill(hello.pid(), SIGTERM) == 0);
+  CHECK(exited_zero(hello.wait(Clock::now() + kDeadline)));
+  while (hello.out().next(Clock::now() + kDeadline)) {
+  }
+  const std::string& all = hello.out().transcript();
+  std::size_t started = 0;
+  for (auto at = all.find("Started process "); at != std::string::npos;
+       at = all.find("Started process ", at + 1))
+    ++started;
+  CHECK(started == 3);
+}
+
+TEST_CASE("A hung worker is dealt no new connection once the watchdog has found it",
+          "[faults][watchdog]") {
+  FdLeakCheck fds;
+  Options opts = listening_on(2);
+  opts.watchdog_timeout = std::chrono::milliseconds(300);
+  opts.kill_timeout = std::chrono::milliseconds(60000);  // it ignores SIGTERM: hung to the end
+  FaultCluster master(std::move(opts), {}, fault_reports, fault_commands);
+  REQUIRE(master.pid() > 0);
+  const std::vector<Listening> ws = master.expect_listening(2);
+  const Listening& hung = ws[0];
+  const Listening& other = ws[1];
+  const std::string to_hung = "send " + std::to_string(hung.id) + " ";
+  master.command(to_hung + "ignore sigterm");
+  master.expect("message " + std::to_string(hung.id) + " ignoring sigterm");
+  master.command(to_hung + "spin");
+  master.expect("message " + std::to_string(hung.id) + " spinning");
+
+  master.expect("log worker " + std::to_string(hung.id) + " (pid " + std::to_string(hung.pid) +
+                ") is hung");
+  const Listening replacement = master.expect_listening(1).front();
+  INFO("the master said:\n" << master.transcript());
+  CHECK(replacement.slot == hung.slot);
+  // A connection dealt to the hung worker now would wait in its channel to the end of the test
+  // (and time out): every one is answered, by the other worker or the replacement.
+  std::vector<std::string> failures;
+  auto by_pid = get_many(port_of(other), 6, failures);
+  INFO(summary(failures));
+  CHECK(failures.empty());
+  CHECK(keys(by_pid) == std::set<pid_t>{other.pid, replacement.pid});
+  CHECK_FALSE(process_gone(hung.pid));
+
+  REQUIRE(::kill(hung.pid, SIGKILL) == 0);
+  Exit e = master.expect_exit(hung.id);
+  CHECK(e.signal == SIGKILL);
+  CHECK_FALSE(e.after_disconnect);
+  CHECK(e.reason.starts_with("watchdog: "));
+  // Its slot has a worker already: nothing more is forked for it.
+  master.command("wait 300");
+  for (auto& line : master.expect_all_until("waited")) CHECK_FALSE(line.starts_with("fork "));
+  CHECK(exited_zero(master.finish()));
+}
+
+TEST_CASE("A worker whose loop is busy for less than watchdog_timeout at a time is never taken "
+          "for hung",
+          "[faults][watchdog]") {
+  // 30 spells of 50 ms with the loop turning in between, 1.5 s in all, against a 400 ms
+  // watchdog (heartbeats every 100 ms): a heartbeat is never more than about 150 ms late.
+  FdLeakCheck fds;
+  Options opts = listening_on(1);
+  opts.watchdog_timeout = std::chrono::milliseconds(400);
+  FaultCluster master(std::move(opts), {}, fault_reports, fault_commands);
+  REQUIRE(master.pid() > 0);
+  const Listening w = master.expect_listening(1).front();
+  for (int i = 0; i < 30; ++i) {
+    master.command("send " + std::to_string(w.id) + " busy 50");
+    master.expect("message " + std::to_string(w.id) + " busy done");
+  }
+  master.sync();
+  check_no_worker_ended(master);
+}
+
+TEST_CASE("A master that was stalled for longer than watchdog_timeout does not take its healthy "
+          "workers for hung",
+          "[faults][watchdog]") {
+  // The workers' heartbeats kept coming while the master's loop stood still (a slow fork under
+  // a sanitizer, swap, a SIGSTOP): they wait in the channels. The watchdog must judge by them,
+  // not by when the master last read its channels.
+  FdLeakCheck fds;
+  Options opts = listening_on(2);
+  opts.watchdog_timeout = std::chrono::milliseconds(300);
+  FaultCluster master(std::move(opts), {}, fault_reports, fault_commands);
+  REQUIRE(master.pid() > 0);
+  master.expect_listening(2);
+  master.command("stall 1000");
+  master.expect("stalled");
+  master.command("wait 500");  // a few of the watchdog's rounds after the stall
+  master.expect("waited");
+  check_no_worker_ended(master);
+}
+
+// ---------------------------------------------------------------------------------------------
+// start_timeout.
+
+TEST_CASE("A slot whose workers never start listening is killed at start_timeout and errored "
+          "under load while the other slot serves",
+          "[faults][crash-loop][start-timeout]") {
+  Options opts = listening_on(1);
+  opts.start_timeout = std::chrono::milliseconds(100);
+  check_slot_errored_under_load(Slot1Start::hangs, std::move(opts));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recycling.
+
+TEST_CASE("Recycling hello workers under load answers every request", "[faults][recycle][hello]") {
+  const std::string flag = GENERATE(as<std::string>{}, "--max-requests", "--max-lifetime-ms");
+  const auto mode = GENERATE(HttpLoad::Mode::keep_alive, HttpLoad::Mode::new_connection);
+  const std::string value = flag == "--max-requests" ? "2000" : "300";
+  INFO(flag << " " << value << ", "
+            << (mode == HttpLoad::Mode::keep_alive ? "keep-alive" : "a connection per request"));
+  REQUIRE(::access(kHello.c_str(), X_OK) == 0);
+  FdLeakCheck fds;
+  HelloProcess hello({"--workers", "2", "--port", "0", "--work", "0", flag, value});
+  REQUIRE(hello.pid() > 0);
+  if (!hello.start(2)) FAIL("hello did not start; it said:\n" << hello.out().transcript());
+
+  HttpLoad load(hello.port(), 4, mode);
+  constexpr std::size_t kRecycled = 6;
+  HelloEvents e = read_hello_events(hello, 0, kRecycled);
+  CHECK(load.wait_answered(load.answered() + 200, Clock::now() + kDeadline));
+  load.stop();
+  INFO("hello said:\n" << hello.out().transcript());
+  CHECK(e.started.size() == kRecycled);
+  CHECK(e.died.empty());
+  const auto failures = load.failures();
+  INFO(load.sent() << " requests, " << summary(failures));
+  CHECK(failures.empty());
+  REQUIRE(::kill(hello.pid(), SIGTERM) == 0);
+  CHECK(exited_zero(hello.wait(Clock::now() + kDeadline)));
+}
+
+TEST_CASE("A worker recycled after max_connections answers its last connection and the next "
+          "client reaches its replacement",
+          "[faults][recycle]") {
+  FdLeakCheck fds;
+  Options opts = listening_on(1);
+  opts.max_connections = 5;
+  FaultCluster master(std::move(opts), {}, fault_reports, fault_commands);
+  REQUIRE(master.pid() > 0);
+  const Listening w = master.expect_listening(1).front();
+  for (int i = 0; i < 5; ++i) {
+    HttpResult r = http_get(w.addresses.at(0));
+    INFO("connection " << i + 1 << ": " << r.error);
+    CHECK(handled_by(r.body) == w.pid);
+  }
+  const std::vector<std::string> lines = master.expect_all_until("exit " + std::to_string(w.id) + " ");
+  INFO("the master said:\n" << master.transcript());
+  REQUIRE(parse_exit(lines.back()).has_value());
+  const Exit e = *parse_exit(lines.back());
+  CHECK(e.code == 0);
+  CHECK(e.after_disconnect);
+  CHECK(e.reason == "recycled: max_connections: took 5 connections");
+  std::optional<Listening> replacement;
+  for (auto& line : lines)
+    if (auto l = parse_listening(line)) replacement = l;
+  REQUIRE(replacement.has_value());  // listening before the old worker was let go
+  CHECK(replacement->slot == w.slot);
+  HttpResult sixth = http_get(w.addresses.at(0));
+  INFO(sixth.error);
+  CHECK(handled_by(sixth.body) == replacement->pid);
+  CHECK(exited_zero(master.finish()));
+}
+
+TEST_CASE("Workers recycled by max_lifetime drain one at a time", "[faults][recycle]") {
+  // Each worker holds an idle keep-alive connection, so its drain lasts the drain grace
+  // (500 ms), longer than max_lifetime: recycling one worker after the other without waiting
+  // for the drain would have several draining together.
+  FdLeakCheck fds;
+  Options opts = listening_on(4);
+  opts.max_lifetime = std::chrono::milliseconds(200);
+  FaultCluster master(std::move(opts), {}, fault_reports, fault_commands);
+  REQUIRE(master.pid() > 0);
+  const std::vector<Listening> ws = master.expect_listening(4);
+  auto kept = one_connection_per_worker(port_of(ws[0]), 4);
+  REQUIRE(kept.size() == 4);
+
+  const std::vector<std::string> lines = read_until_exited(master, {1, 2, 3, 4});
+  INFO("the master said:\n" << master.transcript());
+  std::set<unsigned> draining;
+  std::size_t most = 0;
+  for (auto& line : lines) {
+    auto w = words(line);
+    if (w.size() == 3 && w[0] == "message" && w[2] == "draining") {
+      draining.insert(static_cast<unsigned>(std::stoul(w[1])));
+      most = std::max(most, draining.size());
+    } else if (auto e = parse_exit(line)) {
+      draining.erase(e->id);
+      INFO(line);
+      CHECK(e->reason.starts_with("recycled: max_lifetime 200 ms reached"));
+    }
+  }
+  CHECK(most == 1);
+  CHECK(exited_zero(master.finish()));
+}
+
+TEST_CASE("The master holds no more descriptors or memory after 300 recycling cycles",
+          "[faults][recycle]") {
+  // The recycling path (a retire frame, a pass of the rolling-restart machinery, a drain)
+  // rather than the crash path of supervision.test.cpp's 1000 cycles.
+  constexpr int kCycles = 300;
+  std::size_t fds_before = count_open_fds();
+  std::vector<std::size_t> master_fds;
+  std::vector<ExitInfo> exits;
+  std::size_t rss_warm = 0, rss_end = 0;  // the master's resident memory at cycle 50 and last
+  bool timed_out = false;
+  {
+    Options opts = listening_on(1);
+    opts.max_requests = 1;
+    opts.log = [](std::string_view) {};
+    prefork::Cluster<FaultServer, prefork::RoundRobin, prefork::RestartOnCrash> cluster(
+        std::move(opts));
+    cluster.on_listening([&](WorkerT& w) {
+      if (w.id() == 1) w.send("request done");
+    });
+    cluster.on_exit([&](WorkerT&, const ExitInfo& e) {
+      // The old worker is reaped and its replacement listens: one worker's channel and pidfd.
+      exits.push_back(e);
+      master_fds.push_back(count_open_fds());
+      if (exits.size() == 50) rss_warm = prefork::detail::resident_bytes(::getpid());
+      rss_end = prefork::detail::resident_bytes(::getpid());
+      if (exits.size() == kCycles) return cluster.shutdown();
+      for (auto* next : cluster.workers()) next->send("request done");
+    });
+    arm_watchdog(cluster, timed_out, 6 * kDeadline);
+    CHECK(cluster.run() == 0);
+  }
+  REQUIRE_FALSE(timed_out);
+  REQUIRE(exits.size() == kCycles + 1);  // and the last worker, at shutdown
+  CHECK(std::count(master_fds.begin(), master_fds.end() - 1, master_fds.front()) == kCycles);
+  for (std::size_t i = 0; i < kCycles; ++i) {
+    INFO("cycle " << i);
+    CHECK(exits[i].exit_code == 0);
+    CHECK(exits[i].reason == "recycled: max_requests: served 1 requests");
+  }
+#if !defined(__SANITIZE_ADDRESS__)  // ASan's quarantine keeps freed memory resident on purpose
+  CAPTURE(rss_warm, rss_end);
+  CHECK(rss_end <= rss_warm + (256u << 10));
+#endif
+  CHECK(count_open_fds() == fds_before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process groups.
+
+TEST_CASE("A process a worker started is stopped with the worker however the worker ends",
+          "[faults][process-group]") {
+  const std::string how =
+      GENERATE(as<std::string>{}, "killed from outside", "found hung", "shut down");
+  INFO("the worker is " << how);
+  FdLeakCheck fds;
+  Options opts = listening_on(1);
+  opts.watchdog_timeout = std::chrono::milliseconds(300);
+  FaultCluster master(std::move(opts), {}, fault_reports, fault_commands);
+  REQUIRE(master.pid() > 0);
+  const Listening w = master.expect_listening(1).front();
+  master.command("send " + std::to_string(w.id) + " child");
+  const std::string said = master.expect("message " + std::to_string(w.id) + " child:");
+  const pid_t child = static_cast<pid_t>(number_after(said, "message " + std::to_string(w.id) + " child:"));
+  REQUIRE(child > 0);
+  prefork::UniqueFd watch(pidfd_open(child));  // not our child: polled, never reaped here
+  REQUIRE(watch);
+
+  std::optional<int> status;
+  if (how == "killed from outside") {
+    REQUIRE(::kill(w.pid, SIGKILL) == 0);
+    CHECK(master.expect_exit(w.id).signal == SIGKILL);
+  } else if (how == "found hung") {
+    master.command("send " + std::to_string(w.id) + " spin");
+    Exit e = master.expect_exit(w.id);
+    CHECK(e.reason.starts_with("watchdog: "));
+  } else {
+    status = master.finish();
+    CHECK(exited_zero(status));
+  }
+  CHECK(wait_pidfd(watch.get(), Clock::now() + kDeadline));
+  CHECK(process_gone(child));
+  if (!status) CHECK(exited_zero(master.finish()));
+}

@@ -490,6 +490,49 @@ TEST_CASE("A worker not listening within start_timeout is killed and its slot re
   CHECK(count_open_fds() == fds_before);
 }
 
+TEST_CASE("Without listen addresses a worker whose Server is never built is killed at "
+          "start_timeout, not taken for hung, and its slot restarted",
+          "[supervision][watchdog]") {
+  // Such a worker is 'online' (sent before its Server is built) but never 'started': the
+  // watchdog, which would replace it at once and for ever, must leave it to start_timeout; the
+  // exit record says so, which Backoff reads as a failed start (tests/unit/restart.test.cpp).
+  std::size_t fds_before = count_open_fds();
+  std::optional<ExitInfo> info;
+  std::vector<unsigned> online;
+  std::vector<std::string> log;
+  bool timed_out = false;
+  {
+    Options opts{.workers = 1, .handle_signals = false};
+    opts.start_timeout = 300ms;
+    opts.watchdog_timeout = 100ms;
+    opts.log = [&](std::string_view line) { log.emplace_back(line); };
+    using Policy = prefork::Backoff<prefork::RestartOnCrash>;
+    prefork::Cluster<StuckAtStart, prefork::RoundRobin, Policy> cluster(
+        std::move(opts), Policy(prefork::BackoffOptions{.initial_delay = 1ms, .healthy_after = 1ms}));
+    cluster.on_online([&](WorkerT& w) {
+      online.push_back(w.id());
+      if (w.id() == 2) w.send("ping");
+    });
+    cluster.on_exit([&](WorkerT& w, const ExitInfo& e) {
+      if (w.id() == 1) info = e;
+    });
+    cluster.on_message([&](WorkerT& w, const std::string& m) {
+      if (w.id() == 2 && m == "pong:2") cluster.shutdown();
+    });
+    arm_watchdog(cluster, timed_out);
+    CHECK(cluster.run() == 0);
+  }
+  REQUIRE_FALSE(timed_out);
+  REQUIRE(info.has_value());
+  CHECK(info->signal == SIGKILL);
+  CHECK(info->reason == "start timeout: not started after 300 ms");
+  CHECK(info->start_timed_out);
+  CHECK_FALSE(info->reached_listening);
+  CHECK(online == std::vector<unsigned>{1, 2});
+  for (auto& line : log) CHECK(line.find(" is hung") == std::string::npos);
+  CHECK(count_open_fds() == fds_before);
+}
+
 TEST_CASE("A worker that took max_connections connections is recycled after its replacement "
           "listens",
           "[supervision][recycle]") {

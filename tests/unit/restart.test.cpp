@@ -293,6 +293,39 @@ TEST_CASE("Backoff counts an exit just under healthy_after as quick", "[restart]
   CHECK(policy.streak(0) == 1u);
 }
 
+TEST_CASE("Backoff restarts at once a worker that had started, however short its uptime",
+          "[restart]") {
+  // chaos.sh: workers SIGKILLed every half second under load must come back at once.
+  Backoff<> policy({.healthy_after = 1000ms, .max_restarts = 2});
+  for (int i = 0; i < 2; ++i) policy.on_exit(0, quick_crash());
+  REQUIRE(policy.streak(0) == 2u);
+  ExitInfo e = killed(SIGKILL, 10ms);
+  e.reached_listening = true;
+  for (int i = 0; i < 5; ++i) CHECK(policy.on_exit(0, e) == RestartDecision::restart_now());
+  CHECK(policy.streak(0) == 0u);
+}
+
+TEST_CASE("Backoff with started_is_healthy false judges a started worker by uptime alone",
+          "[restart]") {
+  Backoff<> policy({.healthy_after = 1000ms, .started_is_healthy = false});
+  ExitInfo e = exited(1, 10ms);
+  e.reached_listening = true;
+  CHECK(policy.on_exit(0, e) == RestartDecision::restart_after(100ms));
+  CHECK(policy.on_exit(0, e) == RestartDecision::restart_after(150ms));
+  e.uptime = 1000ms;
+  CHECK(policy.on_exit(0, e) == RestartDecision::restart_now());
+}
+
+TEST_CASE("Backoff counts a worker killed at start_timeout as a quick exit, however long it ran",
+          "[restart]") {
+  Backoff<> policy({.healthy_after = 1000ms, .max_restarts = 2});
+  ExitInfo e = killed(SIGKILL, 60s);
+  e.start_timed_out = true;
+  CHECK(policy.on_exit(0, e) == RestartDecision::restart_after(100ms));
+  CHECK(policy.on_exit(0, e) == RestartDecision::restart_after(150ms));
+  CHECK(policy.on_exit(0, e) == RestartDecision::give_up_slot());
+}
+
 TEST_CASE("Backoff keeps each slot's streak separately", "[restart]") {
   Backoff<> policy({.max_restarts = 2});
   CHECK(policy.on_exit(0, quick_crash()) == RestartDecision::restart_after(100ms));
@@ -380,7 +413,7 @@ TEST_CASE("Backoff keeps the longer of Inner's delay and its own", "[restart]") 
 
 TEST_CASE("Backoff of RestartAlways with healthy_after 30s is PM2's exponential backoff",
           "[restart]") {
-  Backoff<prefork::RestartAlways> policy({.healthy_after = 30s});
+  Backoff<prefork::RestartAlways> policy({.healthy_after = 30s, .started_is_healthy = false});
   CHECK(policy.on_exit(0, exited(0, 20s)) == RestartDecision::restart_after(100ms));
   CHECK(policy.on_exit(0, exited(1, 20s)) == RestartDecision::restart_after(150ms));
   CHECK(policy.on_exit(0, killed(SIGKILL, 20s)) == RestartDecision::restart_after(225ms));
