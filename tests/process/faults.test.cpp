@@ -1104,3 +1104,46 @@ TEST_CASE("A process a worker started is stopped with the worker however the wor
   CHECK(process_gone(child));
   if (!status) CHECK(exited_zero(master.finish()));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Slow and silent clients.
+
+TEST_CASE("Clients that stall mid-request starve neither dispatch nor any worker: other "
+          "clients are answered by every worker",
+          "[faults][clients][hello]") {
+  // 300 connections that send one byte and stop, and 30 that stop half-way through their
+  // headers (slowloris), stay open while the load runs. (Clients that send nothing at all
+  // never get past the kernel: hello sets TCP_DEFER_ACCEPT.) With master dispatch the master
+  // never reads a client, it hands the socket over at once whatever the client does; each
+  // worker's loop turns between clients. So each worker holds ~165 of them and still answers
+  // everyone else.
+  const std::string balance = GENERATE(as<std::string>{}, "round-robin", "shared");
+  INFO("--balance " << balance);
+  REQUIRE(::access(kHello.c_str(), X_OK) == 0);
+  FdLeakCheck fds;
+  HelloProcess hello({"--workers", "2", "--port", "0", "--work", "0", "--balance", balance});
+  REQUIRE(hello.pid() > 0);
+  if (!hello.start(2)) FAIL("hello did not start; it said:\n" << hello.out().transcript());
+  const std::string address = "127.0.0.1:" + std::to_string(hello.port());
+
+  std::vector<HttpClient> stalled(330);
+  for (std::size_t i = 0; i < stalled.size(); ++i) {
+    INFO("client " << i);
+    REQUIRE(stalled[i].connect(address));
+    REQUIRE(write_all(stalled[i].fd(),
+                      i % 11 == 0 ? "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Ag" : "G"));
+  }
+
+  HttpLoad load(address, 4, HttpLoad::Mode::new_connection);
+  CHECK(load.wait_answered(1000, Clock::now() + kDeadline));
+  load.stop();
+  const auto failures = load.failures();
+  INFO(load.sent() << " requests, " << summary(failures));
+  CHECK(failures.empty());
+  std::set<pid_t> served;
+  for (auto& [pid, n] : load.by_pid(0)) served.insert(pid);
+  CHECK(served == std::set<pid_t>(hello.workers().begin(), hello.workers().end()));
+  stalled.clear();
+  REQUIRE(::kill(hello.pid(), SIGTERM) == 0);
+  CHECK(exited_zero(hello.wait(Clock::now() + kDeadline)));
+}
