@@ -1,6 +1,7 @@
 // Writes the seed corpora: tests/fuzz/corpus/frame/ (frames built with the library's own
 // encode_header, in the input layout frame.fuzz.cpp reads) and tests/fuzz/corpus/codec/ (values
-// encoded with the codecs codec.fuzz.cpp decodes). Valid inputs and a few near misses, each
+// encoded with the codecs codec.fuzz.cpp decodes) and tests/fuzz/corpus/store/ (store requests,
+// replies, snapshots and request scripts, in the layout store.fuzz.cpp reads). Valid inputs and a few near misses, each
 // reaching one outcome, so that fuzzing starts from every branch of the decoders.
 // Usage: fuzz.make_corpus <tests/fuzz/corpus>   (overwrites the files of the same names)
 #include <cstdint>
@@ -8,12 +9,15 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <utility>
 
 #include "prefork/channel.hpp"
 #include "prefork/codec.hpp"
+#include "prefork/store.hpp"
 #include "sample.hpp"
 
 namespace {
@@ -66,6 +70,35 @@ void write(const fs::path& dir, const std::string& name, const std::string& byte
     std::fprintf(stderr, "make_corpus: cannot write %s\n", (dir / name).c_str());
     std::exit(1);
   }
+}
+
+// store.fuzz.cpp's mode byte: what the rest of the input is.
+constexpr char store_request = 0;
+constexpr char store_reply = 1;
+constexpr char store_snapshot = 2;
+constexpr char store_snapshot_fixed_crc = 3;
+constexpr char store_script = 4;
+
+// One record of a store script: the fake clock moves by advance_ms, then the request runs.
+std::string step(unsigned advance_ms, const prefork::StoreRequest& r) {
+  const std::string bytes = prefork::encode(r);
+  if (bytes.size() > 255) {
+    std::fprintf(stderr, "make_corpus: a script request must encode to at most 255 bytes\n");
+    std::exit(1);
+  }
+  return std::string(1, static_cast<char>(advance_ms)) + static_cast<char>(bytes.size()) + bytes;
+}
+
+// A snapshot's bytes, written through MemoryStore::save to a scratch file beside the corpus.
+std::string snapshot_of(const prefork::MemoryStore<>& store, const fs::path& scratch) {
+  if (auto ec = store.save(scratch.string())) {
+    std::fprintf(stderr, "make_corpus: save %s: %s\n", scratch.c_str(), ec.message().c_str());
+    std::exit(1);
+  }
+  std::ifstream in(scratch, std::ios::binary);
+  std::string bytes{std::istreambuf_iterator<char>(in), {}};
+  fs::remove(scratch);
+  return bytes;
 }
 
 template <class Codec>
@@ -151,5 +184,61 @@ int main(int argc, char** argv) {
   write(c, "other-u16", encoded<OtherVariantCodec>(std::uint16_t{0xbeef}));
   write(c, "other-second-string",
         encoded<OtherVariantCodec>(OtherVariantCodec::message_type(std::in_place_index<3>, "b")));
+
+  const fs::path st = root / "store";
+  using prefork::StoreOp;
+  using prefork::StoreReply;
+  using prefork::StoreRequest;
+  write(st, "request-get", store_request + prefork::encode(StoreRequest{.op = StoreOp::get, .key = "k"}));
+  write(st, "request-set-ttl",
+        store_request + prefork::encode(StoreRequest{
+                            .op = StoreOp::set, .key = "k", .value = std::string("v\0v", 3), .ttl_ms = 5}));
+  write(st, "request-cas-expected",
+        store_request + prefork::encode(StoreRequest{
+                            .op = StoreOp::compare_and_set, .key = "k", .value = "b", .expected = "a"}));
+  write(st, "request-increment-min",
+        store_request + prefork::encode(StoreRequest{
+                            .op = StoreOp::increment, .key = "n",
+                            .delta = std::numeric_limits<std::int64_t>::min()}));
+  write(st, "request-keys", store_request + prefork::encode(StoreRequest{
+                                                .op = StoreOp::keys, .key = "user:", .limit = 2}));
+  write(st, "reply-ok", store_reply + prefork::encode(StoreReply{}));
+  write(st, "reply-value", store_reply + prefork::encode(StoreReply{.value = "value"}));
+  write(st, "reply-keys", store_reply + prefork::encode(StoreReply{.keys = {"a", "", "b"}}));
+  write(st, "reply-full", store_reply + prefork::encode(StoreReply{
+                                            .error = prefork::store_errc::full,
+                                            .message = "store full: 512 of 512 bytes used"}));
+
+  prefork::MemoryStore<> store;
+  (void)store.set("alpha", "1");
+  (void)store.set(std::string("b\0", 2), std::string(40, 'v'), std::chrono::hours(1));
+  (void)store.set("", "empty key");
+  const std::string snap = snapshot_of(store, root / "store.scratch");
+  write(st, "snapshot-three", store_snapshot + snap);
+  write(st, "snapshot-empty", store_snapshot + snapshot_of(prefork::MemoryStore<>{}, root / "store.scratch"));
+  // The checksum is recomputed by the target in this mode: a damaged length reaches the parser.
+  std::string damaged = snap;
+  damaged[12] = static_cast<char>(0x7f);
+  write(st, "snapshot-fixed-crc-bad-length", store_snapshot_fixed_crc + damaged);
+  write(st, "snapshot-fixed-crc-valid", store_snapshot_fixed_crc + snap);
+
+  write(st, "script-counter-ttl",
+        store_script + step(0, {.op = StoreOp::increment, .key = "hits", .delta = 1, .ttl_ms = 10}) +
+            step(5, {.op = StoreOp::increment, .key = "hits", .delta = 1, .ttl_ms = 10}) +
+            step(5, {.op = StoreOp::get, .key = "hits"}) +
+            step(0, {.op = StoreOp::increment, .key = "hits", .delta = -3}));
+  write(st, "script-fill-and-expire",
+        store_script + step(0, {.op = StoreOp::set, .key = "a", .value = std::string(60, 'a'), .ttl_ms = 3}) +
+            step(0, {.op = StoreOp::set, .key = "b", .value = std::string(60, 'b')}) +
+            step(0, {.op = StoreOp::set, .key = "c", .value = std::string(60, 'c')}) +
+            step(0, {.op = StoreOp::set, .key = "d", .value = std::string(60, 'd')}) +
+            step(3, {.op = StoreOp::set, .key = "d", .value = std::string(60, 'd')}) +
+            step(0, {.op = StoreOp::keys, .key = ""}));
+  write(st, "script-cas-lock",
+        store_script + step(0, {.op = StoreOp::compare_and_set, .key = "lock", .value = "me", .ttl_ms = 2}) +
+            step(1, {.op = StoreOp::compare_and_set, .key = "lock", .value = "you"}) +
+            step(1, {.op = StoreOp::compare_and_set, .key = "lock", .value = "you"}) +
+            step(0, {.op = StoreOp::compare_and_set, .key = "lock", .value = "x", .expected = "you"}) +
+            step(0, {.op = StoreOp::erase, .key = "lock"}));
   return 0;
 }
