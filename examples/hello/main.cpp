@@ -5,11 +5,14 @@
 // SIGTERM or SIGINT stops everything gracefully (exit status 0; a second signal: at once).
 //
 //   hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]
-//         [--balance round-robin|least-connections|ip-hash|shared|reuse-port] [--crash-ms MS]
-//         [--faults] [--watchdog-ms MS] [--max-requests N] [--max-lifetime-ms MS]
-//         [--max-rss-mb N]
+//         [--balance round-robin|least-connections|ip-hash|cookie|shared|reuse-port]
+//         [--crash-ms MS] [--faults] [--watchdog-ms MS] [--max-requests N]
+//         [--max-lifetime-ms MS] [--max-rss-mb N]
 //         defaults: 127.0.0.1, 8080, one worker per CPU, 10000000 iterations, fork, round-robin,
 //         watchdog 30000 ms (0: off), no recycling
+//   --balance cookie: a request whose cookie `sid` names a slot ("sid=s1", or "sid=s1~token")
+//                  goes to that slot's worker, and to its replacement after a crash; any other
+//                  goes round-robin (prefork::StickyCookie).
 //   --crash-ms MS: every worker exits with status 1 after a random time below MS (the seed's
 //                  availability experiment); the master replaces it as usual.
 //   --faults:      GET /crash makes the worker that reads it exit with status 1 at once, and
@@ -139,7 +142,7 @@ using HelloCluster = prefork::Cluster<Hello, Balance>;
 
 constexpr const char* kUsage =
     "usage: hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]\n"
-    "             [--balance round-robin|least-connections|ip-hash|shared|reuse-port]\n"
+    "             [--balance round-robin|least-connections|ip-hash|cookie|shared|reuse-port]\n"
     "             [--crash-ms MS] [--faults] [--watchdog-ms MS] [--max-requests N]\n"
     "             [--max-lifetime-ms MS] [--max-rss-mb N]\n";
 
@@ -208,9 +211,10 @@ Config parse_args(int argc, char** argv) {
       c.max_rss_mb = parse_number<unsigned>(flag, value, 0, 1'000'000);
     } else if (flag == "--balance") {
       if (value != "round-robin" && value != "least-connections" && value != "ip-hash" &&
-          value != "shared" && value != "reuse-port")
+          value != "cookie" && value != "shared" && value != "reuse-port")
         usage_error("--balance: '" + std::string(value) +
-                    "' is not round-robin, least-connections, ip-hash, shared or reuse-port");
+                    "' is not round-robin, least-connections, ip-hash, cookie, shared or "
+                    "reuse-port");
       c.balance = value;
     } else if (value == "fork" || value == "exec") {
       c.spawn = value == "fork" ? prefork::SpawnMode::fork : prefork::SpawnMode::exec;
@@ -283,6 +287,7 @@ int main(int argc, char** argv) {
     const std::string& b = config.balance;
     if (b == "least-connections") return serve<prefork::LeastConnections>(address);
     if (b == "ip-hash") return serve<prefork::IpHash>(address);
+    if (b == "cookie") return serve<prefork::StickyCookie>(address);
     if (b == "shared") return serve<prefork::SharedAccept>(address);
     if (b == "reuse-port") return serve<prefork::ReusePort>(address);
     return serve<prefork::RoundRobin>(address);

@@ -40,8 +40,23 @@ enum class FrameKind : std::uint8_t {
   accepted = 9,     ///< worker -> master: it received `tag` more connection frames
   retire = 10,      ///< worker -> master: recycle me (payload: why), e.g. max_connections
   started = 11,     ///< worker -> master: the Server is built and the worker's loop turns
+  request = 12,     ///< either way: codec bytes expecting an answer (tag: correlation id)
+  reply = 13,       ///< either way: the answer to request `tag` (codec bytes)
+  failure = 14,     ///< either way: request `tag` failed (payload: why)
+  store = 15,       ///< worker -> master: a shared-store operation (tag: correlation id)
+  store_reply = 16, ///< master -> worker: its result (tag: correlation id)
+  bind = 17,        ///< worker -> master: route a session key to this worker's slot
 };
-inline constexpr std::uint8_t kMaxFrameKind = 11;
+inline constexpr std::uint8_t kMaxFrameKind = 17;
+
+/// Frames that carry the user's traffic and so count against max_queued_bytes: a peer that
+/// stops reading is pushed back on (errc::queue_full) instead of growing the queue for ever.
+/// Control frames always go out, so that a full queue cannot stop a connection being
+/// acknowledged or a drain being asked for.
+constexpr bool is_user_traffic(FrameKind k) noexcept {
+  return k == FrameKind::user || k == FrameKind::connection || k == FrameKind::request ||
+         k == FrameKind::store;
+}
 
 /// One frame as received: the payload and the descriptors that came with it (owned).
 struct Frame {
@@ -132,7 +147,7 @@ class Channel {
   /// Queues one frame and writes as much as the socket takes now. Takes ownership of fds,
   /// which are closed once sent (or when the channel closes). Errors, with nothing queued:
   /// errc::frame_too_large (payload over max_message_size), errc::too_many_fds,
-  /// errc::queue_full (user and connection frames only: the queue holds max_queued_bytes
+  /// errc::queue_full (is_user_traffic frames only: the queue holds max_queued_bytes
   /// already; an empty queue always takes one message), errc::channel_closed.
   std::error_code send(FrameKind kind, std::string payload, std::uint64_t tag = 0,
                        std::vector<UniqueFd> fds = {}) {
@@ -202,7 +217,7 @@ class Channel {
     // master deals out). The library's own small control frames always go: a worker whose
     // Server filled the queue must still acknowledge connections, or the master would keep
     // its copies and their clients would never see them end.
-    if ((kind == FrameKind::user || kind == FrameKind::connection) && !has_room(payload.size()))
+    if (is_user_traffic(kind) && !has_room(payload.size()))
       return errc::queue_full;
     Out o;
     detail::encode_header(o.header, {static_cast<std::uint8_t>(kind),

@@ -145,6 +145,11 @@ class Cluster {
   void on_exit(std::function<void(WorkerT&, const ExitInfo&)> cb) { if (master_) master_->on_exit(std::move(cb)); }
   void on_message(std::function<void(WorkerT&, const message_type&)> cb) { if (master_) master_->on_message(std::move(cb)); }
   void on_error(std::function<void(WorkerT&, std::error_code)> cb) { if (master_) master_->on_error(std::move(cb)); }
+  /// The shared store's backend (Master::use_store); nothing in a worker.
+  template <Store S>
+  void use_store(S store) { if (master_) master_->use_store(std::move(store)); }
+  /// Requests from workers: cb(worker, message, reply); see Master::on_request.
+  void on_request(std::function<void(WorkerT&, const message_type&, Reply<Codec>)> cb) { if (master_) master_->on_request(std::move(cb)); }
   void on_errored(std::function<void(std::size_t, const ExitInfo&)> cb) { if (master_) master_->on_errored(std::move(cb)); }
   /// cb(const ReloadReport&) or cb(bool ok).
   template <class F>

@@ -19,6 +19,10 @@ enum class errc {
   decode_failed,        ///< a codec rejected the bytes of a user message
   too_many_fds,         ///< more descriptors than one frame may carry
   no_such_worker,       ///< the worker id is unknown or the worker is dead
+  request_timeout,      ///< a request got no answer within its timeout
+  peer_gone,            ///< the peer exited (or its channel closed) before it answered
+  no_handler,           ///< the peer has no on_request to answer requests with
+  request_failed,       ///< the peer's handler dropped the request unanswered, or threw
 };
 
 namespace detail {
@@ -35,6 +39,10 @@ class error_category_impl final : public std::error_category {
       case errc::decode_failed: return "message could not be decoded";
       case errc::too_many_fds: return "too many descriptors for one frame";
       case errc::no_such_worker: return "no such worker";
+      case errc::request_timeout: return "request timed out";
+      case errc::peer_gone: return "peer exited before it answered";
+      case errc::no_handler: return "peer has no request handler";
+      case errc::request_failed: return "peer failed to answer the request";
     }
     return "unknown prefork error";
   }

@@ -39,6 +39,7 @@
 #include <prefork/event_loop.hpp>
 #include <prefork/options.hpp>
 #include <prefork/restart.hpp>
+#include <prefork/store_client.hpp>
 #include <prefork/worker.hpp>
 #include <prefork/worker_handle.hpp>
 
@@ -136,6 +137,7 @@ class Master {
     upgrade_boot_ = detail::take_upgrade_boot(upgrade_error);
     if (!upgrade_error.empty()) throw std::runtime_error("prefork: " + upgrade_error);
     slots_.resize(opts_.workers);
+    store_ = std::make_unique<detail::StoreHostOf<MemoryStore<>>>(MemoryStore<>(opts_.store_limits));
     loop_.on_exception([this](std::exception_ptr e) {
       try {
         std::rethrow_exception(e);
@@ -151,6 +153,17 @@ class Master {
 
   // Lifecycle callbacks, in Node's order: fork -> online -> listening -> disconnect -> exit.
   void on_fork(std::function<void(WorkerT&)> cb) { on_fork_ = std::move(cb); }
+
+  /// Replaces the shared store's backend (MemoryStore by default) with any Store, before
+  /// run(); returns it, for the master's own synchronous use. Snapshots (store_snapshot) need
+  /// its save(path)/load(path); expired keys are swept if it has sweep(n).
+  template <Store S>
+  S& use_store(S store) {
+    auto host = std::make_unique<detail::StoreHostOf<S>>(std::move(store));
+    S& s = host->store();
+    store_ = std::move(host);
+    return s;
+  }
   void on_online(std::function<void(WorkerT&)> cb) { on_online_ = std::move(cb); }
   /// cb(Worker&) or cb(Worker&, const std::vector<std::string>& addresses): the addresses
   /// as bound, with the port the kernel chose for port 0 (Node's 'listening' address).
@@ -169,6 +182,12 @@ class Master {
   }
   /// A worker broke the protocol (malformed, oversized or undecodable frame); it is killed.
   void on_error(std::function<void(WorkerT&, std::error_code)> cb) { on_error_ = std::move(cb); }
+  /// Requests from workers (WorkerContext::request): cb(worker, message, reply) answers by
+  /// calling reply(answer), now or later. Without a handler every request fails at once
+  /// (errc::no_handler on the worker's side).
+  void on_request(std::function<void(WorkerT&, const message_type&, Reply<Codec>)> cb) {
+    on_request_ = std::move(cb);
+  }
   /// The RestartPolicy gave up on a slot (crash loop); the master stays up without it.
   void on_errored(std::function<void(std::size_t slot, const ExitInfo&)> cb) {
     on_errored_ = std::move(cb);
@@ -350,6 +369,9 @@ class Master {
     }
     for (auto& spec : opts_.listen)
       if (!detail::encodable(spec)) return refuse_upgrade("a listen address holds a newline");
+    // The new master loads the store from the snapshot before it forks: writes this master
+    // takes after this point are not in it (documented in the README).
+    if (!save_store()) return refuse_upgrade("the store could not be saved for the new master");
     std::string error = successor_.start(
         master_path_, master_argv_, environment_without_markers(), sockets, master_only_fds(),
         opts_.upgrade_timeout, [this] { upgrade_succeeded(); },
@@ -371,6 +393,7 @@ class Master {
   /// shutdown. Returns 0 after a graceful shutdown. Throws std::system_error for set-up
   /// failures (bind, signalfd); after set-up nothing a worker does ends it.
   int run() {
+    load_store();
     bind();
     if (opts_.handle_signals) {
       loop_.on_signal(SIGTERM, [this](const signalfd_siginfo&) { shutdown(); });
@@ -382,12 +405,13 @@ class Master {
       if (!slots_[s].worker_id) spawn(s);
     if constexpr (MasterDispatch<Balance>) resume_accepting();
     start_supervision();
+    loop_.every(std::chrono::seconds(1), [this] { store_->sweep(); }, false);
     loop_.restart();
     loop_.run();
     // After an upgrade the new master serves on the Unix socket files: they stay.
     if (!handed_over_)
       for (auto& a : addresses_) detail::unlink_unix_socket(a);
-    return 0;
+    return save_store() ? 0 : 1;
   }
 
  private:
@@ -464,6 +488,7 @@ class Master {
     for (auto& set : slot_listeners_)
       for (auto& l : set) fds.push_back(l.get());
     for (auto& h : pending_) fds.push_back(h.fd.get());
+    for (auto& [fd, p] : peeking_) fds.push_back(fd);
     if (upgrade_boot_ && upgrade_boot_->notify) fds.push_back(upgrade_boot_->notify.get());
     successor_.descriptors(fds);
     for (auto& [id, w] : workers_) {
@@ -541,6 +566,7 @@ class Master {
     w.channel_ = std::make_unique<Channel>(
         loop_, std::move(mine), ChannelLimits{opts_.max_message_size, opts_.max_queued_bytes});
     w.channel_->on_frame([this, &w](Frame&& f) { on_frame(w, std::move(f)); });
+    w.link_->channel = w.channel_.get();
     w.channel_->on_close([this, &w](std::error_code ec) { on_channel_closed(w, ec); });
     loop_.watch(w.pidfd_.get(), EventLoop::readable, [this, &w](std::uint32_t) { on_pidfd(w); });
     s.worker_id = id;
@@ -665,15 +691,70 @@ class Master {
         if constexpr (MasterDispatch<Balance>) resume_accepting();
         return;
       }
+      case FrameKind::request:
+        detail::answer(w.link_, codec_, f, static_cast<bool>(on_request_),
+                       [this, &w](const message_type& m, Reply<Codec> r) {
+                         on_request_(w, m, std::move(r));
+                       });
+        return;
+      case FrameKind::reply: return w.outgoing_.on_reply(f.tag, f.payload);
+      case FrameKind::failure: return w.outgoing_.on_failure(f.tag, f.payload);
+      case FrameKind::store: return serve_store(w, f);
       case FrameKind::heartbeat: return;
       case FrameKind::retire:
         recycle(w, f.payload.empty() ? std::string("the worker asked for it")
                                      : f.payload.substr(0, 200));
         return;
+      case FrameKind::bind:
+        // A session key for this worker's slot; a policy that routes by key keeps it, any
+        // other ignores it, so a Server may bind whatever the cluster balances with.
+        if constexpr (BindsKeys<Balance>) balance_.bind(std::string_view(f.payload), w.slot_);
+        return;
       default: break;
     }
     protocol_error(w, make_error_code(errc::malformed_frame));
     mark_disconnected(w);
+  }
+
+  // One operation on the shared store for `w`. Always answered (a store_reply frame goes out
+  // even when the channel's queue is full), with the store's error if it failed.
+  void serve_store(WorkerT& w, const Frame& f) {
+    std::error_code ec;
+    std::optional<StoreRequest> request = decode_request(f.payload, ec);
+    StoreReply reply;
+    if (request) {
+      reply = store_->apply(*request);
+    } else {
+      reply.error = store_errc::bad_request;
+      reply.message = ec.message();
+    }
+    std::string bytes = encode(reply);
+    if (bytes.size() > opts_.max_message_size) {
+      reply = StoreReply{};
+      reply.error = store_errc::value_too_long;
+      reply.message = "store reply of " + std::to_string(bytes.size()) +
+                      " bytes exceeds max_message_size; ask for fewer keys";
+      bytes = encode(reply);
+    }
+    if (w.is_connected()) w.channel_->send(FrameKind::store_reply, std::move(bytes), f.tag);
+  }
+
+  void load_store() {
+    if (opts_.store_snapshot.empty()) return;
+    std::error_code ec = store_->load(opts_.store_snapshot);
+    if (ec == std::errc::no_such_file_or_directory) return;
+    if (ec)
+      throw std::system_error(ec, "prefork: load store snapshot " + opts_.store_snapshot +
+                                      " (fix or move the file; it is left as it is)");
+    log("store loaded from " + opts_.store_snapshot);
+  }
+
+  bool save_store() {
+    if (opts_.store_snapshot.empty()) return true;
+    std::error_code ec = store_->save(opts_.store_snapshot);
+    if (!ec) return true;
+    log("store snapshot " + opts_.store_snapshot + " not saved: " + ec.message());
+    return false;
   }
 
   void on_channel_closed(WorkerT& w, std::error_code ec) {
@@ -687,8 +768,10 @@ class Master {
   void mark_disconnected(WorkerT& w) {
     if (w.state_ == WorkerState::disconnected || w.state_ == WorkerState::dead) return;
     if (w.channel_) w.channel_->close();
+    w.link_->channel = nullptr;
     w.state_ = WorkerState::disconnected;
     recover_in_flight(w);
+    w.outgoing_.fail_all(make_error_code(errc::peer_gone));
     if (on_disconnect_) on_disconnect_(w);
   }
 
@@ -811,10 +894,17 @@ class Master {
   }
 
   // Hands one connection to a worker; false (and the connection back in `h`) if none can
-  // take it now.
-  bool dispatch(detail::Handoff& h) {
+  // take it now. A peeking policy sees `head` if the caller has just peeked it, else what
+  // the socket holds now.
+  bool dispatch(detail::Handoff& h, const std::string_view* head = nullptr) {
     if (ready_.empty()) return false;
-    std::optional<std::size_t> pick = balance_.pick(PickContext{h.peer, ready_, slots_.size()});
+    std::string_view bytes;
+    if constexpr (PeeksFirstBytes<Balance>) {
+      bool closed = false;
+      bytes = head ? *head : peek_head(h.fd.get(), closed);
+    }
+    std::optional<std::size_t> pick =
+        balance_.pick(PickContext{h.peer, ready_, slots_.size(), bytes});
     std::size_t first = pick && *pick < ready_.size() ? *pick : 0;
     for (std::size_t k = 0; k < ready_workers_.size(); ++k) {
       std::size_t i = (first + k) % ready_workers_.size();
@@ -834,7 +924,9 @@ class Master {
 
   // Shutting down: connections already accepted go to any worker that still reads its channel
   // (a draining worker serves what reaches it before the disconnect frame), whatever its load.
+  // Those still waiting for their first bytes go with what they sent so far.
   void flush_pending() {
+    if constexpr (PeeksFirstBytes<Balance>) stop_peeking();
     while (!pending_.empty()) {
       detail::Handoff& h = pending_.front();
       bool sent = false;
@@ -851,6 +943,95 @@ class Master {
       log(std::to_string(pending_.size()) +
           " accepted connections closed unanswered: no worker is left to take them");
     pending_.clear();
+  }
+
+  // PeeksFirstBytes: the policy picks on the client's first bytes, peeked (MSG_PEEK) so that
+  // the worker still reads every byte. A client whose bytes are not all there at accept is
+  // watched, edge-triggered: the bytes stay queued (never consumed), so a level-triggered
+  // watch would fire on every loop round until the deadline. It waits until the policy has
+  // enough, PeekLimits::max_bytes came, or PeekLimits::timeout passed; then it is dispatched
+  // as if just accepted. At most PeekLimits::max_waiting wait at once (more are dispatched on
+  // what they sent), so silent clients can neither stall the master nor pile up in it; they
+  // are the workers' to time out.
+
+  // Peeks into peek_buf_. Empty if nothing came yet; `closed` if the client closed without
+  // sending anything, or the socket failed (ECONNRESET).
+  std::string_view peek_head(int fd, bool& closed) {
+    closed = false;
+    std::size_t max = balance_.peek_limits().max_bytes;
+    if (max == 0) return {};
+    if (peek_buf_.size() < max) peek_buf_.resize(max);
+    ssize_t n;
+    do {
+      n = ::recv(fd, peek_buf_.data(), max, MSG_PEEK | MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n > 0) return {peek_buf_.data(), static_cast<std::size_t>(n)};
+    closed = n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
+    return {};
+  }
+
+  // True if `h` was taken: it waits for more bytes, or it was closed. Otherwise `head` holds
+  // what the client sent so far and the connection is to be dispatched now.
+  bool wait_for_head(detail::Handoff& h, std::string_view& head) {
+    const PeekLimits limits = balance_.peek_limits();
+    bool closed = false;
+    head = peek_head(h.fd.get(), closed);
+    if (closed) {
+      h.fd.reset();
+      return true;
+    }
+    if (head.size() >= limits.max_bytes || balance_.has_enough(head) ||
+        limits.timeout.count() <= 0 || peeking_.size() >= limits.max_waiting)
+      return false;
+    const int raw = h.fd.get();
+    EventLoop::TimerId deadline =
+        loop_.after(limits.timeout, [this, raw] { head_arrived(raw, 0, true); }, false);
+    try {
+      loop_.watch(raw, EPOLLIN | EPOLLRDHUP | EPOLLET,
+                  [this, raw](std::uint32_t events) { head_arrived(raw, events, false); },
+                  false);
+    } catch (const std::system_error& e) {  // epoll_ctl: ENOMEM, ENOSPC (max_user_watches)
+      loop_.cancel(deadline);
+      log(std::string("cannot wait for a client's first bytes: ") + e.what());
+      return false;
+    }
+    peeking_.emplace(raw, Peeking{std::move(h), deadline});
+    return true;
+  }
+
+  // More bytes came for a waiting client, or it shut down its side (no more will come), or
+  // its deadline passed.
+  void head_arrived(int fd, std::uint32_t events, bool deadline) {
+    auto it = peeking_.find(fd);
+    if (it == peeking_.end()) return;
+    bool closed = false;
+    std::string_view head = peek_head(fd, closed);
+    bool over = deadline || (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR));
+    if (!closed && !over && head.size() < balance_.peek_limits().max_bytes &&
+        !balance_.has_enough(head))
+      return;
+    detail::Handoff h = std::move(it->second.h);
+    if (!deadline) loop_.cancel(it->second.deadline);
+    loop_.unwatch(fd);
+    peeking_.erase(it);
+    if (closed) return;  // h closes it
+    collect_ready();
+    if (pending_.empty() && dispatch(h, &head)) return;
+    pending_.push_back(std::move(h));
+    stop_accepting();
+  }
+
+  // Shutting down: every waiting client is dispatched now, by key if it sent one and its
+  // worker still takes connections, else with the pending ones.
+  void stop_peeking() {
+    if (peeking_.empty()) return;
+    collect_ready();
+    for (auto& [fd, p] : peeking_) {
+      loop_.cancel(p.deadline);
+      loop_.unwatch(fd);
+      if (!dispatch(p.h)) pending_.push_back(std::move(p.h));
+    }
+    peeking_.clear();
   }
 
   void accept_from(int listener) {
@@ -874,6 +1055,13 @@ class Master {
         return;
       }
       h.fd.reset(fd);
+      if constexpr (PeeksFirstBytes<Balance>) {
+        std::string_view head;
+        if (wait_for_head(h, head)) continue;
+        if (dispatch(h, &head)) continue;
+        pending_.push_back(std::move(h));
+        return stop_accepting();
+      }
       if (!dispatch(h)) {
         pending_.push_back(std::move(h));
         return stop_accepting();
@@ -1183,15 +1371,23 @@ class Master {
   std::vector<WorkerLoad> ready_;        // workers taking connections (scratch, reused)
   std::vector<WorkerT*> ready_workers_;  // the same, as records
   std::deque<detail::Handoff> pending_;  // accepted, not handed to any worker yet
+  struct Peeking {
+    detail::Handoff h;
+    EventLoop::TimerId deadline = 0;
+  };
+  std::map<int, Peeking> peeking_;  // PeeksFirstBytes: accepted, waiting for the first bytes
+  std::string peek_buf_;            // PeeksFirstBytes: scratch for MSG_PEEK
   std::vector<std::vector<UniqueFd>> slot_listeners_;  // ReusePort: per slot
   bool shutting_down_ = false;
   ReloadState reload_;
+  std::unique_ptr<detail::StoreHost> store_;
   std::mt19937_64 rng_{std::random_device{}()};
 
   std::function<void(WorkerT&)> on_fork_, on_online_, on_listening_, on_disconnect_;
   std::function<void(WorkerT&, const ExitInfo&)> on_exit_;
   std::function<void(WorkerT&, const message_type&)> on_message_;
   std::function<void(WorkerT&, std::error_code)> on_error_;
+  std::function<void(WorkerT&, const message_type&, Reply<Codec>)> on_request_;
   std::function<void(std::size_t, const ExitInfo&)> on_errored_;
   std::function<void(const ReloadReport&)> on_reload_done_;
   std::function<void(const UpgradeReport&)> on_upgrade_done_;

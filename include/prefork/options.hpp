@@ -14,6 +14,8 @@
 #include <string_view>
 #include <vector>
 
+#include <prefork/detail/store_memory.hpp>
+
 namespace prefork {
 
 using Clock = std::chrono::steady_clock;
@@ -137,6 +139,12 @@ struct Options {
   /// Bytes a channel may hold queued for sending before send() reports errc::queue_full; an
   /// empty queue always takes one message, however large (up to max_message_size).
   std::size_t max_queued_bytes = std::size_t{64} << 20;
+  /// The shared store's bounds (the default MemoryStore; Master::use_store replaces it).
+  StoreLimits store_limits{};
+  /// If set, the master loads the store from this file before it forks (a missing file is an
+  /// empty store; an unreadable or corrupt one stops run() with an error, so that it is never
+  /// overwritten), and saves it there on shutdown and before a master upgrade, crash-safely.
+  std::string store_snapshot{};
   /// The master installs handlers for SIGTERM/SIGINT (graceful shutdown, twice: fast), SIGUSR2
   /// (rolling restart) and SIGUSR1 (master upgrade). Turn off to manage signals yourself.
   bool handle_signals = true;

@@ -9,6 +9,7 @@
 #include <prefork/balance/reuse_port.hpp>
 #include <prefork/balance/round_robin.hpp>
 #include <prefork/balance/shared_accept.hpp>
+#include <prefork/balance/sticky.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/cluster.hpp>
 #include <prefork/codec.hpp>
@@ -17,7 +18,10 @@
 #include <prefork/event_loop.hpp>
 #include <prefork/master.hpp>
 #include <prefork/options.hpp>
+#include <prefork/request.hpp>
 #include <prefork/restart.hpp>
+#include <prefork/store.hpp>
+#include <prefork/store_client.hpp>
 #include <prefork/worker.hpp>
 #include <prefork/worker_handle.hpp>
 

@@ -15,10 +15,12 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <utility>
 #include <vector>
 
+#include <prefork/balance/policy.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
 #include <prefork/connection.hpp>
@@ -26,6 +28,8 @@
 #include <prefork/detail/socket.hpp>
 #include <prefork/detail/syscall.hpp>
 #include <prefork/event_loop.hpp>
+#include <prefork/request.hpp>
+#include <prefork/store_client.hpp>
 
 namespace prefork {
 
@@ -80,9 +84,12 @@ class WorkerContext {
     channel_ = std::make_unique<Channel>(loop_, UniqueFd(boot.channel_fd), boot.limits);
     channel_->on_frame([this](Frame&& f) { on_frame(std::move(f)); });
     channel_->on_close([this](std::error_code ec) { on_channel_closed(ec); });
+    link_->channel = channel_.get();
   }
   WorkerContext(const WorkerContext&) = delete;
   WorkerContext& operator=(const WorkerContext&) = delete;
+  // A Reply kept past the worker's life (in a timer, say) must not answer into a dead channel.
+  ~WorkerContext() { link_->channel = nullptr; }
 
   /// The worker's id: 1 for the first worker the master forked, then 2, 3... never reused.
   unsigned id() const noexcept { return id_; }
@@ -99,6 +106,26 @@ class WorkerContext {
     if (!channel_) return errc::channel_closed;
     return channel_->send(FrameKind::user, std::string(codec_.encode(m)));
   }
+
+  using RequestCallback = std::function<void(std::error_code, const message_type&)>;
+
+  /// Sends `m` to the master as a request; the master's on_request handler answers it.
+  /// `cb(ec, reply)` then runs exactly once on this worker's loop, never from inside
+  /// request(): with the reply and no error, or with ec set and a default message_type:
+  /// errc::request_timeout (no answer within `timeout`), errc::peer_gone (the master went
+  /// away first), errc::no_handler (the master has no on_request), errc::request_failed (its
+  /// handler dropped the request), errc::decode_failed (either side could not decode), or
+  /// what send() reports (nothing was sent). A pending request keeps a draining worker alive
+  /// until it is answered or times out.
+  void request(const message_type& m, RequestCallback cb,
+               Clock::duration timeout = kDefaultRequestTimeout) {
+    outgoing_.start(channel_ && channel_->is_open() ? channel_.get() : nullptr,
+                    FrameKind::request, std::string(codec_.encode(m)), std::move(cb), timeout);
+  }
+
+  /// The master's shared store (see StoreClient): survives any worker's restart, shared by
+  /// every worker, one round trip per operation.
+  StoreClient& store() noexcept { return store_; }
 
   /// Graceful disconnect started by the worker (Node's worker.disconnect() in a worker):
   /// stop accepting, tell the master (so the exit counts as exited_after_disconnect), call the
@@ -135,6 +162,20 @@ class WorkerContext {
       retire("max_requests: served " + std::to_string(requests_) + " requests");
   }
 
+  /// Binds a session key to this worker's slot: once the master has it, connections that
+  /// carry the key (e.g. the cookie Sticky reads) come to this slot, to this worker or to its
+  /// replacement. Call it before the response that hands the key to the client, so that the
+  /// binding is on its way to the master before the client can come back with the key.
+  /// A cluster that does not balance by key ignores it. Errors (nothing sent):
+  /// std::errc::invalid_argument (empty, or longer than max_session_key_bytes),
+  /// errc::channel_closed.
+  std::error_code bind_session(std::string_view key) {
+    if (key.empty() || key.size() > max_session_key_bytes)
+      return std::make_error_code(std::errc::invalid_argument);
+    if (!channel_ || !channel_->is_open()) return errc::channel_closed;
+    return channel_->send(FrameKind::bind, std::string(key));
+  }
+
   /// Runs the worker: builds the Server, serves until drained or the master is gone, and
   /// returns the process's exit status. Called by Cluster; not for user code.
   template <class Server>
@@ -151,6 +192,10 @@ class WorkerContext {
       on_connection_ = [&s](Connection c) { s.on_connection(std::move(c)); };
     if constexpr (requires(Server& x, const message_type& m) { x.on_message(m); })
       on_message_ = [&s](const message_type& m) { s.on_message(m); };
+    if constexpr (requires(Server& x, const message_type& m, Reply<Codec> r) {
+                    x.on_request(m, std::move(r));
+                  })
+      on_request_ = [&s](const message_type& m, Reply<Codec> r) { s.on_request(m, std::move(r)); };
     if constexpr (requires(Server& x) { x.on_drain(); }) on_drain_ = [&s] { s.on_drain(); };
     if constexpr (requires(Server& x) { x.on_listening(); })
       on_listening_ = [&s] { s.on_listening(); };
@@ -170,6 +215,7 @@ class WorkerContext {
     server.reset();
     on_connection_ = nullptr;
     on_message_ = nullptr;
+    on_request_ = nullptr;
     on_drain_ = nullptr;
     on_listening_ = nullptr;
     if (channel_) channel_->flush_blocking(1000);
@@ -191,6 +237,13 @@ class WorkerContext {
         on_message_(*m);
         return;
       }
+      case FrameKind::request:
+        detail::answer(link_, codec_, f, static_cast<bool>(on_request_),
+                       [this](const message_type& m, Reply<Codec> r) { on_request_(m, std::move(r)); });
+        return;
+      case FrameKind::reply: return outgoing_.on_reply(f.tag, f.payload);
+      case FrameKind::failure: return outgoing_.on_failure(f.tag, f.payload);
+      case FrameKind::store_reply: return store_.on_reply(f.tag, f.payload);
       case FrameKind::handles: return adopt_listeners(std::move(f.fds));
       case FrameKind::connection: return adopt_connection(std::move(f));
       case FrameKind::disconnect: return begin_drain(false);
@@ -205,6 +258,9 @@ class WorkerContext {
     if (ec != errc::channel_closed) report("channel to the master failed: " + ec.message());
     exit_code_ = ec == errc::channel_closed ? 0 : 1;
     done_ = true;
+    link_->channel = nullptr;
+    outgoing_.fail_all(errc::peer_gone);
+    store_.fail_all(errc::peer_gone);
   }
 
   // Kernel dispatch brings listening sockets; master dispatch an empty list: connections will
@@ -349,10 +405,14 @@ class WorkerContext {
   detail::WorkerBoot boot_;
   EventLoop loop_;
   std::unique_ptr<Channel> channel_;
+  std::shared_ptr<detail::ReplyLink> link_ = std::make_shared<detail::ReplyLink>();
+  detail::Requests<Codec> outgoing_{loop_, true};
+  StoreClient store_{loop_, link_};
   [[no_unique_address]] Codec codec_;
   std::vector<UniqueFd> listeners_;
   std::function<void(Connection)> on_connection_;
   std::function<void(const message_type&)> on_message_;
+  std::function<void(const message_type&, Reply<Codec>)> on_request_;
   std::function<void()> on_drain_;
   std::function<void()> on_listening_;
   std::size_t connections_ = 0;

@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 #include <system_error>
@@ -19,6 +20,7 @@
 #include <prefork/detail/socket.hpp>
 #include <prefork/event_loop.hpp>
 #include <prefork/options.hpp>
+#include <prefork/request.hpp>
 
 namespace prefork {
 
@@ -42,6 +44,8 @@ class Worker {
 
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
+  // A Reply kept past the worker's life (in a timer, say) must not answer into a dead channel.
+  ~Worker() { link_->channel = nullptr; }
 
   /// 1 for the first worker forked, then 2, 3... never reused (Node's worker.id).
   unsigned id() const noexcept { return id_; }
@@ -65,6 +69,20 @@ class Worker {
   std::error_code send(const message_type& m) {
     if (!is_connected()) return errc::channel_closed;
     return channel_->send(FrameKind::user, std::string(codec_.encode(m)));
+  }
+
+  using RequestCallback = std::function<void(std::error_code, const message_type&)>;
+
+  /// Sends `m` to the worker as a request; the Server's on_request(m, Reply) answers it.
+  /// `cb(ec, reply)` then runs exactly once on the master's loop, never from inside request():
+  /// with the reply and no error, or with ec set and a default message_type:
+  /// errc::request_timeout, errc::peer_gone (the worker exited or its channel closed first; a
+  /// replacement never answers its predecessor's requests), errc::no_handler (the Server has
+  /// no on_request), errc::request_failed, errc::decode_failed, or what send() reports.
+  void request(const message_type& m, RequestCallback cb,
+               Clock::duration timeout = kDefaultRequestTimeout) {
+    outgoing_.start(is_connected() ? channel_.get() : nullptr, FrameKind::request,
+                    std::string(codec_.encode(m)), std::move(cb), timeout);
   }
 
   /// Asks the worker to drain and exit 0 (Node's worker.disconnect()): it stops accepting,
@@ -139,6 +157,8 @@ class Worker {
   pid_t pid_ = -1;
   UniqueFd pidfd_;
   std::unique_ptr<Channel> channel_;
+  std::shared_ptr<detail::ReplyLink> link_ = std::make_shared<detail::ReplyLink>();
+  detail::Requests<Codec> outgoing_{loop_, false};
   [[no_unique_address]] Codec codec_;
   WorkerState state_ = WorkerState::none;
   bool exited_after_disconnect_ = false;
