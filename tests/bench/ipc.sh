@@ -2,8 +2,9 @@
 # prefork's IPC benchmark (issue 6): master -> worker one-way throughput of small messages and
 # ping-pong round trip, measured by ipc_bench (tests/bench/ipc_bench.cpp, with StringCodec and with
 # PodCodec) and by the seed's Node anchor (anchors/node/ipc.js, cluster IPC), interleaved in one run
-# on this machine. Prints a Markdown report: medians, ratios to Node, and whether issue 6's targets
-# were reached. It builds nothing and never runs in CI: timings from a shared runner compare noise.
+# on this machine; then, for ipc_bench only (Node's cluster has neither), request/response round
+# trips both ways and shared-store get and increment from the worker. Prints a Markdown report:
+# medians, ratios to Node, and whether issue 6's targets were reached. It builds nothing and never runs in CI: timings from a shared runner compare noise.
 #
 #   tests/bench/ipc.sh [BUILD_DIR] [--runs N] [--quick] [--out FILE]
 #
@@ -16,7 +17,8 @@
 #   --out FILE  also write the report to FILE.
 #
 # N (default 200000 messages one way) and RTT (default 20000 round trips) in the environment set
-# the counts of both programs, as ipc.js reads them. Needs node (NODE=/path/to/node picks another)
+# the counts of both programs, as ipc.js reads them; ipc_bench does RTT operations in each of its
+# request and store modes too. Needs node (NODE=/path/to/node picks another)
 # and the anchor: IPC_JS=/path/to/ipc.js, by default anchors/node/ipc.js in the shared folder next
 # to the repository (../shared). Each program runs under `timeout 120`; nothing outlives the script.
 set -euo pipefail
@@ -78,20 +80,34 @@ label() {
   esac
 }
 
-# One run of program $1; appends its figures to $tmp/<program>.{oneway,p50,p99}.
+# ipc_bench's modes after one-way and rtt, each printing "<mode> us p50=A p99=B".
+LATENCY_MODES=(request worker-request store-get store-incr)
+
+# One run of program $1; appends its figures to $tmp/<program>.{oneway,p50,p99} and, for
+# ipc_bench, $tmp/<program>.<mode>.{p50,p99}. A run missing any figure counts as failed and
+# adds none of them.
 busy_runs=0
 failed_runs=0
 run_one() {
-  local prog=$1 out="$tmp/out" rc=0
+  local prog=$1 out="$tmp/out" rc=0 modes
+  modes=$(IFS=,; echo "one-way,rtt,${LATENCY_MODES[*]}")
   settle
   case "$prog" in
-    string | pod) timeout 120 "$tmp/ipc_bench" --codec "$prog" >"$out" 2>&1 || rc=$? ;;
+    string | pod) timeout 120 "$tmp/ipc_bench" --codec "$prog" --mode "$modes" >"$out" 2>&1 || rc=$? ;;
     node) timeout 120 "$node_bin" "$ipc_js" >"$out" 2>&1 || rc=$? ;;
   esac
-  local ow p50 p99
+  local ow p50 p99 m missing=0 summary=""
+  declare -A mp50=() mp99=()
   ow=$(sed -n 's/^one-way: .* = \([0-9.]*\) msg\/s$/\1/p' "$out")
   read -r p50 p99 < <(sed -n 's/^rtt us p50=\([0-9.]*\) p99=\([0-9.]*\)$/\1 \2/p' "$out") || true
-  if ((rc != 0)) || [[ -z $ow || -z ${p50:-} || -z ${p99:-} ]]; then
+  [[ -z $ow || -z ${p50:-} || -z ${p99:-} ]] && missing=1
+  if [[ $prog != node ]]; then
+    for m in "${LATENCY_MODES[@]}"; do
+      read -r "mp50[$m]" "mp99[$m]" < <(sed -n "s/^$m us p50=\([0-9.]*\) p99=\([0-9.]*\)\$/\1 \2/p" "$out") || true
+      [[ -z ${mp50[$m]:-} || -z ${mp99[$m]:-} ]] && missing=1
+    done
+  fi
+  if ((rc != 0 || missing)); then
     failed_runs=$((failed_runs + 1))
     note "$(label "$prog"): run failed (status $rc): $(tail -n 2 "$out" | tr '\n' ' ')"
     return 0
@@ -99,7 +115,14 @@ run_one() {
   echo "$ow" >>"$tmp/$prog.oneway"
   echo "$p50" >>"$tmp/$prog.p50"
   echo "$p99" >>"$tmp/$prog.p99"
-  note "$(label "$prog"): $ow msg/s one way, rtt p50 $p50 us, p99 $p99 us"
+  if [[ $prog != node ]]; then
+    for m in "${LATENCY_MODES[@]}"; do
+      echo "${mp50[$m]}" >>"$tmp/$prog.$m.p50"
+      echo "${mp99[$m]}" >>"$tmp/$prog.$m.p99"
+      summary+=", $m p50 ${mp50[$m]} us"
+    done
+  fi
+  note "$(label "$prog"): $ow msg/s one way, rtt p50 $p50 us, p99 $p99 us$summary"
 }
 
 # Median of the numbers in file $1 (empty if there are none).
@@ -110,6 +133,13 @@ median() {
 range() {  # "min-max" of file $1
   [[ -s $1 ]] || return 0
   echo "$(fmt_int "$(sort -g "$1" | head -n 1)")-$(fmt_int "$(sort -g "$1" | tail -n 1)")"
+}
+# "median (min-max)" of the latencies in file $1, or n/a.
+latency() {
+  [[ -s $1 ]] || { echo n/a; return 0; }
+  local lo hi
+  lo=$(sort -g "$1" | head -n 1) hi=$(sort -g "$1" | tail -n 1)
+  if [[ $lo == "$hi" ]]; then median "$1"; else echo "$(median "$1") ($lo-$hi)"; fi
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && b > 0) printf "%.1fx", a / b; else print "n/a" }'; }
 
@@ -146,6 +176,22 @@ node_anchor=166100  # anchors/RESULTS.md: Node cluster IPC one way on the seed's
     echo "| $(label "$prog") | $(fmt_int "${ow[$prog]}") | $(range "$tmp/$prog.oneway") | $(ratio "${ow[$prog]}" "${ow[node]}") | ${p50[$prog]:-n/a} | ${p99[$prog]:-n/a} | $(ratio "${p50[node]}" "${p50[$prog]}") |"
   done
   echo
+  echo "Request/response and the shared store, in µs (median of the runs' p50, min-max in"
+  echo "parentheses; p99 likewise). request: master -> worker with Worker::request() and the Server's"
+  echo "on_request; worker-request: worker -> master, timed in the worker; store-get / store-incr:"
+  echo "the worker's store().get() of one of 10,000 keys / store().increment() of one counter."
+  echo "Node's cluster has no request/response and no shared store: n/a."
+  echo
+  echo "| program | request p50 | request p99 | worker-request p50 | worker-request p99 | store-get p50 | store-get p99 | store-incr p50 | store-incr p99 |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+  for prog in "${PROGRAMS[@]}"; do
+    row="| $(label "$prog") |"
+    for m in "${LATENCY_MODES[@]}"; do
+      row+=" $(latency "$tmp/$prog.$m.p50") | $(latency "$tmp/$prog.$m.p99") |"
+    done
+    echo "$row"
+  done
+  echo
   echo "## Targets (issue 6)"
   echo
   echo "| target | measured | |"
@@ -157,7 +203,14 @@ node_anchor=166100  # anchors/RESULTS.md: Node cluster IPC one way on the seed's
     x=$(awk -v a="${ow[$prog]}" -v b="$node_anchor" 'BEGIN { if (a != "") print a / b }')
     echo "| one-way >= 20x Node's anchor (166,100 msg/s), $(label "$prog") | $(ratio "${ow[$prog]}" "$node_anchor") | $(verdict ">=" "$x" 20) |"
     echo "| rtt p50 <= 20 us, $(label "$prog") | ${p50[$prog]:-n/a} us | $(verdict "<=" "${p50[$prog]}" 20) |"
+    for m in request worker-request; do
+      x=$(median "$tmp/$prog.$m.p50")
+      echo "| $m p50 <= 20 us, $(label "$prog") | ${x:-n/a} us | $(verdict "<=" "$x" 20) |"
+    done
+    x=$(median "$tmp/$prog.store-get.p50")
+    echo "| store-get p50 <= 30 us, $(label "$prog") | ${x:-n/a} us | $(verdict "<=" "$x" 30) |"
   done
+  echo "| request / store-get, $(label node) | n/a | no equivalent |"
 } >"$tmp/report.md"
 
 cat "$tmp/report.md"
