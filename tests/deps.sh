@@ -15,6 +15,7 @@ packages="
   make
   catch2
   nlohmann-json3-dev
+  libasio-dev
   curl
   apache2-utils
   wrk
@@ -26,7 +27,7 @@ packages="
 "
 # clang: second compiler (the `clang` preset); libclang-rt-14-dev: clang's ASan/UBSan/LSan
 # runtimes. catch2: Catch2 v2 (CMake package and catch2.pc). nlohmann-json3-dev: the example
-# that plugs a JSON library into a codec. make: the pkg-config consumer (tests/consumers). curl, apache2-utils (ab), wrk: clients the examples'
+# that plugs a JSON library into a codec. libasio-dev: standalone asio for examples/asio_hello. make: the pkg-config consumer (tests/consumers). curl, apache2-utils (ab), wrk: clients the examples'
 # instructions and the benchmarks use. procps (ps, pgrep), psmisc (killall, fuser), iproute2
 # (ss), lsof: inspecting workers and descriptors.
 
