@@ -1,13 +1,24 @@
 // http::Server: the small HTTP/1.1 server the examples share. It runs on a worker's
 // prefork::EventLoop, parses requests (Content-Length bodies, keep-alive, pipelining), calls a
-// synchronous handler and writes the responses without blocking. Not a framework: enough for
-// the examples, health checks and honest benchmarks.
+// handler and writes the responses without blocking. Not a framework: enough for the examples,
+// health checks and honest benchmarks.
 //
 //   http::Server http(ctx.loop(), [](const http::Request& req, http::Response& res) {
 //     res.body = "hello\n";
 //   });
 //   void on_connection(prefork::Connection c) { http.adopt(std::move(c)); }
 //   void on_drain() { http.drain(); }
+//
+// A handler that needs something only a callback brings (the shared store, a request to the
+// master) defers its answer and completes it later through a Responder:
+//
+//   [&ctx](const http::Request& req, http::Response& res) {
+//     http::Responder r = res.defer();
+//     ctx.store().get(req.path(), [r](std::error_code ec, std::optional<std::string> v) {
+//       if (ec || !v) return r.send(ec ? 503 : 404, "no\n");
+//       r.send(200, *v + "\n");
+//     });
+//   }
 //
 // What it does and does not do:
 // - Requests: HTTP/1.0 and HTTP/1.1, Content-Length bodies. A request with Transfer-Encoding
@@ -19,7 +30,12 @@
 // - Limits, answered and then closed: malformed 400, request line over max_header_bytes 414,
 //   head over max_header_bytes or more than max_headers fields 431, body over max_body_bytes
 //   413, HTTP/2+ 505, an unknown expectation 417, a request not complete within
-//   request_timeout 408, a handler that throws 500.
+//   request_timeout 408, a handler that throws (or defers and keeps no Responder) 500, a
+//   deferred answer not completed within request_timeout (from the end of its request) 504.
+// - A deferred answer holds its connection: requests pipelined behind it wait, unanswered
+//   (and unread if they are still in the socket), until it is sent, so answers stay in order
+//   and a client cannot queue work without bound. Completing it after its connection was
+//   closed (the client reset it, the answer timed out, the Server was destroyed) does nothing.
 // - Responses are always HTTP/1.1 with Content-Length (computed here; a Content-Length,
 //   Transfer-Encoding or Connection set by the handler is dropped, and "Connection: close"
 //   from the handler closes the connection), Content-Type text/plain unless the handler set
@@ -45,6 +61,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -262,6 +279,9 @@ struct Request {
   }
 };
 
+class Server;
+class Responder;
+
 /// One response; the handler fills it. Reused between requests of a connection, so
 /// assigning `body` usually does not allocate.
 struct Response {
@@ -278,10 +298,24 @@ struct Response {
       }
     headers.emplace_back(std::string(name), std::string(value));
   }
+
+  /// Answers this request later: the handler returns without an answer, and the returned
+  /// Responder (copyable; every copy is the same answer) sends it, from any callback on the
+  /// Server's loop. Responder::response() starts as a copy of this Response (fields set
+  /// before defer() are kept); changes to this one after defer() are ignored. Calling
+  /// defer() again in the same handler call returns the same answer.
+  /// The Request's views die with the handler call: copy what the completion needs.
+  /// Throws std::logic_error outside a Server's handler call (e.g. on a Response of your own).
+  Responder defer();
+
+ private:
+  friend class Server;
+  Server* server_ = nullptr;  // the Server whose connection owns this Response
 };
 
-/// The handler: runs on the worker's loop, synchronously, once per request. An exception
-/// from it is answered with 500 and the connection is closed.
+/// The handler: runs on the worker's loop once per request, and either fills the Response
+/// before it returns or defers it (Response::defer()). An exception from it is answered with
+/// 500 and the connection is closed.
 using Handler = std::function<void(const Request&, Response&)>;
 
 /// An HTTP/1.1 server on one prefork::EventLoop. Not copyable or movable (the loop's callbacks
@@ -299,9 +333,11 @@ class Server {
   Server& operator=(const Server&) = delete;
 
   /// Closes every connection without answering (no on_close calls: the owner is going away).
+  /// Deferred answers still outstanding then complete into nothing.
   ~Server() {
     if (sweep_) loop_.cancel(sweep_);
     for (auto& c : active_) {
+      if (c->waiting) c->waiting->conn = nullptr;
       loop_.unwatch(c->fd);
       ::close(c->fd);
     }
@@ -336,9 +372,11 @@ class Server {
   }
 
   /// Graceful stop: call it from the prefork Server's on_drain. From now on every response
-  /// carries "Connection: close"; requests in progress are finished; idle connections are
-  /// closed after Limits::drain_idle_grace. Once the last one is closed nothing of this
-  /// server keeps the loop alive (it never did by itself: its sweep timer does not).
+  /// carries "Connection: close"; requests in progress are finished, deferred answers
+  /// included (until request_timeout: their connections keep the loop alive); idle
+  /// connections are closed after Limits::drain_idle_grace. Once the last one is closed
+  /// nothing of this server keeps the loop alive (it never did by itself: its sweep timer
+  /// does not).
   void drain() {
     if (draining_) return;
     draining_ = true;
@@ -355,6 +393,8 @@ class Server {
   bool draining() const noexcept { return draining_; }
 
   std::size_t open_connections() const noexcept { return active_.size(); }
+  /// Deferred answers not yet complete (nor timed out, nor orphaned by a closed connection).
+  std::size_t deferred() const noexcept { return deferred_; }
 
   /// Called after a connection is adopted / after it is closed (e.g. to report the count to
   /// WorkerContext::connection_opened() / connection_closed()).
@@ -368,6 +408,29 @@ class Server {
     writing,    // waiting for the socket to take more of the output
     lingering,  // answered and shut down for writing; discarding input until EOF
     busy,       // transient: a request was just answered, the phase is about to be recomputed
+    waiting,    // a deferred answer is not complete yet; nothing to write, nothing read
+  };
+
+  struct Conn;
+
+  // One deferred answer, shared by its Responders and its connection. `conn` is set while the
+  // connection waits for exactly this answer; closing the connection, timing the answer out or
+  // destroying the Server clears it, which is what makes a late completion a no-op without
+  // anyone holding a pointer to a Conn that was closed (and maybe freed or reused since).
+  struct Pending {
+    Server* server = nullptr;
+    Conn* conn = nullptr;
+    bool done = false;  // done() was called: later calls do nothing
+    Response res;
+  };
+  friend class Responder;
+  friend struct Response;
+
+  // What answering a request needs to know about it once its bytes are gone.
+  struct RequestInfo {
+    bool head = false;
+    bool http10 = false;
+    bool keep_alive = true;
   };
 
   struct Conn {
@@ -386,6 +449,9 @@ class Server {
     bool continue_sent = false;
     Request req;
     Response res;
+    RequestInfo info;                  // of the request being answered
+    std::shared_ptr<Pending> waiting;  // the deferred answer this connection waits for
+    Clock::time_point wait_deadline{};
   };
 
   struct Head {
@@ -414,6 +480,7 @@ class Server {
       pool_.pop_back();
     } else {
       c = std::make_unique<Conn>();
+      c->res.server_ = this;
     }
     c->index = active_.size();
     active_.push_back(std::move(c));
@@ -428,6 +495,7 @@ class Server {
       active_[i]->index = i;
     }
     active_.pop_back();
+    abandon(c);
     c.in.clear();
     c.out.clear();
     if (c.in.capacity() > kKeepCapacity) c.in.release();
@@ -448,12 +516,24 @@ class Server {
     if (draining_ && active_.empty()) stop_sweep();
   }
 
+  // The connection stops waiting for its deferred answer, which will complete into nothing.
+  void abandon(Conn& c) noexcept {
+    if (!c.waiting) return;
+    c.waiting->conn = nullptr;
+    c.waiting.reset();
+    --deferred_;
+  }
+
   // ---- events --------------------------------------------------------------------------
 
   void on_event(Conn& c, std::uint32_t ev) {
     if (c.phase == Phase::lingering) return linger_read(c);
     if (ev & EPOLLERR) return close(c);
     if ((ev & EPOLLOUT) && !flush(c)) return;
+    // Nothing is read while an answer is deferred (not even to notice a FIN: a client may
+    // half-close after its request and still read the answer). EPOLLHUP, which epoll reports
+    // even when nothing is watched, means the peer reset: nobody will read the answer.
+    if (c.waiting) return (ev & EPOLLHUP) ? close(c) : pump(c);
     if ((ev & (EPOLLIN | EPOLLHUP)) && c.out.empty() && !c.close_after_write && !read_some(c))
       return;
     pump(c);
@@ -512,7 +592,7 @@ class Server {
   void pump(Conn& c) {
     for (;;) {
       bool cut = false;
-      while (!c.close_after_write) {
+      while (!c.close_after_write && !c.waiting) {
         if (c.out.size() >= kOutputHighWater) {
           cut = true;
           break;
@@ -524,12 +604,19 @@ class Server {
       if (c.close_after_write) return finish(c);
       if (!cut) break;
     }
-    if (c.peer_eof && c.out.empty()) return close(c);  // what is left can never complete
+    // What is left can never complete (a deferred answer still goes out).
+    if (c.peer_eof && c.out.empty() && !c.waiting) return close(c);
 
-    std::uint32_t want = c.out.empty() ? EPOLLIN : EPOLLOUT;
+    std::uint32_t want = EPOLLOUT;
+    if (c.out.empty()) want = c.waiting ? 0u : std::uint32_t{EPOLLIN};
     if (want != c.events && !loop_.modify(c.fd, want)) c.events = want;
 
     if (!c.out.empty()) return;  // flush() set the write deadline
+    if (c.waiting) {
+      c.phase = Phase::waiting;
+      c.deadline = c.wait_deadline;
+      return;
+    }
     if (!c.in.empty() || c.head_len) {
       if (c.phase != Phase::reading) {
         c.phase = Phase::reading;
@@ -715,23 +802,80 @@ class Server {
     res.status = 200;
     res.headers.clear();
     res.body.clear();
+    c.info = {c.req.method == "HEAD", c.req.version == "HTTP/1.0", c.req.keep_alive};
+    handling_ = &c;
     try {
       handler_(c.req, res);
     } catch (const std::exception& e) {
+      handling_ = nullptr;
+      abandon(c);
       report(std::string("handler threw: ") + e.what());
       reject(c, 500);
       return;
     } catch (...) {
+      handling_ = nullptr;
+      abandon(c);
       report("handler threw a non-standard exception");
       reject(c, 500);
       return;
     }
+    handling_ = nullptr;
+    if (!c.waiting) return answer(c, res);
+    if (c.waiting->done) {  // completed before the handler returned: answer it now
+      std::shared_ptr<Pending> p = c.waiting;
+      abandon(c);
+      return answer(c, p->res);
+    }
+    if (c.waiting.use_count() == 1) {  // nobody can complete it: say so now, not at the timeout
+      abandon(c);
+      report("handler deferred its answer and kept no Responder");
+      reject(c, 500);
+      return;
+    }
+    c.wait_deadline = Clock::now() + limits_.request_timeout;
+  }
+
+  // Called by Response::defer() from inside a handler call.
+  std::shared_ptr<Pending> defer(Response& res) {
+    if (!handling_ || &handling_->res != &res)
+      throw std::logic_error("http::Response::defer() called outside the handler call");
+    Conn& c = *handling_;
+    if (!c.waiting) {
+      c.waiting = std::make_shared<Pending>();
+      c.waiting->server = this;
+      c.waiting->conn = &c;
+      c.waiting->res = res;
+      ++deferred_;
+    }
+    return c.waiting;
+  }
+
+  // Called by Responder::done(), on the loop.
+  void complete(const std::shared_ptr<Pending>& p) {
+    if (!p->conn || p->done) return;
+    p->done = true;
+    if (p->conn == handling_) return;  // respond() answers it once the handler returns
+    // From the loop rather than from here: done() may be called from anywhere on the loop,
+    // another connection's handler or an on_close callback included, where answering (and
+    // then running the handler for the next pipelined request) would re-enter this Server.
+    loop_.post([p] {
+      if (!p->conn) return;  // closed, timed out or destroyed meanwhile
+      Server& s = *p->server;
+      Conn& c = *p->conn;
+      s.abandon(c);
+      s.answer(c, p->res);
+      c.phase = Phase::busy;
+      s.pump(c);  // sends it, then goes on with what was pipelined behind it
+    });
+  }
+
+  void answer(Conn& c, Response& res) {
     if (res.status < 100 || res.status > 999) {
       report("handler set status " + std::to_string(res.status));
       reject(c, 500);
       return;
     }
-    bool keep = c.req.keep_alive && !draining_;
+    bool keep = c.info.keep_alive && !draining_;
     for (auto& [k, v] : res.headers) {
       if (!detail::is_token(k) || !detail::is_field_value(v)) {
         report("handler set an invalid header field '" + k + "'");
@@ -746,9 +890,9 @@ class Server {
     if (!keep) c.close_after_write = true;
     // An HTTP/1.0 client closes unless told otherwise; an HTTP/1.1 one keeps it by default.
     ConnectionHeader conn = !keep ? ConnectionHeader::close
-                            : c.req.version == "HTTP/1.0" ? ConnectionHeader::keep_alive
-                                                          : ConnectionHeader::none;
-    write_response(c.out, res.status, res.headers, res.body, c.req.method != "HEAD", conn);
+                            : c.info.http10 ? ConnectionHeader::keep_alive
+                                            : ConnectionHeader::none;
+    write_response(c.out, res.status, res.headers, res.body, !c.info.head, conn);
   }
 
   Step reject(Conn& c, int status) {
@@ -839,6 +983,14 @@ class Server {
     for (std::size_t i = active_.size(); i-- > 0;) {  // close() moves the last one into i
       Conn& c = *active_[i];
       if (now < c.deadline) continue;
+      if (c.phase == Phase::waiting) {
+        // Answered here, so whatever completes it later finds it abandoned. The connection
+        // closes after the 504: requests pipelined behind it were never read.
+        abandon(c);
+        reject(c, 504);
+        pump(c);
+        continue;
+      }
       if (c.phase == Phase::reading && c.out.empty()) {
         reject(c, 408);  // best effort, one send: the client is not keeping up anyway
         (void)!::send(c.fd, c.out.data(), c.out.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -857,7 +1009,55 @@ class Server {
   std::chrono::milliseconds sweep_period_{1000};
   prefork::EventLoop::TimerId sweep_ = 0;
   bool draining_ = false;
+  Conn* handling_ = nullptr;  // the connection whose handler is running
+  std::size_t deferred_ = 0;
 };
+
+/// A deferred answer (Response::defer()). Copies share it; the first done() sends it, and
+/// later calls do nothing. Every member runs on the Server's loop, in the worker process.
+class Responder {
+ public:
+  /// An empty Responder: done() does nothing, response() throws.
+  Responder() = default;
+
+  /// The answer to fill in before done(): at first a copy of the handler's Response as it
+  /// was when it called defer(). Throws std::logic_error on an empty Responder.
+  Response& response() const {
+    if (!p_) throw std::logic_error("http::Responder::response() on an empty Responder");
+    return p_->res;
+  }
+
+  /// Sends response(). Does nothing if it was sent already, if its connection is gone (the
+  /// client closed it or reset it, the Server was destroyed) or if request_timeout ran out
+  /// first (the client got 504). Never answers from inside this call: the answer goes out
+  /// from the loop, before it next blocks, so done() is safe from any callback (another
+  /// connection's handler included); called inside this request's own handler, the answer
+  /// goes out when the handler returns, as a synchronous one would.
+  void done() const {
+    if (p_ && p_->conn) p_->server->complete(p_);
+  }
+
+  /// Sets the status and the body, then done().
+  void send(int status, std::string_view body) const {
+    if (!p_ || !p_->conn || p_->done) return;
+    p_->res.status = status;
+    p_->res.body.assign(body);
+    done();
+  }
+
+  /// True while the connection waits for this answer and done() has not been called.
+  bool waiting() const noexcept { return p_ && p_->conn && !p_->done; }
+
+ private:
+  friend struct Response;
+  explicit Responder(std::shared_ptr<Server::Pending> p) : p_(std::move(p)) {}
+  std::shared_ptr<Server::Pending> p_;
+};
+
+inline Responder Response::defer() {
+  if (!server_) throw std::logic_error("http::Response::defer() called outside the handler call");
+  return Responder(server_->defer(*this));
+}
 
 }  // namespace http
 
