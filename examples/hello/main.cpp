@@ -7,7 +7,7 @@
 //   hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]
 //         [--balance round-robin|least-connections|ip-hash|cookie|shared|reuse-port]
 //         [--crash-ms MS] [--faults] [--watchdog-ms MS] [--max-requests N]
-//         [--max-lifetime-ms MS] [--max-rss-mb N]
+//         [--max-lifetime-ms MS] [--max-rss-mb N] [--pid-file PATH] [--user NAME] [--group NAME]
 //         defaults: 127.0.0.1, 8080, one worker per CPU, 10000000 iterations, fork, round-robin,
 //         watchdog 30000 ms (0: off), no recycling
 //   --balance cookie: a request whose cookie `sid` names a slot ("sid=s1", or "sid=s1~token")
@@ -21,6 +21,12 @@
 //   --max-requests N, --max-lifetime-ms MS, --max-rss-mb N: recycle a worker (replacement
 //                  first, then a drain; one at a time) after N requests (plus up to 10% more,
 //                  per worker), after MS (plus up to 10%), or above N MiB resident.
+//   --pid-file PATH: the master's pid, written atomically, locked while it runs and removed
+//                  when it exits; a second hello with the same file exits with status 1
+//                  ("pid file PATH is held by a running master (pid N)"). A master upgrade
+//                  hands it to the new master.
+//   --user NAME, --group NAME: workers run as this user and group (names or numeric ids); the
+//                  master stays root, so it can bind ports below 1024 (needs a root master).
 //
 //   $ ./hello --workers 2 --port 0
 //   Master PID: 4120
@@ -74,6 +80,9 @@ struct Config {
   unsigned long long max_requests = 0;
   unsigned max_lifetime_ms = 0;
   unsigned max_rss_mb = 0;
+  std::string pid_file;
+  std::string user;
+  std::string group;
 };
 
 // Parsed in main() before the cluster starts: a forked worker inherits it, an exec'd worker
@@ -144,7 +153,8 @@ constexpr const char* kUsage =
     "usage: hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]\n"
     "             [--balance round-robin|least-connections|ip-hash|cookie|shared|reuse-port]\n"
     "             [--crash-ms MS] [--faults] [--watchdog-ms MS] [--max-requests N]\n"
-    "             [--max-lifetime-ms MS] [--max-rss-mb N]\n";
+    "             [--max-lifetime-ms MS] [--max-rss-mb N] [--pid-file PATH]\n"
+    "             [--user NAME] [--group NAME]\n";
 
 [[noreturn]] void usage_error(const std::string& message) {
   std::fprintf(stderr, "hello: %s\n%s", message.c_str(), kUsage);
@@ -184,7 +194,7 @@ Config parse_args(int argc, char** argv) {
     if (flag != "--host" && flag != "--port" && flag != "--workers" && flag != "--work" &&
         flag != "--spawn" && flag != "--balance" && flag != "--crash-ms" &&
         flag != "--watchdog-ms" && flag != "--max-requests" && flag != "--max-lifetime-ms" &&
-        flag != "--max-rss-mb")
+        flag != "--max-rss-mb" && flag != "--pid-file" && flag != "--user" && flag != "--group")
       usage_error("unknown option '" + std::string(arg) + "'");
     if (!inline_value) {
       if (i + 1 >= argc) usage_error(std::string(flag) + " needs a value");
@@ -209,6 +219,9 @@ Config parse_args(int argc, char** argv) {
       c.max_lifetime_ms = parse_number<unsigned>(flag, value, 0, 86'400'000);
     } else if (flag == "--max-rss-mb") {
       c.max_rss_mb = parse_number<unsigned>(flag, value, 0, 1'000'000);
+    } else if (flag == "--pid-file" || flag == "--user" || flag == "--group") {
+      if (value.empty()) usage_error(std::string(flag) + " needs a value");
+      (flag == "--pid-file" ? c.pid_file : flag == "--user" ? c.user : c.group) = value;
     } else if (flag == "--balance") {
       if (value != "round-robin" && value != "least-connections" && value != "ip-hash" &&
           value != "cookie" && value != "shared" && value != "reuse-port")
@@ -237,7 +250,10 @@ int serve(const std::string& address) {
       .max_requests = config.max_requests,
       .max_requests_jitter = config.max_requests / 10,
       .max_lifetime = std::chrono::milliseconds(config.max_lifetime_ms),
-      .max_rss = std::size_t{config.max_rss_mb} << 20});
+      .max_rss = std::size_t{config.max_rss_mb} << 20,
+      .pid_file = config.pid_file,
+      .user = config.user,
+      .group = config.group});
   if (cluster.is_master()) {
     std::printf("Master PID: %d\n", static_cast<int>(::getpid()));
     if (pid_t old = cluster.upgraded_from()) std::printf("Upgraded from master %d\n", static_cast<int>(old));

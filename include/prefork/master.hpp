@@ -33,8 +33,11 @@
 #include <prefork/balance/policy.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
+#include <prefork/detail/pid_file.hpp>
+#include <prefork/detail/privileges.hpp>
 #include <prefork/detail/process.hpp>
 #include <prefork/detail/socket.hpp>
+#include <prefork/detail/systemd.hpp>
 #include <prefork/detail/upgrade.hpp>
 #include <prefork/event_loop.hpp>
 #include <prefork/options.hpp>
@@ -107,6 +110,11 @@ inline void validate(const Options& o) {
     if (parse_address(l, a))
       bad("listen: '" + l + "' is not HOST:PORT, [IPV6]:PORT or unix:PATH");
   }
+  if (!o.pid_file.empty() && (o.pid_file.back() == '/' || o.pid_file.find('\0') != std::string::npos))
+    bad("pid_file: '" + o.pid_file + "' is not a file name");
+  for (auto* id : {&o.user, &o.group})
+    if (id->find('\0') != std::string::npos)
+      bad(std::string(id == &o.user ? "user" : "group") + " holds a NUL byte");
 }
 
 }  // namespace detail
@@ -136,7 +144,14 @@ class Master {
     std::string upgrade_error;
     upgrade_boot_ = detail::take_upgrade_boot(upgrade_error);
     if (!upgrade_error.empty()) throw std::runtime_error("prefork: " + upgrade_error);
+    if (opts_.systemd) {
+      std::string activation_error;
+      activated_ = detail::take_activated_sockets(activation_error);
+      if (!activation_error.empty()) throw std::runtime_error("prefork: " + activation_error);
+      notifier_ = detail::Notifier::take_from_environment();
+    }
     slots_.resize(opts_.workers);
+    credentials_ = detail::resolve_credentials(opts_.user, opts_.group);
     store_ = std::make_unique<detail::StoreHostOf<MemoryStore<>>>(MemoryStore<>(opts_.store_limits));
     loop_.on_exception([this](std::exception_ptr e) {
       try {
@@ -215,21 +230,48 @@ class Master {
 
   /// Binds every listen address (idempotent). Throws std::system_error naming the address
   /// ("prefork: bind 127.0.0.1:8080: Address already in use"); nothing stays bound then.
+  /// Before binding, as run() does: takes Options::pid_file and checks Options::user.
+  ///
+  /// Socket activation (Options::systemd, and systemd passed at least one listening stream
+  /// socket): the .socket unit decides what the service listens on, and nothing is bound. A
+  /// listen address with a passed socket bound to it (getsockname; a configured port 0
+  /// matches any port) is served on that socket, in its place in addresses(); passed sockets
+  /// that match no listen address are served too, after those; listen addresses without a
+  /// passed socket are not bound (logged). Passed descriptors that are not listening stream
+  /// sockets are closed (logged). A master upgrade hands the same set to the new master.
   void bind() {
     if (bound_) return;
+    prepare_to_serve();
     std::vector<UniqueFd> fds;
     std::vector<std::string> names, created;  // created: Unix socket files this call made
     std::vector<std::vector<UniqueFd>> sets;
+    std::vector<std::string> specs;  // per socket: what an upgrade says it is for
     try {
+      const long first_slot = WantsReusePort<Balance> ? 0 : -1;
+      const bool adopting = adopts_sockets();
       for (auto& spec : opts_.listen) {
-        UniqueFd fd = take_inherited(spec, WantsReusePort<Balance> ? 0 : -1);
+        std::string as = spec;
+        UniqueFd fd = take_inherited(spec, first_slot);
+        if (!fd && adopting) {
+          as = std::string(detail::kActivatedSpec) + spec;
+          fd = take_inherited(as, first_slot);
+          if (!fd) fd = take_activated(spec);
+          if (!fd) {
+            log("socket activation: not binding " + spec + ": no socket was passed for it");
+            continue;
+          }
+        }
         bool fresh = !fd;
         if (fresh)
           fd = detail::listen_on(spec, opts_.backlog, WantsReusePort<Balance>, defer_accept_s());
         names.push_back(detail::to_string(detail::local_address(fd.get())));
         if (fresh) created.push_back(names.back());
         fds.push_back(std::move(fd));
+        specs.push_back(std::move(as));
       }
+      if (adopting) adopt_remaining(fds, names, specs, first_slot);
+      activated_.clear();  // what is left is no listener: closed
+      specs_ = specs;
       if constexpr (WantsReusePort<Balance>) {
         sets.push_back(std::move(fds));
         for (std::size_t s = 1; s < slots_.size(); ++s)
@@ -301,6 +343,7 @@ class Master {
   void shutdown(bool fast = false) {
     bool again = shutting_down_;
     if (!again) {
+      notify_stopping();
       finish_reload(false, "the master is shutting down");
       successor_.fail("the master is shutting down", SIGTERM);
       if constexpr (MasterDispatch<Balance>) {
@@ -342,6 +385,9 @@ class Master {
     for (auto& [id, w] : workers_)
       if (!w->exited_after_disconnect_ && slots_[w->slot_].worker_id == id)
         reload_.queue.push_back(id);
+    notifier_.notify("RELOADING=1\nMONOTONIC_USEC=" + std::to_string(detail::monotonic_usec()) +
+                     "\nSTATUS=rolling restart: replacing " +
+                     std::to_string(reload_.queue.size()) + " workers");
     reload_pump();
   }
   bool reloading() const noexcept { return reload_.active; }
@@ -362,27 +408,31 @@ class Master {
     if constexpr (WantsReusePort<Balance>) {
       for (std::size_t slot = 0; slot < slot_listeners_.size(); ++slot)
         for (std::size_t i = 0; i < slot_listeners_[slot].size(); ++i)
-          sockets.push_back({slot_listeners_[slot][i].get(), static_cast<long>(slot), opts_.listen[i]});
+          sockets.push_back({slot_listeners_[slot][i].get(), static_cast<long>(slot), specs_[i]});
     } else {
       for (std::size_t i = 0; i < listeners_.size(); ++i)
-        sockets.push_back({listeners_[i].get(), -1, opts_.listen[i]});
+        sockets.push_back({listeners_[i].get(), -1, specs_[i]});
     }
-    for (auto& spec : opts_.listen)
+    for (auto& spec : specs_)
       if (!detail::encodable(spec)) return refuse_upgrade("a listen address holds a newline");
     // The new master loads the store from the snapshot before it forks: writes this master
     // takes after this point are not in it (documented in the README).
     if (!save_store()) return refuse_upgrade("the store could not be saved for the new master");
     std::string error = successor_.start(
-        master_path_, master_argv_, environment_without_markers(), sockets, master_only_fds(),
+        master_path_, master_argv_, upgrade_environment(), sockets, master_only_fds(),
         opts_.upgrade_timeout, [this] { upgrade_succeeded(); },
         [this](const std::string& why) {
           log("upgrade failed: " + why +
               (shutting_down_ ? std::string() : "; this master keeps serving"));
+          if (!shutting_down_) notifier_.notify("STATUS=upgrade failed; " + systemd_status());
+          reclaim_pid_file();
           if (on_upgrade_done_) on_upgrade_done_(UpgradeReport{false, successor_.pid(), why});
         });
     if (!error.empty()) return refuse_upgrade(error);
     log("upgrade: started new master pid " + std::to_string(successor_.pid()) + " (" +
         master_path_ + ")");
+    notifier_.notify("STATUS=upgrading: new master pid " + std::to_string(successor_.pid()) +
+                     " starting; " + systemd_status());
     return true;
   }
   bool upgrading() const noexcept { return successor_.waiting(); }
@@ -391,8 +441,12 @@ class Master {
 
   /// Binds, installs the signal handlers, forks the workers and supervises them until
   /// shutdown. Returns 0 after a graceful shutdown. Throws std::system_error for set-up
-  /// failures (bind, signalfd); after set-up nothing a worker does ends it.
+  /// failures (bind, signalfd); after set-up nothing a worker does ends it. Before it binds:
+  /// std::system_error if Options::pid_file is held by a live master ("prefork: pid file X is
+  /// held by a running master (pid N)") or cannot be written, or if Options::user/group ask
+  /// for another user and this master is not root. Removes the pid file when it returns.
   int run() {
+    prepare_to_serve();
     load_store();
     bind();
     if (opts_.handle_signals) {
@@ -405,13 +459,18 @@ class Master {
       if (!slots_[s].worker_id) spawn(s);
     if constexpr (MasterDispatch<Balance>) resume_accepting();
     start_supervision();
+    start_systemd_watchdog();
     loop_.every(std::chrono::seconds(1), [this] { store_->sweep(); }, false);
     loop_.restart();
     loop_.run();
     // After an upgrade the new master serves on the Unix socket files: they stay.
     if (!handed_over_)
-      for (auto& a : addresses_) detail::unlink_unix_socket(a);
-    return save_store() ? 0 : 1;
+      for (std::size_t i = 0; i < addresses_.size(); ++i)
+        if (i >= specs_.size() || !specs_[i].starts_with(detail::kActivatedSpec))  // systemd's
+          detail::unlink_unix_socket(addresses_[i]);
+    bool saved = save_store();
+    pid_file_.remove();  // only now: a master started after this must find the store saved
+    return saved ? 0 : 1;
   }
 
  private:
@@ -431,9 +490,11 @@ class Master {
                                  const std::vector<UniqueFd>* model, std::size_t slot) {
     std::vector<UniqueFd> fds;
     for (std::size_t i = 0; i < names.size(); ++i) {
-      if (UniqueFd fd = take_inherited(opts_.listen[i], static_cast<long>(slot))) {
+      // A passed socket is one socket, whoever balances: its slots share it, as for Unix.
+      if (UniqueFd fd = take_inherited(specs_[i], static_cast<long>(slot))) {
         fds.push_back(std::move(fd));
-      } else if (names[i].starts_with("unix:") && model && i < model->size()) {
+      } else if ((names[i].starts_with("unix:") || specs_[i].starts_with(detail::kActivatedSpec)) &&
+                 model && i < model->size()) {
         int d = ::fcntl((*model)[i].get(), F_DUPFD_CLOEXEC, 0);
         if (d < 0) detail::throw_errno("dup listening socket");
         fds.emplace_back(d);
@@ -447,7 +508,7 @@ class Master {
   // Binds `slot`'s ReusePort sockets if it has none; false (logged) if that fails.
   bool ensure_slot_bound(std::size_t slot) {
     if (slot_listeners_.size() <= slot) slot_listeners_.resize(slot + 1);
-    if (!slot_listeners_[slot].empty() || opts_.listen.empty()) return true;
+    if (!slot_listeners_[slot].empty() || addresses_.empty()) return true;
     const std::vector<UniqueFd>* model = nullptr;
     for (auto& set : slot_listeners_)
       if (!set.empty()) model = &set;
@@ -490,6 +551,9 @@ class Master {
     for (auto& h : pending_) fds.push_back(h.fd.get());
     for (auto& [fd, p] : peeking_) fds.push_back(fd);
     if (upgrade_boot_ && upgrade_boot_->notify) fds.push_back(upgrade_boot_->notify.get());
+    for (auto& a : activated_)
+      if (a.fd) fds.push_back(a.fd.get());
+    if (pid_file_.held()) fds.push_back(pid_file_.native_handle());  // or a child keeps the lock
     successor_.descriptors(fds);
     for (auto& [id, w] : workers_) {
       for (auto& h : w->in_flight_) fds.push_back(h.fd.get());
@@ -571,7 +635,7 @@ class Master {
     loop_.watch(w.pidfd_.get(), EventLoop::readable, [this, &w](std::uint32_t) { on_pidfd(w); });
     s.worker_id = id;
     workers_.emplace(id, std::move(owned));
-    if (bound_ && !opts_.listen.empty() && !shutting_down_) hand_listeners(w);
+    if (bound_ && listens() && !shutting_down_) hand_listeners(w);
     if (on_fork_) on_fork_(w);
     return &w;
   }
@@ -584,6 +648,18 @@ class Master {
     ::setpgid(0, 0);
     detail::reset_signals_in_child();
     for (int fd : close_fds) ::close(fd);
+    // Options::user: dropped here, before the exec in exec mode, so that no worker code ever
+    // runs with the master's privileges (nor does the exec'd binary's start-up).
+    if (credentials_.any()) {
+      char why[512];
+      if (!detail::drop_privileges(credentials_, why, sizeof why)) {
+        detail::child_error(why);
+        ::_exit(1);
+      }
+      // prctl(2): the parent-death signal is cleared when the effective ids change. Re-armed,
+      // and the parent checked again: it may have died before the re-arm.
+      detail::die_with_parent(parent);
+    }
     if (opts_.spawn == SpawnMode::exec) {
       if (!detail::keep_across_exec(boot.channel_fd)) {
         detail::child_error("worker: fcntl on the channel failed");
@@ -661,10 +737,11 @@ class Master {
       case FrameKind::started:
         // Nothing to listen on: a built Server is as ready as the worker gets. (With listen
         // addresses, 'listening' comes later and means the same.)
-        if (w.state_ != WorkerState::online || !opts_.listen.empty() || w.listened_) return;
+        if (w.state_ != WorkerState::online || listens() || w.listened_) return;
         w.listened_ = true;
         reload_ready(w);
         tell_old_master_if_ready();
+        notify_ready();
         return;
       case FrameKind::listening:
         if (w.state_ != WorkerState::online) break;
@@ -676,6 +753,7 @@ class Master {
         if constexpr (MasterDispatch<Balance>) resume_accepting();
         reload_ready(w);
         tell_old_master_if_ready();
+        notify_ready();
         return;
       case FrameKind::disconnect:
         // The worker is draining on its own initiative (Node: worker.disconnect() in a worker).
@@ -737,6 +815,42 @@ class Master {
       bytes = encode(reply);
     }
     if (w.is_connected()) w.channel_->send(FrameKind::store_reply, std::move(bytes), f.tag);
+  }
+
+  // What must stop a master before it binds (run() and bind() call it; it runs once): workers
+  // it could not switch to Options::user, or a pid file a live master holds.
+  void prepare_to_serve() {
+    if (prepared_) return;
+    credentials_ = detail::check_credentials(std::move(credentials_));
+    take_pid_file();
+    prepared_ = true;
+  }
+
+  void take_pid_file() {
+    if (opts_.pid_file.empty()) return;
+    std::error_code ec = pid_file_.acquire(opts_.pid_file, ::getpid());
+    if (ec == std::errc::resource_unavailable_try_again) {
+      pid_t holder = pid_file_.holder();
+      // Started by an upgrade: the old master (our parent) holds it. It is taken over once
+      // this master serves (tell_old_master_if_ready), so that until then it names the
+      // master that serves, and a failed upgrade leaves it alone.
+      if (upgrade_boot_ && holder == upgrade_boot_->old_master && holder == ::getppid()) {
+        pid_file_handover_ = true;
+        return;
+      }
+      throw std::system_error(ec, "prefork: pid file " + opts_.pid_file +
+                                      " is held by a running master (pid " +
+                                      (holder ? std::to_string(holder) : "unknown") + ")");
+    }
+    if (ec) throw std::system_error(ec, "prefork: pid file " + opts_.pid_file);
+  }
+
+  // The old master after a failed upgrade: the new master may have taken the pid file over
+  // before it failed.
+  void reclaim_pid_file() {
+    if (!pid_file_.held() || pid_file_.current()) return;
+    if (std::error_code ec = pid_file_.take_over(opts_.pid_file, ::getpid()))
+      log("pid file " + opts_.pid_file + " not taken back: " + ec.message());
   }
 
   void load_store() {
@@ -1188,6 +1302,7 @@ class Master {
     } else {
       log(std::string(what) + " stopped: " + reason + "; the old workers keep serving");
     }
+    if (r.requested) notify_reloaded(report);
     if (r.requested && on_reload_done_) on_reload_done_(report);
     // A reload asked for during a recycling pass runs whatever became of that pass.
     if (r.again && (ok || !r.requested) && !shutting_down_) reload();
@@ -1286,7 +1401,7 @@ class Master {
     w.start_timed_out_ = true;
     w.exit_.start_timed_out = true;
     w.exit_.reason = "start timeout: not " +
-                     std::string(opts_.listen.empty() ? "started" : "listening") + " after " +
+                     std::string(listens() ? "listening" : "started") + " after " +
                      std::to_string(opts_.start_timeout.count()) + " ms";
     log(describe(w) + ": " + w.exit_.reason + "; SIGKILL");
     w.signal(SIGKILL);
@@ -1328,11 +1443,134 @@ class Master {
       if (!w) return;
       if (!w->listened_ || w->state_ == WorkerState::disconnected) return;
     }
+    if (pid_file_handover_) {  // before "ready": the old master must find it taken when it exits
+      pid_file_handover_ = false;
+      if (std::error_code ec = pid_file_.take_over(opts_.pid_file, ::getpid()))
+        log("pid file " + opts_.pid_file + " not taken over: " + ec.message());
+    }
     static constexpr char kReady[] = "ready\n";
     detail::write_all(upgrade_boot_->notify.get(), kReady, sizeof kReady - 1);
     upgrade_boot_->notify.reset();
     log("upgrade: every worker is listening; the old master (pid " +
         std::to_string(upgrade_boot_->old_master) + ") hands over");
+  }
+
+  // Whether bind() serves on passed sockets: socket activation passed a listening one, or
+  // this master was started by an upgrade from a master that did.
+  bool adopts_sockets() const {
+    for (auto& a : activated_)
+      if (a.fd && detail::is_stream_listener(a.fd.get())) return true;
+    if (upgrade_boot_)
+      for (auto& s : upgrade_boot_->sockets)
+        if (s.spec.starts_with(detail::kActivatedSpec)) return true;
+    return false;
+  }
+
+  // The passed socket bound to the listen address `spec`, if there is one.
+  UniqueFd take_activated(const std::string& spec) {
+    detail::SocketAddress want;
+    if (detail::parse_address(spec, want)) return {};
+    for (auto& a : activated_) {
+      if (!a.fd || !detail::is_stream_listener(a.fd.get()) ||
+          !detail::same_listen_address(want, detail::local_address(a.fd.get())))
+        continue;
+      detail::make_nonblocking(a.fd.get());
+      return std::move(a.fd);
+    }
+    return {};
+  }
+
+  // Passed sockets no listen address asked for: served as well (the unit asked for them).
+  void adopt_remaining(std::vector<UniqueFd>& fds, std::vector<std::string>& names,
+                       std::vector<std::string>& specs, long slot) {
+    auto adopt = [&](UniqueFd fd, std::string spec) {
+      detail::make_nonblocking(fd.get());
+      names.push_back(detail::to_string(detail::local_address(fd.get())));
+      specs.push_back(spec.empty() ? std::string(detail::kActivatedSpec) + names.back() : spec);
+      fds.push_back(std::move(fd));
+    };
+    for (auto& a : activated_) {
+      if (!a.fd) continue;
+      if (!detail::is_stream_listener(a.fd.get())) {
+        log("socket activation: closing descriptor " + std::to_string(a.fd.get()) + " (" +
+            a.name + "): not a listening stream socket");
+        continue;
+      }
+      adopt(std::move(a.fd), {});
+    }
+    if (!upgrade_boot_) return;
+    auto& b = *upgrade_boot_;
+    for (std::size_t i = 0; i < b.sockets.size() && i < b.fds.size(); ++i)
+      if (b.fds[i] && b.sockets[i].slot == slot && b.sockets[i].spec.starts_with(detail::kActivatedSpec))
+        adopt(std::move(b.fds[i]), b.sockets[i].spec);
+  }
+
+  // Workers get listening sockets: bound, or before bind() whether it will bind any.
+  bool listens() const noexcept { return bound_ ? !addresses_.empty() : !opts_.listen.empty(); }
+
+  std::vector<std::string> upgrade_environment() const {
+    std::vector<std::string> env = environment_without_markers();
+    for (auto& e : notifier_.environment()) env.push_back(e);
+    return env;
+  }
+
+  // The STATUS= line systemctl status shows: "2 workers listening on 127.0.0.1:8080".
+  std::string systemd_status() const {
+    std::size_t n = 0;
+    for (auto& [id, w] : workers_)
+      if (w->listened_ && !w->exited_after_disconnect_ && w->state_ != WorkerState::disconnected &&
+          w->state_ != WorkerState::dead)
+        ++n;
+    std::string s = std::to_string(n) + (n == 1 ? " worker " : " workers ") +
+                    (listens() ? "listening" : "running");
+    for (std::size_t i = 0; i < addresses_.size(); ++i) s += (i ? ", " : " on ") + addresses_[i];
+    return s;
+  }
+
+  // READY=1 once every slot has a worker listening (online, without listeners), as for an
+  // upgrade's "ready"; a master started by an upgrade adds MAINPID= (it is the service's main
+  // process now). Later, a STATUS= update whenever a worker starts listening outside a
+  // rolling restart (a crashed one replaced), which ends with READY=1 of its own.
+  void notify_ready() {
+    if (!notifier_.enabled() || shutting_down_) return;
+    if (ready_notified_) {
+      if (!reload_.active) notifier_.notify("STATUS=" + systemd_status());
+      return;
+    }
+    for (auto& s : slots_) {
+      WorkerT* w = s.worker_id ? worker(s.worker_id) : nullptr;
+      if (!w || !w->listened_ || w->state_ == WorkerState::disconnected) return;
+    }
+    ready_notified_ = true;
+    std::string msg = upgrade_boot_ ? "MAINPID=" + std::to_string(::getpid()) + "\n" : "";
+    notifier_.notify(msg + "READY=1\nSTATUS=" + systemd_status());
+  }
+
+  // The end of a rolling restart, failed or not: the service is serving either way.
+  void notify_reloaded(const ReloadReport& r) {
+    if (!notifier_.enabled() || stopping_notified_) return;
+    std::string status = systemd_status();
+    status += r.ok ? "; reloaded in " + std::to_string(r.took.count()) + " ms"
+                   : "; rolling restart stopped: " + r.reason;
+    notifier_.notify("READY=1\nSTATUS=" + status.substr(0, 400));
+  }
+
+  // Not after a handed-over upgrade: the service goes on in the new master.
+  void notify_stopping() {
+    if (!notifier_.enabled() || stopping_notified_ || handed_over_) return;
+    stopping_notified_ = true;
+    notifier_.notify("STOPPING=1\nSTATUS=stopping: draining " + std::to_string(workers_.size()) +
+                     " workers");
+  }
+
+  // WATCHDOG=1 from the master's own loop every half of WATCHDOG_USEC: a master stuck in a
+  // callback stops pinging, and systemd restarts the service.
+  void start_systemd_watchdog() {
+    auto every = std::chrono::duration_cast<Clock::duration>(notifier_.watchdog() / 2);
+    if (every <= Clock::duration::zero()) return;
+    notifier_.notify("WATCHDOG=1");
+    loop_.every(std::max<Clock::duration>(every, std::chrono::milliseconds(1)),
+                [this] { notifier_.notify("WATCHDOG=1"); }, false);
   }
 
   bool refuse_upgrade(const std::string& why) {
@@ -1342,6 +1580,10 @@ class Master {
 
   void upgrade_succeeded() {
     handed_over_ = true;
+    // From the main process, so that NotifyAccess=main takes it too; the new master says it
+    // again itself with READY=1 (NotifyAccess=all). systemd follows the new pid from now on.
+    notifier_.notify("MAINPID=" + std::to_string(successor_.pid()) +
+                     "\nSTATUS=handed over to new master pid " + std::to_string(successor_.pid()));
     log("upgrade: new master pid " + std::to_string(successor_.pid()) +
         " is serving; this master shuts down");
     if (on_upgrade_done_) on_upgrade_done_(UpgradeReport{true, successor_.pid(), {}});
@@ -1359,6 +1601,14 @@ class Master {
   std::string master_path_;
   std::optional<detail::UpgradeBoot> upgrade_boot_;  // set in a master started by an upgrade
   bool handed_over_ = false;  // an upgrade succeeded: the new master owns the sockets
+  std::vector<std::string> specs_;  // per listener: its listen entry, or kActivatedSpec + ...
+  std::vector<detail::ActivatedSocket> activated_;  // passed by systemd, not adopted yet
+  detail::Notifier notifier_;  // disabled unless NOTIFY_SOCKET was set
+  bool ready_notified_ = false, stopping_notified_ = false;
+  bool prepared_ = false;     // prepare_to_serve() ran
+  detail::Credentials credentials_;  // Options::user/group, resolved; what workers switch to
+  detail::PidFile pid_file_;         // Options::pid_file, held while this master runs
+  bool pid_file_handover_ = false;   // started by an upgrade: take the pid file once serving
   EventLoop loop_;
   detail::Successor successor_{loop_};  // after loop_: it unwatches on destruction
   std::vector<UniqueFd> listeners_;

@@ -145,9 +145,31 @@ struct Options {
   /// empty store; an unreadable or corrupt one stops run() with an error, so that it is never
   /// overwritten), and saves it there on shutdown and before a master upgrade, crash-safely.
   std::string store_snapshot{};
+  /// If set, run() publishes the master's pid there (atomically: a reader never sees it empty)
+  /// before it binds, holds a lock on it for the master's life, and removes it on exit. A file
+  /// a live master holds stops run() with an error naming that master's pid; a stale one (its
+  /// master is gone) is replaced. A master upgrade hands it to the new master once that one
+  /// serves, and the old master leaves it in place.
+  std::string pid_file{};
+  /// Workers run as this user: a name, or a numeric uid (empty: as the master). The group is
+  /// the user's primary group unless `group` is set; the supplementary groups are the user's.
+  /// Needs a master running as root, which keeps its privileges (it binds privileged ports
+  /// and re-executes itself on an upgrade); the Cluster constructor throws
+  /// std::invalid_argument for an unknown name, run() std::system_error for a master that is
+  /// not root. Each worker switches right after fork(), before the exec in exec mode, so no
+  /// worker code runs as root; one that cannot switch exits with status 1.
+  std::string user{};
+  /// Workers run with this group: a name, or a numeric gid (empty: the user's primary group,
+  /// or the master's group without `user`).
+  std::string group{};
   /// The master installs handlers for SIGTERM/SIGINT (graceful shutdown, twice: fast), SIGUSR2
   /// (rolling restart) and SIGUSR1 (master upgrade). Turn off to manage signals yourself.
   bool handle_signals = true;
+  /// Speak systemd's protocols when started by it: serve on the sockets socket activation
+  /// passed (LISTEN_FDS) instead of binding, and report READY=1, RELOADING=1, STOPPING=1,
+  /// STATUS=, WATCHDOG=1 and MAINPID= to $NOTIFY_SOCKET. Without those variables it does
+  /// nothing. false: leave the variables and the passed descriptors alone.
+  bool systemd = true;
   /// exec mode: the program and arguments of the workers; empty means this process's own
   /// /proc/self/exe with its original argv.
   std::vector<std::string> exec_argv{};
