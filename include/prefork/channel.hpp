@@ -9,6 +9,7 @@
 #include <sys/uio.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <deque>
@@ -151,15 +152,17 @@ class Channel {
   /// already; an empty queue always takes one message), errc::channel_closed.
   std::error_code send(FrameKind kind, std::string payload, std::uint64_t tag = 0,
                        std::vector<UniqueFd> fds = {}) {
-    std::vector<int> raw;
-    for (auto& fd : fds) raw.push_back(fd.get());
-    return enqueue(kind, std::move(payload), tag, std::move(raw), std::move(fds));
+    const std::size_t n = fds.size();  // before fds is moved from (argument order)
+    if (n > detail::kMaxFdsPerFrame) return errc::too_many_fds;
+    int raw[detail::kMaxFdsPerFrame] = {};
+    for (std::size_t i = 0; i < n; ++i) raw[i] = fds[i].get();
+    return enqueue(kind, std::move(payload), tag, raw, n, std::move(fds));
   }
 
   /// As send(), with one descriptor the caller keeps owning: it must stay open until the
   /// frame is sent (the peer's acknowledgement proves it) or the channel has closed.
   std::error_code send_borrowed(FrameKind kind, std::string payload, std::uint64_t tag, int fd) {
-    return enqueue(kind, std::move(payload), tag, std::vector<int>{fd}, {});
+    return enqueue(kind, std::move(payload), tag, &fd, 1, {});
   }
 
   /// Whether send() of a payload of this size would be taken now (not errc::queue_full).
@@ -195,54 +198,129 @@ class Channel {
 
   bool is_open() const noexcept { return static_cast<bool>(sock_); }
   int native_handle() const noexcept { return sock_.get(); }
+  /// Bytes of accepted frames (headers included) not yet written to the socket.
   std::size_t queued_bytes() const noexcept { return queued_; }
   const ChannelLimits& limits() const noexcept { return limits_; }
 
  private:
-  struct Out {
-    char header[detail::kHeaderSize];
-    std::string payload;
-    std::vector<int> fds;         // sent with the frame's first byte
-    std::vector<UniqueFd> owned;  // of those, the ones the channel closes once sent
-    std::size_t sent = 0;  // of header + payload
-    std::size_t size() const noexcept { return detail::kHeaderSize + payload.size(); }
+  // The send queue is a list of chunks. A chunk holds the headers and payloads of consecutive
+  // frames copied back to back, so that a burst of small messages costs a memcpy each and one
+  // sendmsg per socketful, not an allocation, two iovecs and a share of a sendmsg each (what a
+  // queue of one entry per frame cost: about 31 frames per sendmsg, and a wake-up of the peer
+  // for each). A payload above kInlinePayload is moved in, not copied, and ends its chunk. A
+  // frame with descriptors starts a chunk of its own: SCM_RIGHTS ride on the first byte a
+  // sendmsg writes, and the receiver charges them to the frame that begins there.
+  static constexpr std::size_t kInlinePayload = 16 * 1024;
+  // Where a chunk stops taking frames. It bounds the buffer a chunk grows and the one kept
+  // for reuse; a sendmsg still gathers many chunks (kMaxIov) when the socket has room.
+  static constexpr std::size_t kChunkBytes = 64 * 1024;
+  static constexpr std::size_t kMaxIov = 64;
+  static constexpr unsigned kBurstWrites = 16;
+  static constexpr std::chrono::microseconds kBurstWindow{1000};
+  // What an idle channel keeps of its send buffer once the queue has drained.
+  static constexpr std::size_t kIdleSendBuffer = 16 * 1024;
+  // A frame whose payload is larger than this is read straight into the string it is
+  // delivered in, rather than into the read buffer and then copied.
+  static constexpr std::size_t kDirectRead = 64 * 1024;
+
+  struct Chunk {
+    std::string bytes;            // frames back to back; the last one's payload may be in large
+    std::string large;            // a payload moved from the caller, sent after bytes
+    std::size_t sent = 0;         // of bytes, then of large
+    std::size_t nfds = 0;         // descriptors for the first byte; 0 once it has been sent
+    int fds[detail::kMaxFdsPerFrame] = {};
+    std::vector<UniqueFd> owned;  // of fds, those the channel closes once they are sent
+    std::size_t size() const noexcept { return bytes.size() + large.size(); }
+    bool takes_more() const noexcept { return large.empty() && bytes.size() < kChunkBytes; }
   };
 
-  std::error_code enqueue(FrameKind kind, std::string payload, std::uint64_t tag,
-                          std::vector<int> fds, std::vector<UniqueFd> owned) {
+  std::error_code enqueue(FrameKind kind, std::string&& payload, std::uint64_t tag,
+                          const int* fds, std::size_t nfds, std::vector<UniqueFd> owned) {
     if (!sock_) return errc::channel_closed;
     if (payload.size() > limits_.max_message_size) return errc::frame_too_large;
-    if (fds.size() > detail::kMaxFdsPerFrame) return errc::too_many_fds;
+    if (nfds > detail::kMaxFdsPerFrame) return errc::too_many_fds;
     // The limit is back-pressure on what the application sends (and on the connections the
     // master deals out). The library's own small control frames always go: a worker whose
     // Server filled the queue must still acknowledge connections, or the master would keep
     // its copies and their clients would never see them end.
     if (is_user_traffic(kind) && !has_room(payload.size()))
       return errc::queue_full;
-    Out o;
-    detail::encode_header(o.header, {static_cast<std::uint8_t>(kind),
-                                     static_cast<std::uint8_t>(fds.size()),
-                                     static_cast<std::uint32_t>(payload.size()), tag});
-    o.payload = std::move(payload);
-    o.fds = std::move(fds);
-    o.owned = std::move(owned);
-    queued_ += o.size();
-    out_.push_back(std::move(o));
+    char header[detail::kHeaderSize];
+    detail::encode_header(header, {static_cast<std::uint8_t>(kind),
+                                   static_cast<std::uint8_t>(nfds),
+                                   static_cast<std::uint32_t>(payload.size()), tag});
+    // Behind a queue the frame waits with the others for EPOLLOUT, so that one sendmsg takes
+    // them all (and wakes the peer once). A producer that outruns the loop would fill chunk
+    // after chunk meanwhile: writing what the socket takes whenever a chunk is full keeps the
+    // queue (and its fresh, page-faulting memory) small and hands the sent chunk's buffer to
+    // the next one. Even if that empties the queue, the frame is queued, not written alone:
+    // the socket is still polled for writing, and a write per frame is what this avoids.
+    const bool was_empty = out_.empty();
+    if (!was_empty && !out_.back().takes_more()) (void)flush();  // errors: as below
+    const bool inline_payload = payload.size() <= kInlinePayload;
+    const bool fresh = out_.empty() || nfds > 0 || !out_.back().takes_more();
+    if (fresh) {
+      out_.emplace_back();
+      out_.back().bytes.swap(spare_);  // a buffer that served before: no allocation
+    }
+    Chunk& c = out_.back();
+    try {
+      c.bytes.reserve(c.bytes.size() + detail::kHeaderSize + (inline_payload ? payload.size() : 0));
+    } catch (...) {  // nothing queued, as if send() had not been called
+      if (fresh) out_.pop_back();
+      throw;
+    }
+    const std::size_t size = detail::kHeaderSize + payload.size();
+    c.bytes.append(header, detail::kHeaderSize);
+    if (inline_payload)
+      c.bytes.append(payload);
+    else
+      c.large = std::move(payload);
+    if (nfds > 0) {
+      std::copy(fds, fds + nfds, c.fds);
+      c.nfds = nfds;
+      c.owned = std::move(owned);
+    }
+    queued_ += size;
     // A write error here is left for the loop to report (the socket then polls writable with
-    // EPOLLERR), so that on_close never runs inside the caller's send().
-    if (out_.size() == 1) (void)flush();
-    if (!out_.empty()) {
-      must_notify_drained_ = true;
-      loop_.modify(sock_.get(), EventLoop::readable | EventLoop::writable);
+    // EPOLLERR), so that on_close never runs inside the caller's send(). A queue that was not
+    // empty has the socket polled for writing already.
+    if (was_empty) {
+      // A frame with descriptors gains nothing from waiting: it starts a sendmsg of its own.
+      if (nfds > 0 || write_now()) (void)flush();
+      if (!out_.empty()) {
+        must_notify_drained_ = true;
+        loop_.modify(sock_.get(), EventLoop::readable | EventLoop::writable);
+      }
     }
     return {};
   }
 
+  // Whether a frame sent on an empty queue is written at once. It is, unless this is a burst:
+  // while the peer keeps up, a queue never forms, and a producer that sends many frames from
+  // one callback would make a sendmsg (and a wake-up of the peer) for each. From the
+  // kBurstWrites-th such write within kBurstWindow with no event on the channel in between,
+  // frames are queued and the loop writes them together in its next round (EPOLLOUT, at once
+  // since the socket has room). A request and its answer, or an occasional message, never
+  // wait.
+  bool write_now() noexcept {
+    auto now = Clock::now();
+    if (now - burst_start_ > kBurstWindow) {
+      burst_start_ = now;
+      burst_writes_ = 0;
+    }
+    return ++burst_writes_ <= kBurstWrites;
+  }
+
   void on_events(std::uint32_t ev) {
+    burst_writes_ = 0;  // a new loop round for this channel
     if (ev & (EPOLLOUT | EPOLLERR)) {
       if (auto ec = flush()) return fail(ec);
       if (out_.empty()) {
         loop_.modify(sock_.get(), EventLoop::readable);
+        // A burst grew the buffer up to a chunk; an idle channel (there is one per worker in
+        // the master) need not keep that much.
+        if (spare_.capacity() > kIdleSendBuffer) std::string().swap(spare_);
         if (must_notify_drained_) {
           must_notify_drained_ = false;
           if (on_drained_) on_drained_();
@@ -264,43 +342,45 @@ class Channel {
     if (!sock_) return {};
     loop_.unwatch(sock_.get());
     out_.clear();
+    std::string().swap(spare_);
     queued_ = 0;
     in_fds_.clear();  // descriptors of frames that will never be delivered
     begin_ = end_ = 0;
     have_header_ = false;
+    std::string().swap(large_in_);
+    large_filled_ = 0;
+    reading_large_ = false;
     return std::move(sock_);
   }
 
-  // Writes queued frames with sendmsg, gathering several frames per call. A frame that carries
-  // descriptors always starts a sendmsg, so its SCM_RIGHTS rides on its own first byte.
+  // Writes queued chunks with sendmsg, gathering several per call. A chunk that carries
+  // descriptors always starts a sendmsg, so its SCM_RIGHTS ride on its own first byte.
   std::error_code flush() {
     while (!out_.empty()) {
-      iovec iov[64];
-      int n = 0;
-      std::size_t first = 0;
-      for (auto it = out_.begin(); it != out_.end() && n < 63; ++it, ++first) {
-        if (first > 0 && !it->fds.empty()) break;
-        std::size_t s = it->sent;
-        if (s < detail::kHeaderSize)
-          iov[n++] = {it->header + s, detail::kHeaderSize - s};
-        std::size_t ps = s > detail::kHeaderSize ? s - detail::kHeaderSize : 0;
-        if (ps < it->payload.size()) iov[n++] = {it->payload.data() + ps, it->payload.size() - ps};
+      iovec iov[kMaxIov];
+      std::size_t n = 0, want = 0;
+      for (std::size_t i = 0; i < out_.size() && n + 2 <= kMaxIov; ++i) {
+        Chunk& c = out_[i];
+        if (i > 0 && c.nfds > 0) break;
+        if (c.sent < c.bytes.size()) iov[n++] = {c.bytes.data() + c.sent, c.bytes.size() - c.sent};
+        std::size_t ls = c.sent > c.bytes.size() ? c.sent - c.bytes.size() : 0;
+        if (ls < c.large.size()) iov[n++] = {c.large.data() + ls, c.large.size() - ls};
+        want += c.size() - c.sent;
       }
       msghdr msg{};
       msg.msg_iov = iov;
-      msg.msg_iovlen = static_cast<std::size_t>(n);
+      msg.msg_iovlen = n;
       alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * detail::kMaxFdsPerFrame)];
-      Out& head = out_.front();
-      if (head.sent == 0 && !head.fds.empty()) {
-        std::size_t len = sizeof(int) * head.fds.size();
+      Chunk& head = out_.front();
+      if (head.nfds > 0) {
+        std::size_t len = sizeof(int) * head.nfds;
         msg.msg_control = control;
         msg.msg_controllen = CMSG_SPACE(len);
         cmsghdr* c = CMSG_FIRSTHDR(&msg);
         c->cmsg_level = SOL_SOCKET;
         c->cmsg_type = SCM_RIGHTS;
         c->cmsg_len = CMSG_LEN(len);
-        int* fdp = reinterpret_cast<int*>(CMSG_DATA(c));
-        for (std::size_t i = 0; i < head.fds.size(); ++i) fdp[i] = head.fds[i];
+        std::memcpy(CMSG_DATA(c), head.fds, len);
       }
       ssize_t w = detail::retry_eintr([&] { return ::sendmsg(sock_.get(), &msg, MSG_NOSIGNAL); });
       if (w < 0) {
@@ -309,22 +389,34 @@ class Channel {
                                                      : detail::errno_code();
       }
       auto left = static_cast<std::size_t>(w);
-      if (left > 0) {  // the kernel holds its own references now
-        head.fds.clear();
+      if (left > 0 && head.nfds > 0) {  // the kernel holds its own references now
+        head.nfds = 0;
         head.owned.clear();
       }
+      queued_ -= left;
       while (left > 0) {
-        Out& o = out_.front();
-        std::size_t take = std::min(left, o.size() - o.sent);
-        o.sent += take;
+        Chunk& c = out_.front();
+        std::size_t take = std::min(left, c.size() - c.sent);
+        c.sent += take;
         left -= take;
-        if (o.sent == o.size()) {
-          queued_ -= o.size();
-          out_.pop_front();
-        }
+        if (c.sent == c.size()) pop_chunk();
       }
+      // A short write means the socket is full: asking again would only return EAGAIN.
+      if (static_cast<std::size_t>(w) < want) return {};
     }
     return {};
+  }
+
+  // Drops the sent head chunk, keeping its buffer for the next chunk: a steady stream of
+  // frames then reuses one buffer instead of allocating. Chunks stop growing at about
+  // kChunkBytes, so what is kept is bounded.
+  void pop_chunk() noexcept {
+    std::string& b = out_.front().bytes;
+    if (b.capacity() > spare_.capacity()) {
+      b.clear();
+      spare_.swap(b);
+    }
+    out_.pop_front();
   }
 
   // Reads what is there, up to a budget per round so that one flooding peer cannot starve the
@@ -333,15 +425,25 @@ class Channel {
   bool read_some() {
     std::size_t budget = std::size_t{4} << 20;
     while (sock_ && budget > 0) {
-      std::size_t want = 64 * 1024;
-      if (have_header_) {
+      iovec iov;
+      if (reading_large_) {
         // Grow toward the announced length as bytes arrive (doubling), not at the header: a
-        // 16-byte header alone must not make us allocate max_message_size.
-        std::size_t need = detail::kHeaderSize + header_.length - (end_ - begin_);
-        want = std::min(need, std::max(want, buf_.size()));
+        // 16-byte header alone must not make us allocate max_message_size. Never past the
+        // frame, so that the next frame's bytes land in buf_.
+        if (large_in_.size() == large_filled_) {
+          std::size_t need = header_.length - large_filled_;
+          large_in_.resize(large_filled_ + std::min(need, std::max(kDirectRead, large_filled_)));
+        }
+        iov = {large_in_.data() + large_filled_, large_in_.size() - large_filled_};
+      } else {
+        std::size_t want = 64 * 1024;
+        if (have_header_) {
+          std::size_t need = detail::kHeaderSize + header_.length - (end_ - begin_);
+          want = std::min(need, std::max(want, buf_.size()));
+        }
+        reserve(want);
+        iov = {buf_.data() + end_, buf_.size() - end_};
       }
-      reserve(want);
-      iovec iov{buf_.data() + end_, buf_.size() - end_};
       msghdr msg{};
       msg.msg_iov = &iov;
       msg.msg_iovlen = 1;
@@ -376,48 +478,75 @@ class Channel {
                                            : make_error_code(errc::channel_closed));
         return false;
       }
-      end_ += static_cast<std::size_t>(r);
+      if (reading_large_)
+        large_filled_ += static_cast<std::size_t>(r);
+      else
+        end_ += static_cast<std::size_t>(r);
       budget -= std::min(budget, static_cast<std::size_t>(r));
       if (!deliver()) return false;
     }
     return static_cast<bool>(sock_);
   }
 
-  // Delivers every complete frame in the buffer. Returns false once the channel closed.
+  // Delivers every complete frame received. Returns false once the channel closed.
   bool deliver() {
+    // One Frame for the whole batch: a callback that only reads the payload (decodes it) leaves
+    // its buffer behind for the next frame, so small frames cost no allocation each.
+    Frame f;
     for (;;) {
-      std::size_t avail = end_ - begin_;
-      if (!have_header_) {
-        if (avail < detail::kHeaderSize) break;
-        if (auto ec = detail::decode_header(buf_.data() + begin_, limits_.max_message_size,
-                                            header_)) {
-          fail(ec);
-          return false;
+      if (reading_large_) {
+        if (large_filled_ < header_.length) break;
+        reading_large_ = false;
+        f.payload = std::move(large_in_);
+        large_in_ = std::string();
+        large_filled_ = 0;
+      } else {
+        std::size_t avail = end_ - begin_;
+        if (!have_header_) {
+          if (avail < detail::kHeaderSize) break;
+          if (auto ec = detail::decode_header(buf_.data() + begin_, limits_.max_message_size,
+                                              header_)) {
+            fail(ec);
+            return false;
+          }
+          have_header_ = true;
         }
-        have_header_ = true;
+        if (avail < detail::kHeaderSize + header_.length) {
+          if (header_.length > kDirectRead) {
+            // The rest of a large frame goes straight into its payload string: no second copy,
+            // and no read buffer the size of the largest message. Its partial bytes are the
+            // last thing in buf_.
+            large_in_.assign(buf_.data() + begin_ + detail::kHeaderSize,
+                             avail - detail::kHeaderSize);
+            large_filled_ = large_in_.size();
+            begin_ = end_;
+            reading_large_ = true;
+          }
+          break;
+        }
+        f.payload.assign(buf_.data() + begin_ + detail::kHeaderSize, header_.length);
+        begin_ += detail::kHeaderSize + header_.length;
       }
-      if (avail < detail::kHeaderSize + header_.length) break;
       if (in_fds_.size() < header_.nfds) {
         fail(errc::malformed_frame);
         return false;
       }
-      Frame f;
       f.kind = static_cast<FrameKind>(header_.kind);
       f.tag = header_.tag;
-      f.payload.assign(buf_.data() + begin_ + detail::kHeaderSize, header_.length);
+      f.fds.clear();
       for (std::size_t i = 0; i < header_.nfds; ++i) {
         f.fds.push_back(std::move(in_fds_.front()));
         in_fds_.pop_front();
       }
-      begin_ += detail::kHeaderSize + header_.length;
       have_header_ = false;
       if (on_frame_) on_frame_(std::move(f));
+      f.fds.clear();  // those the callback did not take are closed now, as before
       if (!sock_) return false;
     }
     // A well-behaved sender attaches descriptors only to a frame's first byte, and recvmsg
-    // returns one batch per call: only the partial frame at begin_ can own any. More means a
-    // peer is smuggling descriptors in to exhaust our table.
-    std::size_t allowed = begin_ == end_ ? 0 : have_header_ ? header_.nfds : detail::kMaxFdsPerFrame;
+    // returns one batch per call: only the partial frame (whose header may be read) can own
+    // any. More means a peer is smuggling descriptors in to exhaust our table.
+    std::size_t allowed = have_header_ ? header_.nfds : begin_ == end_ ? 0 : detail::kMaxFdsPerFrame;
     if (in_fds_.size() > allowed) {
       fail(errc::malformed_frame);
       return false;
@@ -450,13 +579,19 @@ class Channel {
   FrameCallback on_frame_;
   CloseCallback on_close_;
   std::function<void()> on_drained_;
-  std::deque<Out> out_;
+  std::deque<Chunk> out_;
+  std::string spare_;  // the buffer of the last chunk sent, for the next one
   std::size_t queued_ = 0;
   bool must_notify_drained_ = false;
+  unsigned burst_writes_ = 0;  // see write_now()
+  Clock::time_point burst_start_{};
   std::vector<char> buf_;
   std::size_t begin_ = 0, end_ = 0;
   detail::FrameHeader header_{};
   bool have_header_ = false;
+  std::string large_in_;  // the payload of a large frame being read (reading_large_)
+  std::size_t large_filled_ = 0;
+  bool reading_large_ = false;
   std::deque<UniqueFd> in_fds_;
 };
 

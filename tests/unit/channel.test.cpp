@@ -5,6 +5,7 @@
 #include "support/descriptors.hpp"
 
 #include <fcntl.h>
+#include <malloc.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -28,6 +29,19 @@
 
 #include "prefork/error.hpp"
 #include "prefork/event_loop.hpp"
+
+// Under a sanitizer, its allocator says how much heap is in use (heap_in_use below).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define PREFORK_TEST_SANITIZER_HEAP 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define PREFORK_TEST_SANITIZER_HEAP 1
+#endif
+#endif
+#ifdef PREFORK_TEST_SANITIZER_HEAP
+// From the sanitizer runtime (sanitizer/allocator_interface.h, which g++ 12 does not install).
+extern "C" std::size_t __sanitizer_get_current_allocated_bytes();
+#endif
 
 using namespace std::chrono_literals;
 using prefork::Channel;
@@ -986,4 +1000,241 @@ TEST_CASE("flush_blocking writes the whole queue while the peer reads", "[channe
   reader.join();
   CHECK(flushed);
   CHECK(total == 16 + size);
+}
+
+// ------------------------------------------------------------------------------------------
+// Coalescing: consecutive frames share a buffer and a sendmsg
+// ------------------------------------------------------------------------------------------
+
+namespace {
+
+// Heap bytes this process holds now: the sanitizer's allocator when one is linked in, else
+// glibc's main arena plus its mmapped blocks (the test is single-threaded).
+std::size_t heap_in_use() {
+#ifdef PREFORK_TEST_SANITIZER_HEAP
+  return __sanitizer_get_current_allocated_bytes();
+#else
+  struct mallinfo2 m = ::mallinfo2();
+  return m.uordblks + m.hblkhd;
+#endif
+}
+
+void set_buffer(int fd, int option, int bytes) {
+  REQUIRE(::setsockopt(fd, SOL_SOCKET, option, &bytes, sizeof bytes) == 0);
+}
+
+// What frame i of the mixed sequences below carries: its payload, and how many descriptors.
+std::string mixed_payload(std::size_t i) {
+  if (i % 400 == 200) return pattern(20000 + i, unsigned(i));  // moved, not copied, when sent
+  if (i % 1500 == 750) return pattern(300000, unsigned(i));
+  return "frame " + std::to_string(i);
+}
+std::size_t mixed_fds(std::size_t i) {
+  if (i % 997 == 7) return 16;
+  if (i % 97 == 5) return 1 + i % 3;
+  return 0;
+}
+std::string fd_text(std::size_t frame, std::size_t fd) {
+  return "frame " + std::to_string(frame) + " fd " + std::to_string(fd);
+}
+
+// Sends frames [0, count) of the mixed sequence: every descriptor is the read end of a pipe
+// holding fd_text and then EOF; every 89th frame lends its descriptor (send_borrowed) and
+// `lent` keeps it until the test ends.
+void send_mixed(Channel& ch, std::size_t count, std::vector<UniqueFd>& lent) {
+  for (std::size_t i = 0; i < count; ++i) {
+    std::vector<UniqueFd> fds;
+    const std::size_t n = i % 89 == 3 ? 1 : mixed_fds(i);
+    for (std::size_t j = 0; j < n; ++j) {
+      Pipe pipe = make_pipe();
+      const std::string text = fd_text(i, j);
+      REQUIRE(::write(pipe.write_end.get(), text.data(), text.size()) ==
+              static_cast<ssize_t>(text.size()));
+      fds.push_back(std::move(pipe.read_end));
+    }
+    const FrameKind kind = n > 0 ? FrameKind::connection : FrameKind::user;
+    if (i % 89 == 3) {
+      REQUIRE_FALSE(ch.send_borrowed(kind, mixed_payload(i), i, fds[0].get()));
+      lent.push_back(std::move(fds[0]));
+    } else {
+      REQUIRE_FALSE(ch.send(kind, mixed_payload(i), i, std::move(fds)));
+    }
+  }
+}
+
+// The frames of send_mixed arrived in order, each with its own descriptors.
+void check_mixed(const std::vector<Frame>& got, std::size_t count) {
+  REQUIRE(got.size() == count);
+  std::size_t bad = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    const std::size_t n = i % 89 == 3 ? 1 : mixed_fds(i);
+    if (got[i].tag != i || got[i].payload != mixed_payload(i) || got[i].fds.size() != n) {
+      INFO("frame " << i << ": tag " << got[i].tag << ", " << got[i].payload.size()
+                    << " bytes, " << got[i].fds.size() << " descriptors");
+      CHECK(false);
+      ++bad;
+      continue;
+    }
+    for (std::size_t j = 0; j < n; ++j)
+      if (read_to_eof(got[i].fds[j].get()) != fd_text(i, j)) ++bad;
+  }
+  CHECK(bad == 0);
+}
+
+}  // namespace
+
+TEST_CASE("Small frames sent in a burst with frames carrying descriptors arrive in order, each descriptor with its frame",
+          "[channel][coalescing]") {
+  FdLeakCheck leaks;
+  std::vector<UniqueFd> lent;  // outlives the channels: borrowed descriptors stay open until sent
+  ChannelPair p;
+  constexpr std::size_t count = 3000;
+  send_mixed(*p.a, count, lent);
+  REQUIRE(p.run_until_received(count));
+  check_mixed(p.got, count);
+  CHECK(p.a_closed.empty());
+  CHECK(p.b_closed.empty());
+}
+
+TEST_CASE("Frames with descriptors keep their place through partial writes to a tiny socket buffer",
+          "[channel][coalescing]") {
+  FdLeakCheck leaks;
+  std::vector<UniqueFd> lent;
+  ChannelPair p;
+  // The kernel rounds these up to its minimum (a few KiB): most sendmsg calls write part of
+  // what they were given, often ending inside a frame or a chunk.
+  set_buffer(p.a->native_handle(), SO_SNDBUF, 1);
+  set_buffer(p.b->native_handle(), SO_RCVBUF, 1);
+  constexpr std::size_t count = 2000;
+  send_mixed(*p.a, count, lent);
+  CHECK(p.a->queued_bytes() > 0);
+  REQUIRE(p.run_until_received(count));
+  check_mixed(p.got, count);
+  CHECK(p.a->queued_bytes() == 0);
+  CHECK(p.b_closed.empty());
+}
+
+TEST_CASE("Coalesced frames reach the wire byte for byte when the peer reads a few bytes at a time",
+          "[channel][coalescing]") {
+  FdLeakCheck leaks;
+  RawPeer p;
+  set_buffer(p.ch->native_handle(), SO_SNDBUF, 1);
+  std::string expected;
+  for (std::size_t i = 0; i < 1500; ++i) {
+    const std::string payload = mixed_payload(i);
+    expected += wire_frame(payload, i);
+    REQUIRE_FALSE(p.ch->send(FrameKind::user, payload, i));
+  }
+  std::string on_wire;
+  char buf[97];  // an odd size, so reads end anywhere in a header or a payload
+  REQUIRE(run_until(p.loop, [&] {
+    for (int k = 0; k < 64; ++k) {
+      ssize_t n = ::recv(p.raw.get(), buf, sizeof buf, MSG_DONTWAIT);
+      if (n <= 0) break;
+      on_wire.append(buf, static_cast<std::size_t>(n));
+    }
+    return on_wire.size() >= expected.size();
+  }, 60s));
+  CHECK(on_wire.size() == expected.size());
+  CHECK((on_wire == expected));
+  CHECK(p.ch->queued_bytes() == 0);
+  CHECK(p.closes.empty());
+}
+
+TEST_CASE("queued_bytes counts whole frames until written and queue_full refuses only user traffic",
+          "[channel][coalescing]") {
+  FdLeakCheck leaks;
+  ChannelLimits limits;
+  limits.max_queued_bytes = 32 * 1024;
+  RawPeer p(limits);  // the peer does not read until the end
+  int drained = 0;
+  p.ch->on_drained([&] { ++drained; });
+  const std::string payload = pattern(100, 1);
+  std::string expected;
+  std::size_t accepted = 0;
+  std::error_code ec;
+  for (int i = 0; i < 100000 && !ec; ++i) {
+    ec = p.ch->send(FrameKind::user, payload, accepted);
+    if (!ec) expected += wire_frame(payload, accepted++);
+  }
+  REQUIRE(ec == errc::queue_full);
+  const std::size_t queued = p.ch->queued_bytes();
+  CHECK(queued > 0);
+  CHECK(queued <= limits.max_queued_bytes);
+  CHECK(queued + 16 + payload.size() > limits.max_queued_bytes);  // refused exactly when over
+  CHECK_FALSE(p.ch->has_room(payload.size()));
+  CHECK(p.ch->send(FrameKind::request, payload, 1) == errc::queue_full);
+  CHECK(p.ch->send(FrameKind::store, payload, 1) == errc::queue_full);
+  CHECK(p.ch->queued_bytes() == queued);
+  // Control frames still go, behind the rest.
+  REQUIRE_FALSE(p.ch->send(FrameKind::heartbeat, {}, 77));
+  expected += wire_header(static_cast<std::uint8_t>(FrameKind::heartbeat), 0, 0, 77);
+  CHECK(p.ch->queued_bytes() == queued + 16);
+
+  std::string on_wire;
+  REQUIRE(run_until(p.loop, [&] {
+    p.read_available(on_wire);
+    return on_wire.size() >= expected.size() && drained > 0;
+  }));
+  CHECK((on_wire == expected));
+  CHECK(p.ch->queued_bytes() == 0);
+  CHECK(drained == 1);
+  CHECK(p.ch->has_room(limits.max_queued_bytes));
+}
+
+TEST_CASE("Large messages between small ones keep their place", "[channel][coalescing]") {
+  FdLeakCheck leaks;
+  ChannelPair p;
+  std::vector<std::string> sent;
+  for (std::size_t i = 0; i < 2000; ++i) {
+    if (i == 500) sent.push_back(pattern(std::size_t{8} << 20, 8));
+    else if (i == 1200) sent.push_back(pattern(100 * 1024, 9));
+    else if (i == 1201) sent.push_back(pattern(16 * 1024, 10));  // at the copy/move boundary
+    else if (i == 1202) sent.push_back(pattern(16 * 1024 + 1, 11));
+    else sent.push_back("small " + std::to_string(i));
+    REQUIRE_FALSE(p.a->send(FrameKind::user, sent.back(), i));
+  }
+  REQUIRE(p.run_until_received(sent.size()));
+  REQUIRE(p.got.size() == sent.size());
+  std::size_t bad = 0;
+  for (std::size_t i = 0; i < sent.size(); ++i)
+    if (p.got[i].tag != i || p.got[i].payload != sent[i]) ++bad;
+  CHECK(bad == 0);
+  CHECK(p.b_closed.empty());
+}
+
+TEST_CASE("A channel gives back the memory of a 64 MiB message and of a burst once they are delivered",
+          "[channel][coalescing]") {
+  FdLeakCheck leaks;
+  ChannelPair p;
+  std::size_t received = 0, received_bytes = 0;
+  p.b->on_frame([&](Frame&& f) {
+    ++received;
+    received_bytes += f.payload.size();
+  });
+  // Both directions' buffers exist before the baseline is taken.
+  REQUIRE_FALSE(p.a->send(FrameKind::user, "warm up"));
+  REQUIRE(run_until(p.loop, [&] { return received == 1; }));
+  const std::size_t before = heap_in_use();
+  constexpr std::size_t slack = std::size_t{1} << 20;
+
+  const std::size_t big = std::size_t{64} << 20;
+  REQUIRE_FALSE(p.a->send(FrameKind::user, std::string(big, 'B')));
+  REQUIRE(run_until(p.loop, [&] { return received == 2 && p.a->queued_bytes() == 0; }));
+  CHECK(received_bytes == 7 + big);
+  for (int i = 0; i < 3; ++i) p.loop.run_once(0);
+  const std::size_t after_big = heap_in_use();
+  INFO("heap before " << before << ", after the 64 MiB message " << after_big);
+  CHECK(after_big < before + slack);
+
+  // A burst of small frames queues megabytes before the loop writes them.
+  constexpr std::size_t burst = 200000;
+  for (std::size_t i = 0; i < burst; ++i)
+    REQUIRE_FALSE(p.a->send(FrameKind::user, "a small message of forty bytes, or so..", i));
+  REQUIRE(run_until(p.loop, [&] { return received == 2 + burst && p.a->queued_bytes() == 0; }));
+  for (int i = 0; i < 3; ++i) p.loop.run_once(0);
+  const std::size_t after_burst = heap_in_use();
+  INFO("after the burst " << after_burst);
+  CHECK(after_burst < before + slack);
+  CHECK(p.b_closed.empty());
 }
