@@ -40,6 +40,7 @@
 
 #include <prefork/prefork.hpp>
 
+#include "common/cli.hpp"
 #include "common/http.hpp"
 
 namespace {
@@ -156,57 +157,24 @@ constexpr const char* kUsage =
     "usage: broadcast [--host ADDR] [--port N] [--workers N] [--interval-ms MS]\n"
     "                 [--work ITERATIONS]\n";
 
-[[noreturn]] void usage_error(const std::string& message) {
-  std::fprintf(stderr, "broadcast: %s\n%s", message.c_str(), kUsage);
-  std::exit(2);
-}
-
-template <class T>
-T parse_number(std::string_view flag, std::string_view text, T min, T max) {
-  T value{};
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (text.empty() || ec != std::errc{} || end != text.data() + text.size() || value < min ||
-      value > max)
-    usage_error(std::string(flag) + ": '" + std::string(text) + "' is not a number from " +
-                std::to_string(min) + " to " + std::to_string(max));
-  return value;
-}
+const cli::Parser args("broadcast", kUsage);
 
 Config parse_args(int argc, char** argv) {
   Config c;
-  for (int i = 1; i < argc; ++i) {
-    std::string_view arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      std::fputs(kUsage, stdout);
-      std::exit(0);
-    }
-    std::string_view flag = arg, value;
-    bool inline_value = false;
-    if (auto eq = arg.find('='); arg.starts_with("--") && eq != std::string_view::npos) {
-      flag = arg.substr(0, eq);  // --port=8080
-      value = arg.substr(eq + 1);
-      inline_value = true;
-    }
-    if (flag != "--host" && flag != "--port" && flag != "--workers" && flag != "--interval-ms" &&
-        flag != "--work")
-      usage_error("unknown option '" + std::string(arg) + "'");
-    if (!inline_value) {
-      if (i + 1 >= argc) usage_error(std::string(flag) + " needs a value");
-      value = argv[++i];
-    }
+  args.parse(argc, argv, {"--host", "--port", "--workers", "--interval-ms", "--work"}, {},
+             [&c](std::string_view flag, std::string_view value) {
     if (flag == "--host") {
-      if (value.empty()) usage_error("--host needs an address");
-      c.host = value;
+      c.host = args.text(flag, value);
     } else if (flag == "--port") {
-      c.port = parse_number<unsigned>(flag, value, 0, 65535);
+      c.port = args.number<unsigned>(flag, value, 0, 65535);
     } else if (flag == "--workers") {
-      c.workers = parse_number<unsigned>(flag, value, 1, 4096);
+      c.workers = args.number<unsigned>(flag, value, 1, 4096);
     } else if (flag == "--interval-ms") {
-      c.interval_ms = parse_number<unsigned>(flag, value, 1, 86'400'000);
+      c.interval_ms = args.number<unsigned>(flag, value, 1, 86'400'000);
     } else {
-      c.work = parse_number<unsigned long long>(flag, value, 0, 1'000'000'000'000ULL);
+      c.work = args.number<unsigned long long>(flag, value, 0, 1'000'000'000'000ULL);
     }
-  }
+  });
   return c;
 }
 
@@ -259,13 +227,11 @@ int serve(const std::string& address) {
 
 int main(int argc, char** argv) {
   config = parse_args(argc, argv);
-  bool ipv6 = config.host.find(':') != std::string::npos && config.host.front() != '[';
-  std::string address = (ipv6 ? "[" + config.host + "]" : config.host) + ":" +
-                        std::to_string(config.port);
+  const std::string address = cli::listen_address(config.host, config.port);
   try {
     return serve(address);
   } catch (const std::invalid_argument& e) {  // Options the library refuses, e.g. --host x
-    usage_error(e.what());
+    args.fail(e.what());
   } catch (const std::exception& e) {  // set-up failures, e.g. the port is in use
     std::fprintf(stderr, "broadcast: %s\n", e.what());
     return 1;

@@ -51,7 +51,6 @@
 //   Upgrade done: new master 4133 is serving; this master exits
 #include <unistd.h>
 
-#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -63,6 +62,7 @@
 
 #include <prefork/prefork.hpp>
 
+#include "common/cli.hpp"
 #include "common/http.hpp"
 
 namespace {
@@ -156,85 +156,51 @@ constexpr const char* kUsage =
     "             [--max-lifetime-ms MS] [--max-rss-mb N] [--pid-file PATH]\n"
     "             [--user NAME] [--group NAME]\n";
 
-[[noreturn]] void usage_error(const std::string& message) {
-  std::fprintf(stderr, "hello: %s\n%s", message.c_str(), kUsage);
-  std::exit(2);
-}
-
-template <class T>
-T parse_number(std::string_view flag, std::string_view text, T min, T max) {
-  T value{};
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (text.empty() || ec != std::errc{} || end != text.data() + text.size() || value < min ||
-      value > max)
-    usage_error(std::string(flag) + ": '" + std::string(text) + "' is not a number from " +
-                std::to_string(min) + " to " + std::to_string(max));
-  return value;
-}
+const cli::Parser args("hello", kUsage);
 
 Config parse_args(int argc, char** argv) {
   Config c;
-  for (int i = 1; i < argc; ++i) {
-    std::string_view arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      std::fputs(kUsage, stdout);
-      std::exit(0);
-    }
-    if (arg == "--faults") {
+  args.parse(argc, argv,
+             {"--host", "--port", "--workers", "--work", "--spawn", "--balance", "--crash-ms",
+              "--watchdog-ms", "--max-requests", "--max-lifetime-ms", "--max-rss-mb",
+              "--pid-file", "--user", "--group"},
+             {"--faults"}, [&c](std::string_view flag, std::string_view value) {
+    if (flag == "--faults") {
       c.faults = true;
-      continue;
-    }
-    std::string_view flag = arg, value;
-    bool inline_value = false;
-    if (auto eq = arg.find('='); arg.starts_with("--") && eq != std::string_view::npos) {
-      flag = arg.substr(0, eq);  // --port=8080
-      value = arg.substr(eq + 1);
-      inline_value = true;
-    }
-    if (flag != "--host" && flag != "--port" && flag != "--workers" && flag != "--work" &&
-        flag != "--spawn" && flag != "--balance" && flag != "--crash-ms" &&
-        flag != "--watchdog-ms" && flag != "--max-requests" && flag != "--max-lifetime-ms" &&
-        flag != "--max-rss-mb" && flag != "--pid-file" && flag != "--user" && flag != "--group")
-      usage_error("unknown option '" + std::string(arg) + "'");
-    if (!inline_value) {
-      if (i + 1 >= argc) usage_error(std::string(flag) + " needs a value");
-      value = argv[++i];
-    }
-    if (flag == "--host") {
-      if (value.empty()) usage_error("--host needs an address");
-      c.host = value;
+    } else if (flag == "--host") {
+      c.host = args.text(flag, value);
     } else if (flag == "--port") {
-      c.port = parse_number<unsigned>(flag, value, 0, 65535);
+      c.port = args.number<unsigned>(flag, value, 0, 65535);
     } else if (flag == "--workers") {
-      c.workers = parse_number<unsigned>(flag, value, 1, 4096);
+      c.workers = args.number<unsigned>(flag, value, 1, 4096);
     } else if (flag == "--work") {
-      c.work = parse_number<unsigned long long>(flag, value, 0, 1'000'000'000'000ULL);
+      c.work = args.number<unsigned long long>(flag, value, 0, 1'000'000'000'000ULL);
     } else if (flag == "--crash-ms") {
-      c.crash_ms = parse_number<unsigned>(flag, value, 1, 86'400'000);
+      c.crash_ms = args.number<unsigned>(flag, value, 1, 86'400'000);
     } else if (flag == "--watchdog-ms") {
-      c.watchdog_ms = parse_number<unsigned>(flag, value, 0, 86'400'000);
+      c.watchdog_ms = args.number<unsigned>(flag, value, 0, 86'400'000);
     } else if (flag == "--max-requests") {
-      c.max_requests = parse_number<unsigned long long>(flag, value, 0, 1ULL << 60);
+      c.max_requests = args.number<unsigned long long>(flag, value, 0, 1ULL << 60);
     } else if (flag == "--max-lifetime-ms") {
-      c.max_lifetime_ms = parse_number<unsigned>(flag, value, 0, 86'400'000);
+      c.max_lifetime_ms = args.number<unsigned>(flag, value, 0, 86'400'000);
     } else if (flag == "--max-rss-mb") {
-      c.max_rss_mb = parse_number<unsigned>(flag, value, 0, 1'000'000);
+      c.max_rss_mb = args.number<unsigned>(flag, value, 0, 1'000'000);
     } else if (flag == "--pid-file" || flag == "--user" || flag == "--group") {
-      if (value.empty()) usage_error(std::string(flag) + " needs a value");
-      (flag == "--pid-file" ? c.pid_file : flag == "--user" ? c.user : c.group) = value;
+      (flag == "--pid-file" ? c.pid_file : flag == "--user" ? c.user : c.group) =
+          args.text(flag, value);
     } else if (flag == "--balance") {
       if (value != "round-robin" && value != "least-connections" && value != "ip-hash" &&
           value != "cookie" && value != "shared" && value != "reuse-port")
-        usage_error("--balance: '" + std::string(value) +
-                    "' is not round-robin, least-connections, ip-hash, cookie, shared or "
-                    "reuse-port");
+        args.fail("--balance: '" + std::string(value) +
+                  "' is not round-robin, least-connections, ip-hash, cookie, shared or "
+                  "reuse-port");
       c.balance = value;
     } else if (value == "fork" || value == "exec") {
       c.spawn = value == "fork" ? prefork::SpawnMode::fork : prefork::SpawnMode::exec;
     } else {
-      usage_error("--spawn: '" + std::string(value) + "' is not fork or exec");
+      args.fail("--spawn: '" + std::string(value) + "' is not fork or exec");
     }
-  }
+  });
   return c;
 }
 
@@ -296,9 +262,7 @@ int serve(const std::string& address) {
 
 int main(int argc, char** argv) {
   config = parse_args(argc, argv);
-  bool ipv6 = config.host.find(':') != std::string::npos && config.host.front() != '[';
-  std::string address = (ipv6 ? "[" + config.host + "]" : config.host) + ":" +
-                        std::to_string(config.port);
+  const std::string address = cli::listen_address(config.host, config.port);
   try {
     const std::string& b = config.balance;
     if (b == "least-connections") return serve<prefork::LeastConnections>(address);
@@ -308,7 +272,7 @@ int main(int argc, char** argv) {
     if (b == "reuse-port") return serve<prefork::ReusePort>(address);
     return serve<prefork::RoundRobin>(address);
   } catch (const std::invalid_argument& e) {  // Options the library refuses, e.g. --host x
-    usage_error(e.what());
+    args.fail(e.what());
   } catch (const std::exception& e) {  // set-up failures, e.g. the port is in use
     std::fprintf(stderr, "hello: %s\n", e.what());
     return 1;

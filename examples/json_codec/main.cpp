@@ -39,6 +39,7 @@
 #include <nlohmann/json.hpp>
 #include <prefork/prefork.hpp>
 
+#include "common/cli.hpp"
 #include "json_codec/json_codec.hpp"
 
 namespace {
@@ -87,48 +88,18 @@ using JsonCluster = prefork::Cluster<Acknowledger, prefork::RoundRobin,
 
 constexpr const char* kUsage = "usage: json_codec [--workers N] [--rounds N]\n";
 
-[[noreturn]] void usage_error(const std::string& message) {
-  std::fprintf(stderr, "json_codec: %s\n%s", message.c_str(), kUsage);
-  std::exit(2);
-}
-
-unsigned parse_number(std::string_view flag, std::string_view text, unsigned min, unsigned max) {
-  unsigned value = 0;
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (text.empty() || ec != std::errc{} || end != text.data() + text.size() || value < min ||
-      value > max)
-    usage_error(std::string(flag) + ": '" + std::string(text) + "' is not a number from " +
-                std::to_string(min) + " to " + std::to_string(max));
-  return value;
-}
+const cli::Parser args("json_codec", kUsage);
 
 Config parse_args(int argc, char** argv) {
   Config c;
-  for (int i = 1; i < argc; ++i) {
-    std::string_view arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      std::fputs(kUsage, stdout);
-      std::exit(0);
-    }
-    std::string_view flag = arg, value;
-    bool inline_value = false;
-    if (auto eq = arg.find('='); arg.starts_with("--") && eq != std::string_view::npos) {
-      flag = arg.substr(0, eq);
-      value = arg.substr(eq + 1);
-      inline_value = true;
-    }
-    if (flag != "--workers" && flag != "--rounds")
-      usage_error("unknown option '" + std::string(arg) + "'");
-    if (!inline_value) {
-      if (i + 1 >= argc) usage_error(std::string(flag) + " needs a value");
-      value = argv[++i];
-    }
+  args.parse(argc, argv, {"--workers", "--rounds"}, {},
+             [&c](std::string_view flag, std::string_view value) {
     if (flag == "--workers") {
-      c.workers = parse_number(flag, value, 1, 64);
+      c.workers = args.number<unsigned>(flag, value, 1, 64);
     } else {
-      c.rounds = parse_number(flag, value, 1, 8);
+      c.rounds = args.number<unsigned>(flag, value, 1, 8);
     }
-  }
+  });
   return c;
 }
 
