@@ -1,8 +1,10 @@
 // Writes the seed corpora: tests/fuzz/corpus/frame/ (frames built with the library's own
 // encode_header, in the input layout frame.fuzz.cpp reads) and tests/fuzz/corpus/codec/ (values
 // encoded with the codecs codec.fuzz.cpp decodes) and tests/fuzz/corpus/store/ (store requests,
-// replies, snapshots and request scripts, in the layout store.fuzz.cpp reads). Valid inputs and a few near misses, each
-// reaching one outcome, so that fuzzing starts from every branch of the decoders.
+// replies, snapshots and request scripts, in the layout store.fuzz.cpp reads) and
+// tests/fuzz/corpus/control/ (control request lines, which control.fuzz.cpp parses and quotes).
+// Valid inputs and a few near misses, each reaching one outcome, so that fuzzing starts from
+// every branch of the decoders.
 // Usage: fuzz.make_corpus <tests/fuzz/corpus>   (overwrites the files of the same names)
 #include <cstdint>
 #include <cstdio>
@@ -240,5 +242,24 @@ int main(int argc, char** argv) {
             step(1, {.op = StoreOp::compare_and_set, .key = "lock", .value = "you"}) +
             step(0, {.op = StoreOp::compare_and_set, .key = "lock", .value = "x", .expected = "you"}) +
             step(0, {.op = StoreOp::erase, .key = "lock"}));
+
+  // Control requests: what `ctl` sends, every scalar type and escape, and a near miss per
+  // rejection (control.fuzz.cpp also quotes the same bytes).
+  const fs::path ctl = root / "control";
+  write(ctl, "status", R"({"command":"status"})");
+  write(ctl, "scale", R"({"command":"scale","workers":3})");
+  write(ctl, "scalars", " {\"s\":\"x\", \"n\":-1.5e+3, \"t\":true, \"f\":false, \"z\":null}\r\n");
+  write(ctl, "escapes", R"({"e":"\"\\\/\b\f\n\r\t\u00e9\ud83d\ude00"})");
+  write(ctl, "utf8", "{\"caf\xc3\xa9\":\"\xe2\x82\xac \xf0\x9f\x98\x80\"}");
+  write(ctl, "empty-object", "{}");
+  std::string many = "{";
+  for (int i = 0; i < 65; ++i) many += (i ? ",\"" : "\"") + std::to_string(i) + "\":" + std::to_string(i);
+  write(ctl, "65-fields", many + "}");
+  write(ctl, "nested", R"({"command":"scale","workers":[3]})");
+  write(ctl, "duplicate", R"({"command":"a","command":"b"})");
+  write(ctl, "trailing", R"({"command":"stop"} {})");
+  write(ctl, "lone-surrogate", R"({"k":"\ud800x"})");
+  write(ctl, "invalid-utf8", "{\"k\":\"\xc0\xaf \xed\xa0\x80 \xff\"}");
+  write(ctl, "bad-number", R"({"n":01.e})");
   return 0;
 }

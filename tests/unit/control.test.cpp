@@ -1,0 +1,926 @@
+// The control socket (include/prefork/detail/control.hpp, include/prefork/control.hpp): the
+// socket file's mode and life (stale replaced, live and non-socket refused, only our own file
+// unlinked), the protocol's order and limits, the peer check, the blocking client and the
+// `ctl` command line, and the JSON subset underneath.
+#include <catch2/catch.hpp>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <prefork/control.hpp>
+#include <prefork/detail/control.hpp>
+#include <prefork/event_loop.hpp>
+
+#include "support/descriptors.hpp"
+#include "support/loop.hpp"
+#include "support/temp_dir.hpp"
+
+using namespace std::chrono_literals;
+using prefork::Clock;
+using prefork::EventLoop;
+using prefork::UniqueFd;
+using prefork::detail::ControlReply;
+using prefork::detail::ControlRequest;
+using prefork::detail::ControlServer;
+using prefork::detail::JsonFields;
+using prefork::detail::JsonScalar;
+using prefork_test::FdLeakCheck;
+using prefork_test::run_until;
+using prefork_test::TempDir;
+
+namespace {
+
+sockaddr_un unix_address(const std::string& path, socklen_t& len) {
+  sockaddr_un un{};
+  un.sun_family = AF_UNIX;
+  std::memcpy(un.sun_path, path.data(), path.size());
+  len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+  return un;
+}
+
+// A raw, non-blocking client, so that the server's loop runs on the same thread.
+struct Client {
+  UniqueFd fd;
+  std::string in;
+  bool eof = false;
+  int connect_errno = 0;
+
+  explicit Client(const std::string& path) {
+    fd.reset(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    socklen_t len;
+    sockaddr_un un = unix_address(path, len);
+    if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&un), len) != 0) connect_errno = errno;
+  }
+  bool send(std::string_view bytes) {
+    while (!bytes.empty()) {
+      ssize_t n = ::send(fd.get(), bytes.data(), bytes.size(), MSG_NOSIGNAL);
+      if (n < 0) {
+        if (errno != EAGAIN) return false;
+        pollfd p{fd.get(), POLLOUT, 0};
+        ::poll(&p, 1, 1000);
+        continue;
+      }
+      bytes.remove_prefix(static_cast<std::size_t>(n));
+    }
+    return true;
+  }
+  void pump() {
+    char buf[65536];
+    for (;;) {
+      ssize_t n = ::recv(fd.get(), buf, sizeof buf, MSG_DONTWAIT);
+      if (n > 0) {
+        in.append(buf, static_cast<std::size_t>(n));
+        continue;
+      }
+      if (n == 0 || errno == ECONNRESET) eof = true;
+      return;
+    }
+  }
+  std::optional<std::string> line() {
+    pump();
+    auto nl = in.find('\n');
+    if (nl == std::string::npos) return std::nullopt;
+    std::string l = in.substr(0, nl);
+    in.erase(0, nl + 1);
+    return l;
+  }
+};
+
+// The next reply line on `c`, running the server's loop meanwhile ("" if none came).
+std::string next_line(EventLoop& loop, Client& c) {
+  std::string got;
+  run_until(loop, [&] {
+    if (auto l = c.line()) {
+      got = *l;
+      return true;
+    }
+    return c.eof;
+  });
+  return got;
+}
+
+bool closed_by_server(EventLoop& loop, Client& c) {
+  return run_until(loop, [&] {
+    c.pump();
+    return c.eof;
+  });
+}
+
+std::string fail_line(std::string_view message) {
+  std::string l = prefork::detail::control_failure_line(message);
+  l.pop_back();
+  return l;
+}
+
+// A server on its own loop in `dir`, with a handler that keeps every request's reply.
+struct Fixture {
+  FdLeakCheck fds;
+  TempDir dir{"prefork-control"};
+  std::string path = dir.path + "/ctl.sock";
+  EventLoop loop;
+  ControlServer server{loop};
+  std::vector<std::pair<ControlRequest, ControlReply>> held;
+
+  Fixture() {
+    REQUIRE_FALSE(dir.path.empty());
+    REQUIRE_FALSE(server.listen(path));
+    server.on_request([this](const ControlRequest& r, ControlReply reply) { held.emplace_back(r, reply); });
+  }
+  bool wait_held(std::size_t n) {
+    return run_until(loop, [&] { return held.size() >= n; });
+  }
+};
+
+bool exists(const std::string& path) {
+  struct stat st {};
+  return ::lstat(path.c_str(), &st) == 0;
+}
+
+// A socket file nobody accepts on: bound, never listened on, closed.
+void make_stale_socket(const std::string& path) {
+  UniqueFd s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  socklen_t len;
+  sockaddr_un un = unix_address(path, len);
+  REQUIRE(::bind(s.get(), reinterpret_cast<sockaddr*>(&un), len) == 0);
+}
+
+std::string contents(const std::string& path) {
+  std::ifstream in(path);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+// The socket file
+// ------------------------------------------------------------------------------------------
+
+TEST_CASE("The control socket is created with mode 0600 and a close-on-exec descriptor",
+          "[control]") {
+  Fixture f;
+  struct stat st {};
+  REQUIRE(::lstat(f.path.c_str(), &st) == 0);
+  CHECK(S_ISSOCK(st.st_mode));
+  CHECK((st.st_mode & 0777) == 0600);
+  CHECK(f.server.path() == f.path);
+  REQUIRE(f.server.native_handle() >= 0);
+  CHECK((::fcntl(f.server.native_handle(), F_GETFD) & FD_CLOEXEC) != 0);
+  CHECK((::fcntl(f.server.native_handle(), F_GETFL) & O_NONBLOCK) != 0);
+  CHECK_FALSE(f.loop.alive());  // the control socket never keeps a loop running
+  CHECK(f.server.listen(f.path) == std::errc::already_connected);
+  f.server.close();
+  CHECK(f.server.native_handle() == -1);
+  CHECK(exists(f.path));  // close() leaves the file to its owner
+}
+
+TEST_CASE("A stale control socket file is replaced", "[control]") {
+  FdLeakCheck fds;
+  TempDir dir("prefork-control");
+  const std::string path = dir.path + "/ctl.sock";
+  make_stale_socket(path);
+  EventLoop loop;
+  ControlServer server(loop);
+  REQUIRE_FALSE(server.listen(path));
+  Client c(path);
+  CHECK(c.connect_errno == 0);
+}
+
+TEST_CASE("A control socket a live process accepts on is refused with address_in_use and kept",
+          "[control]") {
+  Fixture f;
+  EventLoop loop2;
+  ControlServer second(loop2);
+  CHECK(second.listen(f.path) == std::errc::address_in_use);
+  CHECK(second.native_handle() == -1);
+  Client c(f.path);  // the first one still owns the path
+  CHECK(c.connect_errno == 0);
+  REQUIRE(run_until(f.loop, [&] { return f.server.connections() == 1; }));
+}
+
+TEST_CASE("A path that is not a socket is refused with file_exists and never removed",
+          "[control]") {
+  FdLeakCheck fds;
+  TempDir dir("prefork-control");
+  const std::string path = dir.path + "/ctl.sock";
+  { std::ofstream(path) << "precious"; }
+  EventLoop loop;
+  ControlServer server(loop);
+  CHECK(server.listen(path) == std::errc::file_exists);
+  CHECK(contents(path) == "precious");
+  REQUIRE(::symlink("/nonexistent", (dir.path + "/link.sock").c_str()) == 0);
+  CHECK(server.listen(dir.path + "/link.sock") == std::errc::file_exists);
+  CHECK(::access((dir.path + "/link.sock").c_str(), F_OK) != 0);  // a dangling link, still there
+  CHECK(exists(dir.path + "/link.sock"));
+  CHECK(server.listen(dir.path + "/" + std::string(120, 'x')) == std::errc::filename_too_long);
+  CHECK(server.listen(dir.path + "/missing/ctl.sock") == std::errc::no_such_file_or_directory);
+  CHECK(server.native_handle() == -1);
+}
+
+TEST_CASE("unlink() removes the server's own socket file but never a successor's", "[control]") {
+  FdLeakCheck fds;
+  TempDir dir("prefork-control");
+  const std::string path = dir.path + "/ctl.sock";
+  EventLoop loop;
+  ControlServer old_master(loop);
+  REQUIRE_FALSE(old_master.listen(path));
+  old_master.close();  // its file is stale now
+  ControlServer successor(loop);
+  REQUIRE_FALSE(successor.listen(path));
+  old_master.unlink();
+  CHECK(exists(path));
+  Client c(path);
+  CHECK(c.connect_errno == 0);
+  successor.unlink();
+  CHECK_FALSE(exists(path));
+}
+
+TEST_CASE("adopt() takes over a listening socket and serves requests on it", "[control]") {
+  FdLeakCheck fds;
+  TempDir dir("prefork-control");
+  const std::string path = dir.path + "/ctl.sock";
+  EventLoop loop;
+  UniqueFd handed;
+  {
+    ControlServer old_master(loop);
+    REQUIRE_FALSE(old_master.listen(path));
+    handed.reset(::fcntl(old_master.native_handle(), F_DUPFD, 0));  // as if inherited over exec
+  }
+  ControlServer server(loop);
+  UniqueFd not_listening(::socket(AF_UNIX, SOCK_STREAM, 0));
+  CHECK(server.adopt(std::move(not_listening), path) == std::errc::invalid_argument);
+  REQUIRE_FALSE(server.adopt(std::move(handed), path));
+  CHECK((::fcntl(server.native_handle(), F_GETFD) & FD_CLOEXEC) != 0);
+  server.on_request([](const ControlRequest& r, ControlReply reply) {
+    reply.ok("\"echo\":" + prefork::detail::json_quote(r.command));
+  });
+  Client c(path);
+  REQUIRE(c.send("{\"command\":\"status\"}\n"));
+  CHECK(next_line(loop, c) == R"({"ok":true,"echo":"status"})");
+  server.unlink();
+  CHECK_FALSE(exists(path));
+}
+
+// ------------------------------------------------------------------------------------------
+// The protocol
+// ------------------------------------------------------------------------------------------
+
+TEST_CASE("Replies leave in request order even when a later request is answered first",
+          "[control]") {
+  Fixture f;
+  Client c(f.path);
+  REQUIRE(c.send("{\"command\":\"a\"}\n{\"command\":\"b\",\"n\":2}\n{\"command\":\"c\"}\n"));
+  REQUIRE(f.wait_held(3));
+  CHECK(f.held[0].first.command == "a");
+  CHECK(f.held[1].first.fields.at("n").text == "2");
+  CHECK(f.held[1].first.peer.uid == ::geteuid());
+  CHECK(f.held[1].first.peer.pid == ::getpid());
+  f.held[2].second.ok("\"n\":3");
+  CHECK(f.held[2].second.answered());
+  f.held[2].second.fail("ignored: answered already");
+  // Replies are written when answered: had the third one been sent, it would be readable now.
+  c.pump();
+  CHECK(c.in.empty());
+  f.held[0].second.ok();
+  CHECK(next_line(f.loop, c) == R"({"ok":true})");
+  c.pump();
+  CHECK(c.in.empty());
+  f.held[1].second.fail("no \"such\" thing");
+  CHECK(next_line(f.loop, c) == R"({"ok":false,"error":"no \"such\" thing"})");
+  CHECK(next_line(f.loop, c) == R"({"ok":true,"n":3})");
+}
+
+TEST_CASE("A reply dropped unanswered is answered with a failure", "[control]") {
+  Fixture f;
+  f.server.on_request([](const ControlRequest&, ControlReply) {});
+  Client c(f.path);
+  REQUIRE(c.send("{\"command\":\"status\"}\n"));
+  CHECK(next_line(f.loop, c) == fail_line("the master dropped the request"));
+}
+
+TEST_CASE("A handler that throws fails its request and the exception reaches the loop",
+          "[control]") {
+  Fixture f;
+  f.server.on_request([](const ControlRequest& r, ControlReply reply) {
+    if (r.command == "boom") throw std::runtime_error("boom");
+    reply.ok();
+  });
+  Client c(f.path);
+  REQUIRE(c.send("{\"command\":\"boom\"}\n{\"command\":\"fine\"}\n"));
+  bool threw = false;
+  f.loop.on_exception([&](std::exception_ptr) { threw = true; });
+  const std::string first = next_line(f.loop, c);
+  CHECK(threw);
+  CHECK(first == fail_line("the master's handler failed: boom"));
+  CHECK(next_line(f.loop, c) == R"({"ok":true})");
+}
+
+TEST_CASE("Malformed requests are answered with a failure and the connection stays open",
+          "[control]") {
+  Fixture f;
+  Client c(f.path);
+  REQUIRE(c.send("not json\n"));
+  CHECK(next_line(f.loop, c) == fail_line("malformed request: expected '{' at offset 0"));
+  REQUIRE(c.send("{\"verb\":\"status\"}\n"));
+  CHECK(next_line(f.loop, c) == fail_line("malformed request: no \"command\" field"));
+  REQUIRE(c.send("{\"command\":7}\n"));
+  CHECK(next_line(f.loop, c) == fail_line("malformed request: \"command\" is not a string"));
+  REQUIRE(c.send("{\"command\":{\"x\":1}}\n"));
+  CHECK(next_line(f.loop, c).starts_with(R"({"ok":false,"error":"malformed request: nested)"));
+  REQUIRE(c.send("\n  \r\n{\"command\":\"status\"}\r\n"));  // blank lines ignored, CRLF taken
+  REQUIRE(f.wait_held(1));
+  CHECK(f.held[0].first.command == "status");
+  f.held[0].second.ok();
+  CHECK(next_line(f.loop, c) == R"({"ok":true})");
+  CHECK_FALSE(c.eof);
+}
+
+TEST_CASE("Without a handler every request fails", "[control]") {
+  FdLeakCheck fds;
+  TempDir dir("prefork-control");
+  EventLoop loop;
+  ControlServer server(loop);
+  REQUIRE_FALSE(server.listen(dir.path + "/ctl.sock"));
+  Client c(dir.path + "/ctl.sock");
+  REQUIRE(c.send("{\"command\":\"status\"}\n"));
+  CHECK(next_line(loop, c) == fail_line("no handler for control requests"));
+}
+
+TEST_CASE("A request line over 64 KiB is refused and the connection closed", "[control]") {
+  Fixture f;
+  SECTION("without a newline yet") {
+    Client c(f.path);
+    REQUIRE(c.send(std::string(65537, ' ')));
+    CHECK(next_line(f.loop, c) == fail_line("request line longer than 65536 bytes"));
+    CHECK(closed_by_server(f.loop, c));
+  }
+  SECTION("with its newline, after a good request") {
+    Client c(f.path);
+    std::string big = "{\"command\":\"" + std::string(70000, 'x') + "\"}\n";
+    REQUIRE(c.send("{\"command\":\"first\"}\n" + big));
+    CHECK(next_line(f.loop, c) == fail_line("request line longer than 65536 bytes"));
+    CHECK(closed_by_server(f.loop, c));
+    REQUIRE(f.held.size() == 1);
+    CHECK(f.held[0].second.closed());  // the first request's answer now goes nowhere
+    f.held[0].second.ok();
+  }
+  SECTION("a line of exactly 65536 bytes is accepted") {
+    Client c(f.path);
+    std::string line = "{\"command\":\"";
+    line += std::string(65536 - line.size() - 2, 'x') + "\"}";
+    REQUIRE(line.size() == 65536);
+    REQUIRE(c.send(line + "\n"));
+    REQUIRE(f.wait_held(1));
+    f.held[0].second.ok();
+    CHECK(next_line(f.loop, c) == R"({"ok":true})");
+  }
+}
+
+TEST_CASE("A 17th unanswered request on one connection is refused and the connection closed",
+          "[control]") {
+  Fixture f;
+  Client c(f.path);
+  std::string lines;
+  for (int i = 0; i < 17; ++i) lines += "{\"command\":\"status\"}\n";
+  REQUIRE(c.send(lines));
+  CHECK(next_line(f.loop, c) ==
+        fail_line("more than 16 unanswered requests on one connection"));
+  CHECK(closed_by_server(f.loop, c));
+  CHECK(f.held.size() == 16);
+  for (auto& [r, reply] : f.held) CHECK(reply.closed());
+}
+
+TEST_CASE("A 65th control connection is refused while 64 are open", "[control]") {
+  Fixture f;
+  std::vector<std::unique_ptr<Client>> clients;
+  for (int i = 0; i < 64; ++i) clients.push_back(std::make_unique<Client>(f.path));
+  REQUIRE(run_until(f.loop, [&] { return f.server.connections() == 64; }));
+  Client extra(f.path);
+  CHECK(next_line(f.loop, extra) == fail_line("too many control connections"));
+  CHECK(closed_by_server(f.loop, extra));
+  clients.pop_back();
+  REQUIRE(run_until(f.loop, [&] { return f.server.connections() == 63; }));
+  Client next(f.path);
+  REQUIRE(next.send("{\"command\":\"status\"}\n"));
+  REQUIRE(f.wait_held(1));
+}
+
+TEST_CASE("An idle control connection is closed, one waiting for an answer is not",
+          "[control]") {
+  Fixture f;
+  f.server.set_idle_timeout(50ms);
+  Client idle(f.path);
+  Client waiting(f.path);
+  REQUIRE(waiting.send("{\"command\":\"reload\"}\n"));
+  REQUIRE(f.wait_held(1));
+  CHECK(closed_by_server(f.loop, idle));
+  const auto until = Clock::now() + 200ms;  // several idle periods: still open
+  run_until(f.loop, [&] { return Clock::now() > until; });
+  waiting.pump();
+  CHECK_FALSE(waiting.eof);
+  f.held[0].second.ok();
+  CHECK(next_line(f.loop, waiting) == R"({"ok":true})");
+  CHECK(closed_by_server(f.loop, waiting));  // idle again afterwards
+}
+
+TEST_CASE("A client that does not read its replies is closed past 4 MiB of unsent output",
+          "[control]") {
+  Fixture f;
+  const std::string blob = "\"blob\":\"" + std::string(std::size_t{1} << 20, 'x') + "\"";
+  f.server.on_request([&](const ControlRequest&, ControlReply reply) { reply.ok(blob); });
+  Client c(f.path);
+  std::string lines;
+  for (int i = 0; i < 8; ++i) lines += "{\"command\":\"status\"}\n";
+  REQUIRE(c.send(lines));
+  REQUIRE(run_until(f.loop, [&] { return f.server.connections() == 0; }));
+  CHECK(closed_by_server(f.loop, c));
+  CHECK(c.in.size() < 5 * blob.size());  // what the socket held, not every reply
+}
+
+TEST_CASE("ok() keeps a reply on one line", "[control]") {
+  Fixture f;
+  f.server.on_request([](const ControlRequest&, ControlReply reply) {
+    reply.ok("\"a\":1,\n\"b\":2\r");
+  });
+  Client c(f.path);
+  REQUIRE(c.send("{\"command\":\"status\"}\n"));
+  CHECK(next_line(f.loop, c) == "{\"ok\":true,\"a\":1, \"b\":2 }");
+}
+
+TEST_CASE("A client that shuts down its side still gets its replies, then the connection closes",
+          "[control]") {
+  Fixture f;
+  Client c(f.path);
+  REQUIRE(c.send("{\"command\":\"reload\"}\n"));
+  REQUIRE(::shutdown(c.fd.get(), SHUT_WR) == 0);
+  REQUIRE(f.wait_held(1));
+  f.loop.run_once(0);
+  CHECK_FALSE(f.held[0].second.closed());
+  f.held[0].second.ok("\"restarted\":2");
+  CHECK(next_line(f.loop, c) == R"({"ok":true,"restarted":2})");
+  CHECK(closed_by_server(f.loop, c));
+}
+
+TEST_CASE("A client that goes away makes its pending replies closed", "[control]") {
+  Fixture f;
+  {
+    Client c(f.path);
+    REQUIRE(c.send("{\"command\":\"reload\"}\n"));
+    REQUIRE(f.wait_held(1));
+  }
+  REQUIRE(run_until(f.loop, [&] { return f.server.connections() == 0; }));
+  CHECK(f.held[0].second.closed());
+  f.held[0].second.ok();  // goes nowhere, harmlessly
+  f.server.close();
+  f.held.clear();  // nor does dropping it after close()
+}
+
+TEST_CASE("close() ends every connection and its pending replies go nowhere", "[control]") {
+  Fixture f;
+  Client c(f.path);
+  REQUIRE(c.send("{\"command\":\"stop\"}\n"));
+  REQUIRE(f.wait_held(1));
+  f.held[0].second.ok();
+  CHECK(next_line(f.loop, c) == R"({"ok":true})");
+  REQUIRE(c.send("{\"command\":\"status\"}\n"));
+  REQUIRE(f.wait_held(2));
+  f.server.close();
+  CHECK(f.held[1].second.closed());
+  f.held[1].second.ok();
+  CHECK(closed_by_server(f.loop, c));
+  CHECK(c.in.empty());
+}
+
+TEST_CASE("A full descriptor table pauses accepting, which resumes from a timer", "[control]") {
+  Fixture f;
+  Client c(f.path);
+  rlimit old{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &old) == 0);
+  // The lowest free descriptor number: with the soft limit there, accept4 fails with EMFILE.
+  int lowest = ::fcntl(0, F_DUPFD_CLOEXEC, 0);
+  REQUIRE(lowest >= 0);
+  ::close(lowest);
+  rlimit tight = old;
+  tight.rlim_cur = static_cast<rlim_t>(lowest);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &tight) == 0);
+  f.loop.run_once(1000);  // the listener is readable: accept4 fails and accepting pauses
+  const bool paused = !f.loop.watching(f.server.native_handle());
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &old) == 0);
+  CHECK(paused);
+  CHECK(f.server.connections() == 0);
+  REQUIRE(run_until(f.loop, [&] { return f.server.connections() == 1; }));
+  CHECK(f.loop.watching(f.server.native_handle()));
+}
+
+TEST_CASE("A peer whose uid is neither the master's nor root's is refused", "[control]") {
+  if (::geteuid() != 0) {
+    WARN("skipped: needs root to connect as another uid (setresuid to 65534)");
+    return;
+  }
+  Fixture f;
+  REQUIRE(::chmod(f.dir.path.c_str(), 0755) == 0);
+  REQUIRE(::chmod(f.path.c_str(), 0666) == 0);
+  int pipe_fds[2];
+  REQUIRE(::pipe2(pipe_fds, O_CLOEXEC | O_NONBLOCK) == 0);
+  UniqueFd from_child(pipe_fds[0]), to_parent(pipe_fds[1]);
+  std::fflush(nullptr);
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    // The child: never returns into Catch2; everything it reports goes through the pipe.
+    std::string got = "setresuid failed";
+    if (::setresuid(65534, 65534, 65534) == 0) {
+      UniqueFd s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      socklen_t len;
+      sockaddr_un un = unix_address(f.path, len);
+      if (::connect(s.get(), reinterpret_cast<sockaddr*>(&un), len) != 0) {
+        got = std::string("connect: ") + std::strerror(errno);
+      } else {
+        (void)!::send(s.get(), "{\"command\":\"stop\"}\n", 19, MSG_NOSIGNAL);
+        got.clear();
+        char buf[512];
+        pollfd p{s.get(), POLLIN, 0};
+        while (got.find('\n') == std::string::npos && ::poll(&p, 1, 20000) > 0) {
+          ssize_t n = ::recv(s.get(), buf, sizeof buf, 0);
+          if (n <= 0) break;
+          got.append(buf, static_cast<std::size_t>(n));
+        }
+      }
+    }
+    prefork::detail::write_all(to_parent.get(), got.data(), got.size());
+    ::_exit(0);
+  }
+  to_parent.reset();
+  std::string reported;
+  bool child_done = false;
+  run_until(f.loop, [&] {
+    char buf[512];
+    ssize_t n = ::read(from_child.get(), buf, sizeof buf);
+    if (n > 0) reported.append(buf, static_cast<std::size_t>(n));
+    else if (n == 0) child_done = true;
+    return child_done;
+  });
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status));
+  CHECK(reported == fail_line("permission denied: uid 65534 is not the master's uid 0 or root") +
+                        "\n");
+  CHECK(f.held.empty());
+  CHECK(f.server.connections() == 0);
+}
+
+// ------------------------------------------------------------------------------------------
+// The client: control_call and control_main
+// ------------------------------------------------------------------------------------------
+
+namespace {
+
+// A master stand-in on its own thread: status, scale and stop succeed, reload fails, "slow"
+// never answers; stop closes the server after its reply.
+struct ThreadedMaster {
+  TempDir dir{"prefork-control"};
+  std::string path = dir.path + "/ctl.sock";
+  EventLoop loop;
+  ControlServer server{loop};
+  std::vector<ControlReply> kept;
+  std::atomic<bool> quit{false};
+  std::thread thread;
+
+  ThreadedMaster() {
+    REQUIRE(!dir.path.empty());
+    REQUIRE_FALSE(server.listen(path));
+    server.on_request([this](const ControlRequest& r, ControlReply reply) {
+      if (r.command == "status") {
+        reply.ok("\"workers\":[{\"id\":1,\"pid\":42}]");
+      } else if (r.command == "scale") {
+        reply.ok("\"workers\":" + r.fields.at("workers").text);
+      } else if (r.command == "reload") {
+        reply.fail("a rolling restart is already running");
+      } else if (r.command == "stop") {
+        reply.ok();
+        loop.post([this] { server.close(); });
+      } else if (r.command == "upgrade") {
+        reply.fail("bad \"upgrade\"\nline");
+      } else {
+        kept.push_back(reply);
+      }
+    });
+    thread = std::thread([this] {
+      while (!quit) loop.run_once(10);
+      server.close();
+      kept.clear();
+    });
+  }
+  ~ThreadedMaster() {
+    quit = true;
+    thread.join();
+  }
+};
+
+struct Captured {
+  int code = -1;
+  std::string out, err;
+};
+
+Captured ctl(const std::string& path, std::vector<std::string> words) {
+  char* out_buf = nullptr;
+  char* err_buf = nullptr;
+  std::size_t out_len = 0, err_len = 0;
+  std::FILE* out = ::open_memstream(&out_buf, &out_len);
+  std::FILE* err = ::open_memstream(&err_buf, &err_len);
+  Captured c;
+  c.code = prefork::control_main(path, words, out, err, "hello");
+  std::fclose(out);
+  std::fclose(err);
+  c.out.assign(out_buf, out_len);
+  c.err.assign(err_buf, err_len);
+  std::free(out_buf);
+  std::free(err_buf);
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("control_call reports a missing master, a stale socket and a timeout", "[control]") {
+  FdLeakCheck fds;
+  TempDir dir("prefork-control");
+  const std::string path = dir.path + "/ctl.sock";
+  std::error_code ec;
+  CHECK(prefork::detail::control_call(path, "{\"command\":\"status\"}", 1s, ec).empty());
+  CHECK(ec == std::errc::no_such_file_or_directory);
+  make_stale_socket(path);
+  CHECK(prefork::detail::control_call(path, "{\"command\":\"status\"}", 1s, ec).empty());
+  CHECK(ec == std::errc::connection_refused);
+  ::unlink(path.c_str());
+  // A socket that listens and never answers (nobody accepts): the client gives up in time.
+  UniqueFd silent(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  socklen_t len;
+  sockaddr_un un = unix_address(path, len);
+  REQUIRE(::bind(silent.get(), reinterpret_cast<sockaddr*>(&un), len) == 0);
+  REQUIRE(::listen(silent.get(), 4) == 0);
+  CHECK(prefork::detail::control_call(path, "{\"command\":\"status\"}", 100ms, ec).empty());
+  CHECK(ec == std::errc::timed_out);
+  CHECK(prefork::detail::control_call(std::string(200, 'x'), "{}", 100ms, ec).empty());
+  CHECK(ec == std::errc::filename_too_long);
+}
+
+TEST_CASE("control_call reports a connection that ends without a reply line", "[control]") {
+  FdLeakCheck fds;
+  TempDir dir("prefork-control");
+  const std::string path = dir.path + "/ctl.sock";
+  UniqueFd listener(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  socklen_t len;
+  sockaddr_un un = unix_address(path, len);
+  REQUIRE(::bind(listener.get(), reinterpret_cast<sockaddr*>(&un), len) == 0);
+  REQUIRE(::listen(listener.get(), 4) == 0);
+  std::thread half_answer([&] {
+    UniqueFd conn(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    char buf[256];
+    (void)!::recv(conn.get(), buf, sizeof buf, 0);
+    (void)!::send(conn.get(), "{\"ok\":tr", 8, MSG_NOSIGNAL);
+  });
+  std::error_code ec;
+  CHECK(prefork::detail::control_call(path, "{\"command\":\"status\"}", 20s, ec).empty());
+  half_answer.join();
+  CHECK(ec == std::errc::bad_message);
+}
+
+TEST_CASE("control_call returns the reply line and can wait for the master to close", "[control]") {
+  FdLeakCheck fds;
+  ThreadedMaster m;
+  std::error_code ec;
+  CHECK(prefork::detail::control_call(m.path, "{\"command\":\"status\"}", 20s, ec) ==
+        R"({"ok":true,"workers":[{"id":1,"pid":42}]})");
+  CHECK_FALSE(ec);
+  CHECK(prefork::detail::control_call(m.path, "{\"command\":\"slow\"}", 100ms, ec).empty());
+  CHECK(ec == std::errc::timed_out);
+  CHECK(prefork::detail::control_call(m.path, "{\"command\":\"stop\"}", 20s, ec, 20s) ==
+        R"({"ok":true})");
+  CHECK_FALSE(ec);
+}
+
+TEST_CASE("control_main prints the reply and exits 0 when the master says ok", "[control]") {
+  FdLeakCheck fds;
+  ThreadedMaster m;
+  auto status = ctl(m.path, {"status"});
+  CHECK(status.code == 0);
+  CHECK(status.out == "{\"ok\":true,\"workers\":[{\"id\":1,\"pid\":42}]}\n");
+  CHECK(status.err.empty());
+  auto scale = ctl("/nonexistent/ignored.sock", {"scale", "3", "--control", m.path});
+  CHECK(scale.code == 0);
+  CHECK(scale.out == "{\"ok\":true,\"workers\":3}\n");
+  auto stop = ctl(m.path, {"--control=" + m.path, "stop"});
+  CHECK(stop.code == 0);
+  CHECK(stop.out == "{\"ok\":true}\n");
+  CHECK(stop.err.empty());
+}
+
+TEST_CASE("control_main exits 1 with the master's error or when no master listens",
+          "[control]") {
+  FdLeakCheck fds;
+  ThreadedMaster m;
+  auto reload = ctl(m.path, {"reload"});
+  CHECK(reload.code == 1);
+  CHECK(reload.out.empty());
+  CHECK(reload.err == "hello: ctl reload: a rolling restart is already running\n");
+  auto upgrade = ctl(m.path, {"upgrade"});
+  CHECK(upgrade.code == 1);
+  CHECK(upgrade.err == "hello: ctl upgrade: bad \"upgrade\"\nline\n");
+  const std::string missing = m.dir.path + "/none.sock";
+  auto none = ctl(missing, {"status"});
+  CHECK(none.code == 1);
+  CHECK(none.err == "hello: ctl: no master is listening on " + missing +
+                        " (No such file or directory)\n");
+}
+
+TEST_CASE("control_main exits 2 with a usage line for bad words", "[control]") {
+  FdLeakCheck fds;
+  const std::string usage =
+      "usage: hello ctl status|reload|scale N|stop|upgrade [--control PATH]\n";
+  for (std::vector<std::string> words : std::vector<std::vector<std::string>>{
+           {}, {"restart"}, {"scale"}, {"scale", "0"}, {"scale", "4097"}, {"scale", "3x"},
+           {"scale", "-1"}, {"scale", "2", "3"}, {"status", "now"}, {"--control"}}) {
+    CAPTURE(words);
+    auto r = ctl("/nonexistent/ctl.sock", words);
+    CHECK(r.code == 2);
+    CHECK(r.err == usage);
+    CHECK(r.out.empty());
+  }
+  CHECK(ctl("/nonexistent/ctl.sock", {"scale", "4096"}).code == 1);  // valid: no master there
+}
+
+TEST_CASE("default_control_path is private to the user and refuses a squatted directory",
+          "[control]") {
+  FdLeakCheck fds;
+  TempDir dir("prefork-control");
+  const char* saved = std::getenv("XDG_RUNTIME_DIR");
+  std::optional<std::string> old = saved ? std::optional<std::string>(saved) : std::nullopt;
+  REQUIRE(::setenv("XDG_RUNTIME_DIR", dir.path.c_str(), 1) == 0);
+  std::string path = prefork::default_control_path("hello");
+  CHECK(path == dir.path + "/prefork/hello.sock");
+  struct stat st {};
+  REQUIRE(::lstat((dir.path + "/prefork").c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0700);
+  CHECK(prefork::default_control_path("hello") == path);  // the directory exists now: fine
+  REQUIRE(::chmod((dir.path + "/prefork").c_str(), 0777) == 0);
+  CHECK_THROWS_AS(prefork::default_control_path("hello"), std::system_error);
+  REQUIRE(::rmdir((dir.path + "/prefork").c_str()) == 0);
+  REQUIRE(::symlink(dir.path.c_str(), (dir.path + "/prefork").c_str()) == 0);
+  CHECK_THROWS_AS(prefork::default_control_path("hello"), std::system_error);
+  if (::geteuid() == 0) {
+    REQUIRE(::unlink((dir.path + "/prefork").c_str()) == 0);
+    REQUIRE(::mkdir((dir.path + "/prefork").c_str(), 0700) == 0);
+    REQUIRE(::chown((dir.path + "/prefork").c_str(), 65534, 65534) == 0);
+    CHECK_THROWS_WITH(prefork::default_control_path("hello"),
+                      Catch::Contains("is owned by uid 65534"));
+  }
+  for (const char* bad : {"", ".", "..", "a/b", "/x"})
+    CHECK_THROWS_AS(prefork::default_control_path(bad), std::invalid_argument);
+  // Without a usable XDG_RUNTIME_DIR: /tmp/prefork-<uid>.
+  REQUIRE(::setenv("XDG_RUNTIME_DIR", (dir.path + "/missing").c_str(), 1) == 0);
+  CHECK(prefork::default_control_path("hello") ==
+        "/tmp/prefork-" + std::to_string(::geteuid()) + "/hello.sock");
+  if (old) ::setenv("XDG_RUNTIME_DIR", old->c_str(), 1);
+  else ::unsetenv("XDG_RUNTIME_DIR");
+}
+
+// ------------------------------------------------------------------------------------------
+// JSON
+// ------------------------------------------------------------------------------------------
+
+TEST_CASE("json_quote escapes quotes, backslashes and control characters", "[control]") {
+  using prefork::detail::json_quote;
+  CHECK(json_quote("") == R"("")");
+  CHECK(json_quote("plain text") == R"("plain text")");
+  CHECK(json_quote("a\"b\\c") == R"("a\"b\\c")");
+  CHECK(json_quote(std::string_view("\n\t\x01\x1f\0", 5)) == R"("\u000a\u0009\u0001\u001f\u0000")");
+  CHECK(json_quote("\x7f") == "\"\x7f\"");
+}
+
+TEST_CASE("json_quote passes UTF-8 through and replaces invalid bytes by U+FFFD", "[control]") {
+  using prefork::detail::json_quote;
+  CHECK(json_quote("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80") ==
+        "\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\"");
+  CHECK(json_quote("\xff") == R"("\ufffd")");
+  CHECK(json_quote("a\xc3") == R"("a\ufffd")");                    // truncated sequence
+  CHECK(json_quote("\xc0\xaf") == R"("\ufffd\ufffd")");            // overlong '/'
+  CHECK(json_quote("\xed\xa0\x80") == R"("\ufffd\ufffd\ufffd")");  // a UTF-16 surrogate
+  CHECK(json_quote("\xf4\x90\x80\x80") == R"("\ufffd\ufffd\ufffd\ufffd")");  // above U+10FFFF
+  // Whatever the bytes, the result parses back as a JSON string.
+  std::string all;
+  for (int b = 0; b < 256; ++b) all += static_cast<char>(b);
+  JsonFields fields;
+  std::string error;
+  REQUIRE(prefork::detail::parse_flat_object("{\"k\":" + json_quote(all) + "}", fields, error));
+  CHECK(fields.at("k").text.substr(0, 128) == all.substr(0, 128));
+}
+
+TEST_CASE("parse_flat_object accepts flat objects of scalars", "[control]") {
+  using T = JsonScalar::Type;
+  struct Case {
+    std::string_view text;
+    std::string_view key;
+    T type;
+    std::string_view value;
+  };
+  for (const Case& c : std::vector<Case>{
+           {R"({"command":"status"})", "command", T::string, "status"},
+           {" \t\r\n{ \"a\" : 1 } \n", "a", T::number, "1"},
+           {R"({"a":-0.5e+10})", "a", T::number, "-0.5e+10"},
+           {R"({"a":0})", "a", T::number, "0"},
+           {R"({"a":true,"b":2})", "a", T::boolean, "true"},
+           {R"({"a":false})", "a", T::boolean, "false"},
+           {R"({"a":null})", "a", T::null, "null"},
+           {R"({"a":"q\"\\\/\b\f\n\r\t"})", "a", T::string, "q\"\\/\b\f\n\r\t"},
+           {R"({"a":"\u00e9\u20ac\ud83d\ude00"})", "a", T::string, "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80"},
+           {"{\"a\":\"\xc3\xa9\"}", "a", T::string, "\xc3\xa9"},
+           {R"({"a":"\u0000"})", "a", T::string, std::string_view("\0", 1)},
+           {R"({"\u0061":"key escaped"})", "a", T::string, "key escaped"},
+       }) {
+    CAPTURE(c.text);
+    JsonFields fields;
+    std::string error;
+    REQUIRE(prefork::detail::parse_flat_object(c.text, fields, error));
+    CHECK(error.empty());
+    REQUIRE(fields.count(c.key) == 1);
+    CHECK(fields.at(std::string(c.key)).type == c.type);
+    CHECK(fields.at(std::string(c.key)).text == c.value);
+  }
+  JsonFields fields;
+  std::string error;
+  CHECK(prefork::detail::parse_flat_object("{}", fields, error));
+  CHECK(fields.empty());
+  std::string sixty_four = "{";
+  for (int i = 0; i < 64; ++i) sixty_four += (i ? ",\"k" : "\"k") + std::to_string(i) + "\":1";
+  CHECK(prefork::detail::parse_flat_object(sixty_four + "}", fields, error));
+  CHECK(fields.size() == 64);
+  CHECK_FALSE(prefork::detail::parse_flat_object(sixty_four + ",\"k64\":1}", fields, error));
+  CHECK(error == "more than 64 fields at offset " + std::to_string(sixty_four.size() + 1));
+}
+
+TEST_CASE("parse_flat_object rejects everything else and names the offset", "[control]") {
+  struct Case {
+    std::string_view text;
+    std::string_view error;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"", "expected '{' at offset 0"},
+           {"   ", "expected '{' at offset 3"},
+           {"[]", "expected '{' at offset 0"},
+           {"{", "expected a string key at offset 1"},
+           {"{\"a\"", "expected ':' at offset 4"},
+           {"{\"a\":", "missing value at offset 5"},
+           {"{\"a\":1", "expected ',' or '}' at offset 6"},
+           {"{\"a\":1,}", "expected a string key at offset 7"},
+           {"{a:1}", "expected a string key at offset 1"},
+           {"{\"a\":{}}", "nested value (only flat objects of scalars are accepted) at offset 5"},
+           {"{\"a\":[1]}", "nested value (only flat objects of scalars are accepted) at offset 5"},
+           {"{\"a\":1,\"a\":2}", "duplicate key at offset 7"},
+           {"{\"a\":1} x", "trailing bytes after the object at offset 8"},
+           {"{\"a\":1}{}", "trailing bytes after the object at offset 7"},
+           {"{\"a\":\"\\x\"}", "bad escape at offset 6"},
+           {"{\"a\":\"\\u12\"}", "bad hex digit in \\u escape at offset 10"},
+           {"{\"a\":\"\\u12", "truncated \\u escape at offset 8"},
+           {"{\"a\":\"\\ud800\"}", "unpaired high surrogate at offset 12"},
+           {"{\"a\":\"\\ud800\\u0041\"}", "unpaired high surrogate at offset 18"},
+           {"{\"a\":\"\\udc00\"}", "unpaired low surrogate at offset 12"},
+           {"{\"a\":\"\xff\"}", "invalid UTF-8 at offset 6"},
+           {"{\"a\":\"\xed\xa0\x80\"}", "invalid UTF-8 at offset 6"},
+           {"{\"a\":\"tab\there\"}", "control character in string at offset 9"},
+           {"{\"a\":\"open", "unterminated string at offset 10"},
+           {"{\"a\":01}", "expected ',' or '}' at offset 6"},
+           {"{\"a\":1.}", "bad number at offset 7"},
+           {"{\"a\":1e}", "bad number at offset 7"},
+           {"{\"a\":-}", "bad number at offset 6"},
+           {"{\"a\":+1}", "unexpected character at offset 5"},
+           {"{\"a\":tru}", "unexpected character at offset 5"},
+           {"{\"a\":nul", "unexpected character at offset 5"},
+           {"{\"a\":\"x\"\xff}", "expected ',' or '}' at offset 8"},
+       }) {
+    CAPTURE(c.text);
+    JsonFields fields;
+    std::string error;
+    CHECK_FALSE(prefork::detail::parse_flat_object(c.text, fields, error));
+    CHECK(error == c.error);
+  }
+}
