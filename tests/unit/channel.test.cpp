@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include "support/descriptors.hpp"
+#include "support/loop.hpp"
 
 #include <fcntl.h>
 #include <malloc.h>
@@ -56,6 +57,8 @@ using prefork::UniqueFd;
 using prefork_test::count_open_fds;
 using prefork_test::FdLeakCheck;
 
+using prefork_test::run_until;
+
 namespace {
 
 // ------------------------------------------------------------------------------------------
@@ -63,18 +66,6 @@ namespace {
 // ------------------------------------------------------------------------------------------
 
 
-
-// Runs rounds until done() holds; false if it did not before the deadline (which only stops a
-// broken channel from hanging the test run; no timing is asserted).
-template <class Done>
-bool run_until(EventLoop& loop, Done done, std::chrono::milliseconds limit = 20s) {
-  const auto deadline = Clock::now() + limit;
-  while (!done()) {
-    if (Clock::now() > deadline) return false;
-    loop.run_once(10);
-  }
-  return true;
-}
 
 // Deterministic payload bytes: a frame that arrives shifted, truncated or mixed with another
 // does not compare equal.

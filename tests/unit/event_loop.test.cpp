@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include "support/descriptors.hpp"
+#include "support/loop.hpp"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -32,6 +33,8 @@ using prefork::UniqueFd;
 using prefork_test::count_open_fds;
 using prefork_test::FdLeakCheck;
 
+using prefork_test::run_until;
+
 namespace {
 
 
@@ -59,18 +62,6 @@ void replace_with_fresh_eventfd(int fd) {
   UniqueFd fresh(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
   REQUIRE(fresh);
   REQUIRE(::dup3(fresh.get(), fd, O_CLOEXEC) == fd);
-}
-
-// Runs rounds until done() holds; false if it did not within `limit` (a deadline so that a
-// broken loop fails the test instead of hanging it; never a timing assertion).
-template <class Done>
-bool run_until(EventLoop& loop, Done done, std::chrono::milliseconds limit = 5s) {
-  const auto deadline = Clock::now() + limit;
-  while (!done()) {
-    if (Clock::now() > deadline) return false;
-    loop.run_once(10);
-  }
-  return true;
 }
 
 // Runs rounds until one throws; returns its message ("" if none did before the deadline).

@@ -21,29 +21,13 @@
 #include <prefork/detail/pid_file.hpp>
 
 #include "support/descriptors.hpp"
+#include "support/temp_dir.hpp"
 
 using prefork::detail::PidFile;
 using prefork_test::FdLeakCheck;
+using prefork_test::TempDir;
 
 namespace {
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/prefork-pidfile-XXXXXX";
-    if (::mkdtemp(tmpl)) path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path.empty()) std::filesystem::remove_all(path, ec);
-  }
-  /// The names in the directory (a leftover temporary file shows up here).
-  std::vector<std::string> names() const {
-    std::vector<std::string> v;
-    for (auto& e : std::filesystem::directory_iterator(path)) v.push_back(e.path().filename());
-    return v;
-  }
-};
 
 std::string contents(const std::string& path) {
   std::ifstream in(path);

@@ -16,6 +16,8 @@
 #include "prefork/error.hpp"
 #include "prefork/event_loop.hpp"
 
+#include "support/loop.hpp"
+
 // Request/response over a real channel pair in one process: one loop, the caller's side and
 // the answering side wired the way WorkerContext and Master wire them.
 
@@ -29,17 +31,9 @@ using prefork::FrameKind;
 using prefork::Reply;
 using prefork::StringCodec;
 
-namespace {
+using prefork_test::run_until;
 
-template <class Done>
-bool run_until(EventLoop& loop, Done done, std::chrono::milliseconds limit = 20s) {
-  const auto deadline = Clock::now() + limit;
-  while (!done()) {
-    if (Clock::now() > deadline) return false;
-    loop.run_once(10);
-  }
-  return true;
-}
+namespace {
 
 struct Answer {
   std::error_code ec;
