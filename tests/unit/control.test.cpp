@@ -511,6 +511,28 @@ TEST_CASE("close() ends every connection and its pending replies go nowhere", "[
   CHECK(c.in.empty());
 }
 
+TEST_CASE("stop_listening() closes the socket but open connections still get their replies",
+          "[control]") {
+  Fixture f;
+  Client c(f.path);
+  REQUIRE(c.send("{\"command\":\"upgrade\"}\n"));
+  REQUIRE(f.wait_held(1));
+  std::vector<int> fds;
+  f.server.descriptors(fds);
+  REQUIRE(fds.size() == 2);
+  CHECK(fds[0] == f.server.native_handle());
+  f.server.stop_listening();
+  CHECK(f.server.native_handle() == -1);
+  fds.clear();
+  f.server.descriptors(fds);
+  CHECK(fds.size() == 1);
+  Client late(f.path);
+  CHECK(late.connect_errno == ECONNREFUSED);
+  f.held[0].second.ok("\"pid\":1");
+  CHECK(next_line(f.loop, c) == R"({"ok":true,"pid":1})");
+  CHECK(exists(f.path));
+}
+
 TEST_CASE("A full descriptor table pauses accepting, which resumes from a timer", "[control]") {
   Fixture f;
   Client c(f.path);

@@ -31,6 +31,7 @@
 #include <string_view>
 #include <system_error>
 #include <utility>
+#include <vector>
 
 #include <prefork/detail/syscall.hpp>
 #include <prefork/detail/unique_fd.hpp>
