@@ -8,8 +8,11 @@
 //         [--balance round-robin|least-connections|ip-hash|cookie|shared|reuse-port]
 //         [--crash-ms MS] [--faults] [--watchdog-ms MS] [--max-requests N]
 //         [--max-lifetime-ms MS] [--max-rss-mb N] [--pid-file PATH] [--user NAME] [--group NAME]
+//         [--control PATH|off]
+//   hello ctl status|reload|scale N|stop|upgrade [--control PATH | --port N]
 //         defaults: 127.0.0.1, 8080, one worker per CPU, 10000000 iterations, fork, round-robin,
-//         watchdog 30000 ms (0: off), no recycling
+//         watchdog 30000 ms (0: off), no recycling, control socket hello-<port>.sock in the
+//         user's runtime directory ($XDG_RUNTIME_DIR/prefork, else /tmp/prefork-<uid>)
 //   --balance cookie: a request whose cookie `sid` names a slot ("sid=s1", or "sid=s1~token")
 //                  goes to that slot's worker, and to its replacement after a crash; any other
 //                  goes round-robin (prefork::StickyCookie).
@@ -27,6 +30,15 @@
 //                  hands it to the new master.
 //   --user NAME, --group NAME: workers run as this user and group (names or numeric ids); the
 //                  master stays root, so it can bind ports below 1024 (needs a root master).
+//   --control PATH: the master's control socket (mode 0600; the master's user and root only),
+//                  named after the port it listens on unless given; `off`: none.
+//   ctl COMMAND:   this binary as the control client, like `nginx -s reload`: prints the
+//                  master's JSON reply and exits 0, or 1 with its error. `status` lists the
+//                  master and every worker (pid, state, uptime, restarts, connections,
+//                  requests, RSS); `reload` and `upgrade` return once done; `scale N` leaves N
+//                  workers; `stop` returns once the master has exited. The signals work too:
+//                  HUP and USR2 reload, USR1 upgrades, TTIN and TTOU add and remove a worker,
+//                  TERM, INT and QUIT stop gracefully.
 //
 //   $ ./hello --workers 2 --port 0
 //   Master PID: 4120
@@ -38,7 +50,9 @@
 //   $ kill -9 4121          # the master prints:
 //   Worker 4121 died (code -1 / signal 9); starting a new one
 //   Started process 4130
-//   $ kill -USR2 4120       # rolling restart
+//   $ ./hello ctl status --port 41237
+//   {"ok":true,"pid":4120,"uptime_ms":5120,"workers_wanted":2,...,"workers":[{"id":1,...}]}
+//   $ kill -USR2 4120       # rolling restart (or: ./hello ctl reload --port 41237)
 //   Started process 4131
 //   Started process 4132
 //   Reload done: 2 workers replaced in 12 ms
@@ -59,6 +73,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <prefork/prefork.hpp>
 
@@ -83,6 +98,7 @@ struct Config {
   std::string pid_file;
   std::string user;
   std::string group;
+  std::string control;  // empty: the default for the port; "off": none
 };
 
 // Parsed in main() before the cluster starts: a forked worker inherits it, an exec'd worker
@@ -154,7 +170,8 @@ constexpr const char* kUsage =
     "             [--balance round-robin|least-connections|ip-hash|cookie|shared|reuse-port]\n"
     "             [--crash-ms MS] [--faults] [--watchdog-ms MS] [--max-requests N]\n"
     "             [--max-lifetime-ms MS] [--max-rss-mb N] [--pid-file PATH]\n"
-    "             [--user NAME] [--group NAME]\n";
+    "             [--user NAME] [--group NAME] [--control PATH|off]\n"
+    "       hello ctl status|reload|scale N|stop|upgrade [--control PATH | --port N]\n";
 
 const cli::Parser args("hello", kUsage);
 
@@ -163,7 +180,7 @@ Config parse_args(int argc, char** argv) {
   args.parse(argc, argv,
              {"--host", "--port", "--workers", "--work", "--spawn", "--balance", "--crash-ms",
               "--watchdog-ms", "--max-requests", "--max-lifetime-ms", "--max-rss-mb",
-              "--pid-file", "--user", "--group"},
+              "--pid-file", "--user", "--group", "--control"},
              {"--faults"}, [&c](std::string_view flag, std::string_view value) {
     if (flag == "--faults") {
       c.faults = true;
@@ -185,9 +202,12 @@ Config parse_args(int argc, char** argv) {
       c.max_lifetime_ms = args.number<unsigned>(flag, value, 0, 86'400'000);
     } else if (flag == "--max-rss-mb") {
       c.max_rss_mb = args.number<unsigned>(flag, value, 0, 1'000'000);
-    } else if (flag == "--pid-file" || flag == "--user" || flag == "--group") {
-      (flag == "--pid-file" ? c.pid_file : flag == "--user" ? c.user : c.group) =
-          args.text(flag, value);
+    } else if (flag == "--pid-file" || flag == "--user" || flag == "--group" ||
+               flag == "--control") {
+      (flag == "--pid-file" ? c.pid_file
+       : flag == "--user"   ? c.user
+       : flag == "--group"  ? c.group
+                            : c.control) = args.text(flag, value);
     } else if (flag == "--balance") {
       if (value != "round-robin" && value != "least-connections" && value != "ip-hash" &&
           value != "cookie" && value != "shared" && value != "reuse-port")
@@ -226,6 +246,15 @@ int serve(const std::string& address) {
     cluster.bind();  // now, so that a port-0 address can be printed before workers start
     std::printf("Listening on %s\n", cluster.addresses().front().c_str());
     std::fflush(stdout);
+    if (config.control != "off") {
+      // Named after the port bound, so that hellos on different ports (port 0 included)
+      // never share one, and `hello ctl --port N` finds it.
+      const std::string bound = cluster.addresses().front();
+      cluster.listen_control(
+          config.control.empty()
+              ? prefork::default_control_path("hello-" + bound.substr(bound.rfind(':') + 1))
+              : config.control);
+    }
     cluster.on_exit([](typename Cluster::WorkerT& w, const prefork::ExitInfo& e) {
       if (e.exited_after_disconnect || !e.crashed()) return;  // the seed's exit handler
       std::printf("Worker %d died (code %d / signal %d); starting a new one\n",
@@ -260,7 +289,32 @@ int serve(const std::string& address) {
 
 }  // namespace
 
+// `hello ctl ...`: the client side of the control socket. --port N names the default socket
+// of the hello listening on port N (8080 if neither --port nor --control is given).
+int control(int argc, char** argv) {
+  std::vector<std::string> words;
+  unsigned port = 8080;
+  for (int i = 2; i < argc; ++i) {
+    std::string_view w = argv[i];
+    if (w == "--port" && i + 1 < argc) {
+      port = args.number<unsigned>("--port", argv[++i], 1, 65535);
+    } else if (w.starts_with("--port=")) {
+      port = args.number<unsigned>("--port", w.substr(7), 1, 65535);
+    } else {
+      words.emplace_back(w);
+    }
+  }
+  try {
+    return prefork::control_main(prefork::default_control_path("hello-" + std::to_string(port)),
+                                 words, stdout, stderr, "hello");
+  } catch (const std::exception& e) {  // the runtime directory is not this user's, say
+    std::fprintf(stderr, "hello: ctl: %s\n", e.what());
+    return 1;
+  }
+}
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string_view(argv[1]) == "ctl") return control(argc, argv);
   config = parse_args(argc, argv);
   const std::string address = cli::listen_address(config.host, config.port);
   try {

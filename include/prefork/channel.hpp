@@ -37,7 +37,8 @@ enum class FrameKind : std::uint8_t {
   handles = 5,      ///< master -> worker: listening sockets (kernel dispatch)
   connection = 6,   ///< master -> worker: one accepted connection (master dispatch)
   heartbeat = 7,    ///< worker -> master: the worker's loop is turning
-  stats = 8,        ///< worker -> master: open connections (tag)
+  stats = 8,        ///< worker -> master: open connections (tag), counters (payload);
+                    ///< master -> worker: report them now
   accepted = 9,     ///< worker -> master: it received `tag` more connection frames
   retire = 10,      ///< worker -> master: recycle me (payload: why), e.g. max_connections
   started = 11,     ///< worker -> master: the Server is built and the worker's loop turns

@@ -27,12 +27,6 @@ namespace prefork {
 
 namespace detail {
 
-template <class T>
-bool parse_number(std::string_view text, T& out) noexcept {
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), out);
-  return ec == std::errc{} && end == text.data() + text.size();
-}
-
 /// Reads PREFORK_WORKER (encode_boot()'s fields, comma-separated) and removes it from the
 /// environment, so that neither user code nor the worker's own children see it.
 inline std::optional<WorkerBoot> take_exec_boot() noexcept {
@@ -89,9 +83,12 @@ class Cluster {
   explicit Cluster(Options opts = {}, Restart restart = {}) {
     if (detail::exec_boot) {
       boot_ = *detail::exec_boot;
+      worker_log_ = std::move(opts.log);
     } else {
-      master_.emplace(std::move(opts), std::move(restart),
-                      [](const detail::WorkerBoot& b) { return detail::run_worker<Server, Codec>(b); });
+      // A forked worker logs through the master's sink (its copy, after fork).
+      master_.emplace(std::move(opts), std::move(restart), [this](const detail::WorkerBoot& b) {
+        return detail::run_worker<Server, Codec>(b, master_->options().log);
+      });
     }
   }
 
@@ -103,7 +100,7 @@ class Cluster {
   /// serves and returns the worker's exit status.
   int run() {
     if (master_) return master_->run();
-    return detail::run_worker<Server, Codec>(*boot_);
+    return detail::run_worker<Server, Codec>(*boot_, worker_log_);
   }
 
   /// The master's full API. Throws std::logic_error in a worker.
@@ -126,6 +123,19 @@ class Cluster {
   bool shutting_down() const noexcept { return master_ && master_->shutting_down(); }
   void reload() { if (master_) master_->reload(); }
   bool upgrade() { return master_ && master_->upgrade(); }
+  /// Master::scale: the number of workers while running; std::errc::operation_not_supported
+  /// in a worker.
+  std::error_code scale(std::size_t n) {
+    return master_ ? master_->scale(n) : std::make_error_code(std::errc::operation_not_supported);
+  }
+  /// Master::status: the master and its workers now (empty in a worker).
+  ClusterStatus status() const { return master_ ? master_->status() : ClusterStatus{}; }
+  /// Master::query_status: cb(status) with every worker's fresh counters (never in a worker).
+  void query_status(std::function<void(const ClusterStatus&)> cb) {
+    if (master_) master_->query_status(std::move(cb));
+  }
+  /// Master::listen_control: serve the control socket on `path` (before run()).
+  void listen_control(const std::string& path) { if (master_) master_->listen_control(path); }
   /// In a master started by an upgrade, the old master's pid; 0 otherwise (and in a worker).
   pid_t upgraded_from() const noexcept { return master_ ? master_->upgraded_from() : 0; }
   EventLoop::TimerId every(Clock::duration d, std::function<void()> cb) {
@@ -159,6 +169,7 @@ class Cluster {
  private:
   std::optional<MasterT> master_;
   std::optional<detail::WorkerBoot> boot_;
+  LogSink worker_log_;  // exec mode: Options::log, for this worker
 };
 
 }  // namespace prefork

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -33,6 +34,7 @@
 #include <prefork/balance/policy.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
+#include <prefork/detail/control.hpp>
 #include <prefork/detail/pid_file.hpp>
 #include <prefork/detail/privileges.hpp>
 #include <prefork/detail/process.hpp>
@@ -42,6 +44,7 @@
 #include <prefork/event_loop.hpp>
 #include <prefork/options.hpp>
 #include <prefork/restart.hpp>
+#include <prefork/status.hpp>
 #include <prefork/store_client.hpp>
 #include <prefork/worker.hpp>
 #include <prefork/worker_handle.hpp>
@@ -51,6 +54,13 @@ extern char** environ;
 namespace prefork {
 
 namespace detail {
+
+/// `text` as a whole decimal number, nothing before or after it.
+template <class T>
+bool parse_number(std::string_view text, T& out) noexcept {
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), out);
+  return ec == std::errc{} && end == text.data() + text.size();
+}
 
 /// The environment variable that tells an exec'd worker who it is: "id,slot,fd,max,queued".
 inline constexpr const char* kWorkerEnv = "PREFORK_WORKER";
@@ -157,9 +167,10 @@ class Master {
       try {
         std::rethrow_exception(e);
       } catch (const std::exception& x) {
-        log(std::string("exception in a master callback: ") + x.what());
+        log(LogLevel::warning, "exception",
+            std::string("exception in a master callback: ") + x.what());
       } catch (...) {
-        log("non-standard exception in a master callback");
+        log(LogLevel::warning, "exception", "non-standard exception in a master callback");
       }
     });
   }
@@ -257,7 +268,8 @@ class Master {
           fd = take_inherited(as, first_slot);
           if (!fd) fd = take_activated(spec);
           if (!fd) {
-            log("socket activation: not binding " + spec + ": no socket was passed for it");
+            log(LogLevel::warning, "systemd",
+                "socket activation: not binding " + spec + ": no socket was passed for it");
             continue;
           }
         }
@@ -281,7 +293,13 @@ class Master {
       for (auto& n : created) detail::unlink_unix_socket(n);  // nothing stays bound
       throw;
     }
-    if (upgrade_boot_) upgrade_boot_->fds.clear();  // inherited sockets nobody listens on
+    // Inherited sockets nobody listens on are closed; the control socket's is kept for
+    // listen_control(), which may come after bind(); run() closes it if nobody takes it.
+    if (upgrade_boot_)
+      for (std::size_t i = 0; i < upgrade_boot_->fds.size(); ++i)
+        if (i >= upgrade_boot_->sockets.size() ||
+            !upgrade_boot_->sockets[i].spec.starts_with("control:"))
+          upgrade_boot_->fds[i].reset();
     listeners_ = std::move(fds);
     slot_listeners_ = std::move(sets);
     addresses_ = std::move(names);
@@ -342,6 +360,10 @@ class Master {
   /// sends SIGTERM to every worker at once.
   void shutdown(bool fast = false) {
     bool again = shutting_down_;
+    if (!again || fast)
+      log(LogLevel::info, "shutdown",
+          std::string(again || fast ? "fast: SIGTERM to " : "graceful: draining ") +
+              std::to_string(workers_.size()) + (workers_.size() == 1 ? " worker" : " workers"));
     if (!again) {
       notify_stopping();
       finish_reload(false, "the master is shutting down");
@@ -383,7 +405,7 @@ class Master {
     reload_.active = true;
     reload_.started = Clock::now();
     for (auto& [id, w] : workers_)
-      if (!w->exited_after_disconnect_ && slots_[w->slot_].worker_id == id)
+      if (!w->exited_after_disconnect_ && owns_slot(*w))
         reload_.queue.push_back(id);
     notifier_.notify("RELOADING=1\nMONOTONIC_USEC=" + std::to_string(detail::monotonic_usec()) +
                      "\nSTATUS=rolling restart: replacing " +
@@ -413,6 +435,11 @@ class Master {
       for (std::size_t i = 0; i < listeners_.size(); ++i)
         sockets.push_back({listeners_[i].get(), -1, specs_[i]});
     }
+    if (control_.native_handle() >= 0) {
+      if (!detail::encodable(control_spec()))
+        return refuse_upgrade("the control socket's path holds a newline");
+      sockets.push_back({control_.native_handle(), -1, control_spec()});
+    }
     for (auto& spec : specs_)
       if (!detail::encodable(spec)) return refuse_upgrade("a listen address holds a newline");
     // The new master loads the store from the snapshot before it forks: writes this master
@@ -422,14 +449,17 @@ class Master {
         master_path_, master_argv_, upgrade_environment(), sockets, master_only_fds(),
         opts_.upgrade_timeout, [this] { upgrade_succeeded(); },
         [this](const std::string& why) {
-          log("upgrade failed: " + why +
+          log(LogLevel::warning, "upgrade", "upgrade failed: " + why +
               (shutting_down_ ? std::string() : "; this master keeps serving"));
           if (!shutting_down_) notifier_.notify("STATUS=upgrade failed; " + systemd_status());
           reclaim_pid_file();
-          if (on_upgrade_done_) on_upgrade_done_(UpgradeReport{false, successor_.pid(), why});
+          UpgradeReport report{false, successor_.pid(), why};
+          answer_upgrade_waiters(report);
+          if (on_upgrade_done_) on_upgrade_done_(report);
         });
     if (!error.empty()) return refuse_upgrade(error);
-    log("upgrade: started new master pid " + std::to_string(successor_.pid()) + " (" +
+    log(LogLevel::info, "upgrade",
+        "upgrade: started new master pid " + std::to_string(successor_.pid()) + " (" +
         master_path_ + ")");
     notifier_.notify("STATUS=upgrading: new master pid " + std::to_string(successor_.pid()) +
                      " starting; " + systemd_status());
@@ -438,6 +468,115 @@ class Master {
   bool upgrading() const noexcept { return successor_.waiting(); }
   /// In a master started by an upgrade: the pid of the master it replaces; 0 otherwise.
   pid_t upgraded_from() const noexcept { return upgrade_boot_ ? upgrade_boot_->old_master : 0; }
+
+  /// Serves the control socket (control.hpp) on `path`, as Options::control does; for a path
+  /// known only once the master has bound (hello names it after its port). Call before run().
+  /// A new master started by an upgrade serves on the socket the old master hands over, so a
+  /// client never finds the path missing, and owns its file only once it serves. Throws
+  /// std::system_error: the path is in use by a running master, exists and is not a socket
+  /// (it is left alone), or cannot be bound; the control socket listens already.
+  void listen_control(const std::string& path) {
+    std::error_code ec;
+    UniqueFd inherited = take_inherited("control:" + path, -1);
+    if (inherited) {
+      ec = control_.adopt(std::move(inherited), path);
+    } else {
+      ec = control_.listen(path);
+      control_owned_ = !ec;
+    }
+    if (ec == std::errc::address_in_use)
+      throw std::system_error(ec, "prefork: control socket " + path +
+                                      " is in use by a running master");
+    if (ec == std::errc::file_exists)
+      throw std::system_error(ec, "prefork: control socket " + path +
+                                      " exists and is not a socket (left as it is)");
+    if (ec) throw std::system_error(ec, "prefork: control socket " + path);
+    control_.on_request([this](const detail::ControlRequest& r, detail::ControlReply reply) {
+      on_control(r, std::move(reply));
+    });
+  }
+
+  /// The master and its live workers now, with each worker's counters as it last reported them
+  /// (query_status() asks for fresh ones). Reads each worker's resident memory from /proc.
+  ClusterStatus status() const {
+    ClusterStatus st;
+    st.pid = ::getpid();
+    st.uptime = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started_);
+    st.workers_wanted = slots_.size();
+    st.addresses = addresses_;
+    st.reloading = reload_.active;
+    st.upgrading = successor_.waiting();
+    st.shutting_down = shutting_down_;
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      st.restarts += slots_[i].restarts;
+      if (slots_[i].errored) st.errored_slots.push_back(i);
+    }
+    for (auto& [id, w] : workers_) {
+      WorkerStatus ws;
+      ws.id = id;
+      ws.slot = w->slot_;
+      ws.pid = w->pid_;
+      ws.state = w->state_;
+      ws.draining = w->exited_after_disconnect_ || w->hung_;
+      ws.uptime = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - w->started_);
+      ws.restarts = w->restarts_;
+      ws.connections = w->reported_connections_;
+      ws.connections_total = w->counters_.connections_total;
+      ws.requests = w->counters_.requests;
+      ws.rss = detail::resident_bytes(w->pid_);
+      st.workers.push_back(ws);
+    }
+    return st;
+  }
+
+  /// Asks every connected worker for its counters and calls cb(status()) once all have
+  /// answered or `timeout` passed (a hung worker shows what it last reported). cb runs on the
+  /// master's loop, never from inside this call.
+  void query_status(std::function<void(const ClusterStatus&)> cb,
+                    Clock::duration timeout = std::chrono::seconds(1)) {
+    auto q = std::make_shared<StatusQuery>();
+    q->done = std::move(cb);
+    for (auto& [id, w] : workers_)
+      if (w->is_connected() && !w->channel_->send(FrameKind::stats, {})) q->waiting.push_back(id);
+    status_queries_.push_back(q);
+    q->timer = loop_.after(timeout, [this, q] {
+      q->timer = 0;
+      finish_status_query(q);
+    }, false);
+    if (q->waiting.empty()) loop_.post([this, q] { finish_status_query(q); });
+  }
+
+  /// Changes the number of worker slots (Options::workers) while running, as PM2's scale and
+  /// gunicorn's TTIN/TTOU do: more forks a worker into each new slot; fewer disconnects the
+  /// workers of the highest slots (each drains and exits; none is restarted). Errors:
+  /// std::errc::invalid_argument for 0 or more than 4096, std::errc::operation_canceled while
+  /// shutting down.
+  std::error_code scale(std::size_t n) {
+    if (n == 0 || n > 4096) return std::make_error_code(std::errc::invalid_argument);
+    if (shutting_down_) return std::make_error_code(std::errc::operation_canceled);
+    std::size_t was = slots_.size();
+    if (n == was) return {};
+    log(LogLevel::info, "scale", "from " + std::to_string(was) + " to " + std::to_string(n) +
+                                     (n == 1 ? " worker" : " workers"));
+    if (n > was) {
+      slots_.resize(n);
+      for (std::size_t slot = was; slot < n; ++slot) {
+        if constexpr (requires(Restart& r) { r.reset(slot); }) restart_.reset(slot);
+        if (running_) spawn(slot);  // before run(), run() forks them
+      }
+      return {};
+    }
+    for (std::size_t slot = n; slot < was; ++slot) cancel_restart(slots_[slot]);
+    slots_.resize(n);
+    if constexpr (WantsReusePort<Balance>) {
+      if (slot_listeners_.size() > n) slot_listeners_.resize(n);  // stop routing to them
+    }
+    for (auto& [id, w] : workers_)
+      if (w->slot_ >= n) w->disconnect();
+    if constexpr (MasterDispatch<Balance>) dispatch_pending();
+    notify_ready();
+    return {};
+  }
 
   /// Binds, installs the signal handlers, forks the workers and supervises them until
   /// shutdown. Returns 0 after a graceful shutdown. Throws std::system_error for set-up
@@ -449,12 +588,26 @@ class Master {
     prepare_to_serve();
     load_store();
     bind();
+    if (upgrade_boot_) upgrade_boot_->fds.clear();
     if (opts_.handle_signals) {
       loop_.on_signal(SIGTERM, [this](const signalfd_siginfo&) { shutdown(); });
       loop_.on_signal(SIGINT, [this](const signalfd_siginfo&) { shutdown(); });
       loop_.on_signal(SIGUSR2, [this](const signalfd_siginfo&) { reload(); });
       loop_.on_signal(SIGUSR1, [this](const signalfd_siginfo&) { upgrade(); });
+      // nginx and gunicorn's conventions: HUP reloads, QUIT stops gracefully (as TERM does
+      // here), TTIN and TTOU add and remove a worker.
+      loop_.on_signal(SIGHUP, [this](const signalfd_siginfo&) { reload(); });
+      loop_.on_signal(SIGQUIT, [this](const signalfd_siginfo&) { shutdown(); });
+      loop_.on_signal(SIGTTIN, [this](const signalfd_siginfo&) { scale(slots_.size() + 1); });
+      loop_.on_signal(SIGTTOU, [this](const signalfd_siginfo&) {
+        if (slots_.size() > 1) scale(slots_.size() - 1);
+      });
     }
+    running_ = true;
+    std::string on;
+    for (auto& a : addresses_) on += (on.empty() ? " on " : ", ") + a;
+    log(LogLevel::info, "serving", "pid " + std::to_string(::getpid()) + ", " +
+                                       std::to_string(slots_.size()) + " workers" + on);
     for (std::size_t s = 0; s < slots_.size(); ++s)
       if (!slots_[s].worker_id) spawn(s);
     if constexpr (MasterDispatch<Balance>) resume_accepting();
@@ -468,6 +621,8 @@ class Master {
       for (std::size_t i = 0; i < addresses_.size(); ++i)
         if (i >= specs_.size() || !specs_[i].starts_with(detail::kActivatedSpec))  // systemd's
           detail::unlink_unix_socket(addresses_[i]);
+    control_.close();
+    if (control_owned_ && !handed_over_) control_.unlink();
     bool saved = save_store();
     pid_file_.remove();  // only now: a master started after this must find the store saved
     return saved ? 0 : 1;
@@ -478,6 +633,8 @@ class Master {
     unsigned worker_id = 0;  // the worker that owns the slot now, 0 if none
     EventLoop::TimerId restart_timer = 0;
     bool errored = false;
+    unsigned restarts = 0;  // workers started in the slot after its first
+    bool used = false;      // a worker was ever started in it
   };
 
   // ReusePort: each slot its own SO_REUSEPORT socket per listen address, bound to what the
@@ -516,20 +673,35 @@ class Master {
       slot_listeners_[slot] = bind_set(addresses_, model, slot);
       return true;
     } catch (const std::system_error& e) {
-      log(std::string("cannot bind for slot ") + std::to_string(slot) + ": " + e.what());
+      log(LogLevel::warning, "bind",
+          std::string("cannot bind for slot ") + std::to_string(slot) + ": " + e.what());
       return false;
     }
   }
 
   int defer_accept_s() const noexcept { return static_cast<int>(opts_.defer_accept.count()); }
 
-  void log(const std::string& msg) {
-    if (opts_.log) {
-      opts_.log(msg);
-    } else {
-      std::string line = "prefork: master (pid " + std::to_string(::getpid()) + "): " + msg + "\n";
-      detail::write_all(2, line.data(), line.size());
-    }
+  void log(LogLevel level, std::string_view event, const std::string& msg,
+           const WorkerT* w = nullptr) {
+    detail::emit_log(opts_.log, level, "master", w ? w->id_ : 0, w ? w->pid_ : 0, event, msg);
+  }
+
+  // One line per exit: a crash is a warning, a planned exit (disconnect, kill, shutdown) not.
+  void log_exit(const WorkerT& w, const ExitInfo& e) {
+    std::string how = e.signal ? "killed by signal " + std::to_string(e.signal)
+                               : "exited with code " + std::to_string(e.exit_code);
+    bool planned = e.exited_after_disconnect && (e.exit_code == 0 || e.signal);
+    log(planned || !e.crashed() ? LogLevel::info : LogLevel::warning, "exit",
+        "pid " + std::to_string(w.pid_) + " " + how + " after " +
+            std::to_string(e.uptime.count()) + " ms" +
+            (e.exited_after_disconnect ? " (planned)" : "") +
+            (e.reason.empty() ? std::string() : ": " + e.reason),
+        &w);
+  }
+
+  // The worker is its slot's current one (not a replaced one, nor in a slot scaled away).
+  bool owns_slot(const WorkerT& w) const noexcept {
+    return w.slot_ < slots_.size() && slots_[w.slot_].worker_id == w.id_;
   }
 
   static std::string describe(const WorkerT& w) {
@@ -554,6 +726,7 @@ class Master {
     for (auto& a : activated_)
       if (a.fd) fds.push_back(a.fd.get());
     if (pid_file_.held()) fds.push_back(pid_file_.native_handle());  // or a child keeps the lock
+    control_.descriptors(fds);  // or a child keeps the socket live, and a client's EOF away
     successor_.descriptors(fds);
     for (auto& [id, w] : workers_) {
       for (auto& h : w->in_flight_) fds.push_back(h.fd.get());
@@ -622,7 +795,8 @@ class Master {
     w.pidfd_.reset(detail::pidfd_open(pid));
     if (!w.pidfd_) {
       // Without a pidfd we cannot reap this child safely; it is ours, so kill and reap it.
-      log("pidfd_open failed for pid " + std::to_string(pid) + ": " + std::strerror(errno));
+      log(LogLevel::warning, "fork",
+          "pidfd_open failed for pid " + std::to_string(pid) + ": " + std::strerror(errno));
       ::kill(pid, SIGKILL);
       ::waitpid(pid, nullptr, 0);
       return retry_spawn(slot, "pidfd_open failed");
@@ -634,8 +808,14 @@ class Master {
     w.channel_->on_close([this, &w](std::error_code ec) { on_channel_closed(w, ec); });
     loop_.watch(w.pidfd_.get(), EventLoop::readable, [this, &w](std::uint32_t) { on_pidfd(w); });
     s.worker_id = id;
+    if (s.used) ++s.restarts;
+    s.used = true;
+    w.restarts_ = s.restarts;
     workers_.emplace(id, std::move(owned));
     if (bound_ && listens() && !shutting_down_) hand_listeners(w);
+    log(LogLevel::info, "fork", "pid " + std::to_string(pid) + ", slot " + std::to_string(slot) +
+        (s.restarts ? ", restart " + std::to_string(s.restarts) + " of the slot" : std::string()),
+        &w);
     if (on_fork_) on_fork_(w);
     return &w;
   }
@@ -678,7 +858,8 @@ class Master {
   }
 
   WorkerT* retry_spawn(std::size_t slot, const std::string& why) {
-    log("cannot start a worker for slot " + std::to_string(slot) + ": " + why +
+    log(LogLevel::warning, "fork",
+        "cannot start a worker for slot " + std::to_string(slot) + ": " + why +
         "; retrying in 1 s");
     Slot& s = slots_[slot];
     s.restart_timer = loop_.after(std::chrono::seconds(1), [this, slot] {
@@ -697,7 +878,8 @@ class Master {
     if constexpr (KernelDispatch<Balance>) for (auto& l : *source) {
       int d = ::fcntl(l.get(), F_DUPFD_CLOEXEC, 0);
       if (d < 0) {
-        log("dup of a listening socket failed: " + std::string(std::strerror(errno)));
+        log(LogLevel::warning, "bind",
+            "dup of a listening socket failed: " + std::string(std::strerror(errno)));
         return;
       }
       dups.emplace_back(d);
@@ -709,7 +891,7 @@ class Master {
     if (on_error_) {
       on_error_(w, ec);
     } else {
-      log(describe(w) + ": " + ec.message() + "; killing it");
+      log(LogLevel::warning, "protocol", describe(w) + ": " + ec.message() + "; killing it", &w);
     }
     if (w.exit_.reason.empty()) w.exit_.reason = "protocol error: " + ec.message();
     w.signal(SIGKILL);
@@ -732,6 +914,7 @@ class Master {
       case FrameKind::online:
         if (w.state_ != WorkerState::none) break;
         w.state_ = WorkerState::online;
+        log(LogLevel::info, "online", "pid " + std::to_string(w.pid_), &w);
         if (on_online_) on_online_(w);
         return;
       case FrameKind::started:
@@ -749,6 +932,7 @@ class Master {
         w.listened_ = true;
         if constexpr (requires(Restart& r) { r.on_listening(std::size_t{}); })
           restart_.on_listening(w.slot_);
+        log(LogLevel::info, "listening", "pid " + std::to_string(w.pid_), &w);
         if (on_listening_) on_listening_(w);
         if constexpr (MasterDispatch<Balance>) resume_accepting();
         reload_ready(w);
@@ -762,7 +946,8 @@ class Master {
         return;
       case FrameKind::stats:
         w.reported_connections_ = static_cast<std::size_t>(f.tag);
-        return;
+        detail::decode_counters(f.payload, w.counters_);
+        return status_answered(w.id_);
       case FrameKind::accepted: {
         std::size_t n = std::min<std::size_t>(static_cast<std::size_t>(f.tag), w.in_flight_.size());
         w.in_flight_.erase(w.in_flight_.begin(), w.in_flight_.begin() + static_cast<std::ptrdiff_t>(n));
@@ -823,7 +1008,79 @@ class Master {
     if (prepared_) return;
     credentials_ = detail::check_credentials(std::move(credentials_));
     take_pid_file();
+    if (!opts_.control.empty()) listen_control(opts_.control);
     prepared_ = true;
+  }
+
+  std::string control_spec() const { return "control:" + control_.path(); }
+
+  // One command from the control socket. reload and upgrade are answered when they end.
+  void on_control(const detail::ControlRequest& r, detail::ControlReply reply) {
+    log(LogLevel::info, "control",
+        r.command + " from pid " + std::to_string(r.peer.pid) + " (uid " +
+            std::to_string(r.peer.uid) + ")");
+    if (r.command == "status") {
+      query_status([reply](const ClusterStatus& st) {
+        std::string json = to_json(st);
+        reply.ok(json.substr(1, json.size() - 2));  // its fields beside "ok"
+      });
+    } else if (r.command == "reload") {
+      if (shutting_down_) return reply.fail("the master is shutting down");
+      // A pass that runs now was asked for before this request: this one waits for the next.
+      (reload_.active ? reload_waiters_next_ : reload_waiters_).push_back(std::move(reply));
+      reload();
+    } else if (r.command == "scale") {
+      auto it = r.fields.find("workers");
+      std::size_t n = 0;
+      if (it == r.fields.end() || it->second.type != detail::JsonScalar::Type::number ||
+          !detail::parse_number(it->second.text, n) || n == 0 || n > 4096)
+        return reply.fail("scale needs \"workers\": a whole number from 1 to 4096");
+      if (std::error_code ec = scale(n)) return reply.fail("scale: " + ec.message());
+      reply.ok("\"workers\":" + std::to_string(n));
+    } else if (r.command == "stop") {
+      auto it = r.fields.find("fast");
+      bool fast = it != r.fields.end() && it->second.type == detail::JsonScalar::Type::boolean &&
+                  it->second.text == "true";
+      reply.ok("\"stopping\":true,\"workers\":" + std::to_string(workers_.size()));
+      shutdown(fast);
+    } else if (r.command == "upgrade") {
+      if (!upgrade()) return reply.fail("upgrade refused: " + upgrade_refusal_);
+      upgrade_waiters_.push_back(std::move(reply));
+    } else {
+      reply.fail("unknown command '" + r.command +
+                 "'; the commands are status, reload, scale, stop and upgrade");
+    }
+  }
+
+  // The control clients waiting for the rolling restart that just ended.
+  void answer_reload_waiters(const ReloadReport& r, bool will_run_again) {
+    auto waiters = std::exchange(reload_waiters_, {});
+    for (auto& w : waiters) {
+      if (r.ok) {
+        w.ok("\"replaced\":" + std::to_string(r.replaced) + ",\"took_ms\":" +
+             std::to_string(r.took.count()));
+      } else {
+        w.fail("rolling restart stopped: " + r.reason + "; the old workers keep serving");
+      }
+    }
+    if (will_run_again) {
+      reload_waiters_ = std::exchange(reload_waiters_next_, {});
+    } else if (!reload_waiters_next_.empty()) {
+      auto next = std::exchange(reload_waiters_next_, {});
+      std::string why = r.ok ? std::string("the master is shutting down") : r.reason;
+      for (auto& w : next) w.fail("rolling restart not run: " + why);
+    }
+  }
+
+  void answer_upgrade_waiters(const UpgradeReport& u) {
+    auto waiters = std::exchange(upgrade_waiters_, {});
+    for (auto& w : waiters) {
+      if (u.ok) {
+        w.ok("\"new_master\":" + std::to_string(u.new_master));
+      } else {
+        w.fail("upgrade failed: " + u.reason);
+      }
+    }
   }
 
   void take_pid_file() {
@@ -850,7 +1107,8 @@ class Master {
   void reclaim_pid_file() {
     if (!pid_file_.held() || pid_file_.current()) return;
     if (std::error_code ec = pid_file_.take_over(opts_.pid_file, ::getpid()))
-      log("pid file " + opts_.pid_file + " not taken back: " + ec.message());
+      log(LogLevel::warning, "pid-file",
+          "pid file " + opts_.pid_file + " not taken back: " + ec.message());
   }
 
   void load_store() {
@@ -860,14 +1118,15 @@ class Master {
     if (ec)
       throw std::system_error(ec, "prefork: load store snapshot " + opts_.store_snapshot +
                                       " (fix or move the file; it is left as it is)");
-    log("store loaded from " + opts_.store_snapshot);
+    log(LogLevel::info, "store", "store loaded from " + opts_.store_snapshot);
   }
 
   bool save_store() {
     if (opts_.store_snapshot.empty()) return true;
     std::error_code ec = store_->save(opts_.store_snapshot);
     if (!ec) return true;
-    log("store snapshot " + opts_.store_snapshot + " not saved: " + ec.message());
+    log(LogLevel::error, "store",
+        "store snapshot " + opts_.store_snapshot + " not saved: " + ec.message());
     return false;
   }
 
@@ -881,11 +1140,13 @@ class Master {
 
   void mark_disconnected(WorkerT& w) {
     if (w.state_ == WorkerState::disconnected || w.state_ == WorkerState::dead) return;
+    status_answered(w.id_);  // it never will
     if (w.channel_) w.channel_->close();
     w.link_->channel = nullptr;
     w.state_ = WorkerState::disconnected;
     recover_in_flight(w);
     w.outgoing_.fail_all(make_error_code(errc::peer_gone));
+    log(LogLevel::info, "disconnect", "pid " + std::to_string(w.pid_), &w);
     if (on_disconnect_) on_disconnect_(w);
   }
 
@@ -923,6 +1184,7 @@ class Master {
     auto node = workers_.extract(w.id_);
     std::unique_ptr<WorkerT> owned = std::move(node.mapped());
     ExitInfo info = w.exit_;
+    log_exit(w, info);
     if (on_exit_) on_exit_(w, info);
     after_exit(w, info);
     if (shutting_down_ && workers_.empty()) loop_.stop();
@@ -930,8 +1192,8 @@ class Master {
 
   void after_exit(WorkerT& w, const ExitInfo& info) {
     reload_exited(w, info);
+    if (!owns_slot(w)) return;  // replaced already (rolling restart), or its slot scaled away
     Slot& s = slots_[w.slot_];
-    if (s.worker_id != w.id_) return;  // replaced already (rolling restart)
     s.worker_id = 0;
     if (shutting_down_) return;
     RestartDecision d = restart_.on_exit(w.slot_, info);
@@ -942,8 +1204,9 @@ class Master {
     }
     if (d.action == A::give_up) {
       s.errored = true;
-      log("slot " + std::to_string(w.slot_) + " is errored: its workers keep exiting (last: " +
-          describe(w) + ")");
+      log(LogLevel::error, "errored",
+          "slot " + std::to_string(w.slot_) + " is errored: its workers keep exiting (last: " +
+          describe(w) + ")", &w);
       if (on_errored_) on_errored_(w.slot_, info);
     } else if (d.action == A::restart) {
       std::size_t slot = w.slot_;
@@ -1054,7 +1317,7 @@ class Master {
       pending_.pop_front();
     }
     if (!pending_.empty())
-      log(std::to_string(pending_.size()) +
+      log(LogLevel::warning, "shutdown", std::to_string(pending_.size()) +
           " accepted connections closed unanswered: no worker is left to take them");
     pending_.clear();
   }
@@ -1106,7 +1369,8 @@ class Master {
                   false);
     } catch (const std::system_error& e) {  // epoll_ctl: ENOMEM, ENOSPC (max_user_watches)
       loop_.cancel(deadline);
-      log(std::string("cannot wait for a client's first bytes: ") + e.what());
+      log(LogLevel::warning, "accept",
+          std::string("cannot wait for a client's first bytes: ") + e.what());
       return false;
     }
     peeking_.emplace(raw, Peeking{std::move(h), deadline});
@@ -1159,7 +1423,8 @@ class Master {
         if (errno == EAGAIN || errno == EWOULDBLOCK) return;
         if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO || errno == EPERM) continue;
         // EMFILE, ENFILE, ENOBUFS, ENOMEM: the socket stays readable, so pause rather than spin.
-        log(std::string("accept: ") + std::strerror(errno) + "; pausing accept for 100 ms");
+        log(LogLevel::warning, "accept",
+            std::string("accept: ") + std::strerror(errno) + "; pausing accept for 100 ms");
         stop_accepting();
         accept_paused_ = true;
         loop_.after(std::chrono::milliseconds(100), [this] {
@@ -1258,6 +1523,14 @@ class Master {
 
   void reload_exited(WorkerT& w, const ExitInfo& info) {
     if (!reload_.active) return;
+    if (reload_.starting.count(w.id_) && w.slot_ >= slots_.size()) {  // scaled away: not a failure
+      reload_.starting.erase(w.id_);
+      if (auto t = reload_.deadlines.find(w.id_); t != reload_.deadlines.end()) {
+        loop_.cancel(t->second);
+        reload_.deadlines.erase(t);
+      }
+      return reload_pump();
+    }
     if (reload_.starting.count(w.id_)) {
       std::string how = info.signal ? "was killed by signal " + std::to_string(info.signal)
                                     : "exited with code " + std::to_string(info.exit_code);
@@ -1282,10 +1555,10 @@ class Master {
       WorkerT* fresh = worker(fresh_id);
       WorkerT* old = worker(old_id);
       if (old && !old->exited_after_disconnect_ && fresh && fresh->state_ != WorkerState::dead) {
-        slots_[fresh->slot_].worker_id = old_id;
+        if (fresh->slot_ < slots_.size()) slots_[fresh->slot_].worker_id = old_id;
         fresh->kill(SIGKILL);
       } else if (old && !old->exited_after_disconnect_) {
-        slots_[old->slot_].worker_id = old_id;
+        if (old->slot_ < slots_.size()) slots_[old->slot_].worker_id = old_id;
       } else if (fresh && fresh->state_ != WorkerState::dead) {
         fresh->signal(SIGKILL);
       }
@@ -1297,15 +1570,19 @@ class Master {
     report.reason = reason;
     const char* what = r.requested ? "rolling restart" : "recycling";
     if (ok) {
-      log(std::string(what) + " done: " + std::to_string(r.replaced) + " workers replaced in " +
+      log(LogLevel::info, r.requested ? "reload" : "recycle",
+          std::string(what) + " done: " + std::to_string(r.replaced) + " workers replaced in " +
           std::to_string(report.took.count()) + " ms");
     } else {
-      log(std::string(what) + " stopped: " + reason + "; the old workers keep serving");
+      log(LogLevel::warning, r.requested ? "reload" : "recycle",
+          std::string(what) + " stopped: " + reason + "; the old workers keep serving");
     }
     if (r.requested) notify_reloaded(report);
-    if (r.requested && on_reload_done_) on_reload_done_(report);
     // A reload asked for during a recycling pass runs whatever became of that pass.
-    if (r.again && (ok || !r.requested) && !shutting_down_) reload();
+    bool again = r.again && (ok || !r.requested) && !shutting_down_;
+    if (r.requested || again || shutting_down_) answer_reload_waiters(report, again);
+    if (r.requested && on_reload_done_) on_reload_done_(report);
+    if (again) reload();
   }
 
   // Recycling: one worker replaced the way a rolling restart replaces it (replacement first,
@@ -1315,7 +1592,7 @@ class Master {
     if (shutting_down_ || w.exited_after_disconnect_ || w.hung_ || !w.recycle_reason_.empty())
       return;
     w.recycle_reason_ = why;
-    log("recycling " + describe(w) + ": " + why);
+    log(LogLevel::info, "recycle", "recycling " + describe(w) + ": " + why, &w);
     if (reload_.active) {
       reload_.queue.push_back(w.id_);
       if (!reload_.requested) reload_pump();
@@ -1336,8 +1613,9 @@ class Master {
     auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(silent).count();
     w.exit_.reason = "watchdog: no heartbeat for " + std::to_string(ms) + " ms (watchdog_timeout " +
                      std::to_string(opts_.watchdog_timeout.count()) + " ms)";
-    log(describe(w) + " is hung (" + w.exit_.reason + "); replacing it and sending SIGTERM");
-    if (slots_[w.slot_].worker_id == w.id_ && !shutting_down_) spawn(w.slot_);
+    log(LogLevel::warning, "hung",
+        describe(w) + " is hung (" + w.exit_.reason + "); replacing it and sending SIGTERM", &w);
+    if (owns_slot(w) && !shutting_down_) spawn(w.slot_);
     w.terminate();
   }
 
@@ -1403,7 +1681,7 @@ class Master {
     w.exit_.reason = "start timeout: not " +
                      std::string(listens() ? "listening" : "started") + " after " +
                      std::to_string(opts_.start_timeout.count()) + " ms";
-    log(describe(w) + ": " + w.exit_.reason + "; SIGKILL");
+    log(LogLevel::warning, "start-timeout", describe(w) + ": " + w.exit_.reason + "; SIGKILL", &w);
     w.signal(SIGKILL);
   }
 
@@ -1446,12 +1724,14 @@ class Master {
     if (pid_file_handover_) {  // before "ready": the old master must find it taken when it exits
       pid_file_handover_ = false;
       if (std::error_code ec = pid_file_.take_over(opts_.pid_file, ::getpid()))
-        log("pid file " + opts_.pid_file + " not taken over: " + ec.message());
+        log(LogLevel::warning, "pid-file",
+            "pid file " + opts_.pid_file + " not taken over: " + ec.message());
     }
+    control_owned_ = true;  // the old master leaves the socket file to this one now
     static constexpr char kReady[] = "ready\n";
     detail::write_all(upgrade_boot_->notify.get(), kReady, sizeof kReady - 1);
     upgrade_boot_->notify.reset();
-    log("upgrade: every worker is listening; the old master (pid " +
+    log(LogLevel::info, "upgrade", "upgrade: every worker is listening; the old master (pid " +
         std::to_string(upgrade_boot_->old_master) + ") hands over");
   }
 
@@ -1492,7 +1772,8 @@ class Master {
     for (auto& a : activated_) {
       if (!a.fd) continue;
       if (!detail::is_stream_listener(a.fd.get())) {
-        log("socket activation: closing descriptor " + std::to_string(a.fd.get()) + " (" +
+        log(LogLevel::warning, "systemd",
+            "socket activation: closing descriptor " + std::to_string(a.fd.get()) + " (" +
             a.name + "): not a listening stream socket");
         continue;
       }
@@ -1573,8 +1854,35 @@ class Master {
                 [this] { notifier_.notify("WATCHDOG=1"); }, false);
   }
 
+  // A status query: the workers still to report their counters.
+  struct StatusQuery {
+    std::vector<unsigned> waiting;
+    std::function<void(const ClusterStatus&)> done;
+    EventLoop::TimerId timer = 0;
+  };
+
+  void status_answered(unsigned id) {
+    if (status_queries_.empty()) return;
+    std::vector<std::shared_ptr<StatusQuery>> finished;
+    for (auto& q : status_queries_) {
+      std::erase(q->waiting, id);
+      if (q->waiting.empty()) finished.push_back(q);
+    }
+    for (auto& q : finished) finish_status_query(q);
+  }
+
+  void finish_status_query(const std::shared_ptr<StatusQuery>& q) {
+    auto it = std::find(status_queries_.begin(), status_queries_.end(), q);
+    if (it == status_queries_.end()) return;  // finished already
+    status_queries_.erase(it);
+    if (q->timer) loop_.cancel(q->timer);
+    q->timer = 0;
+    if (q->done) q->done(status());
+  }
+
   bool refuse_upgrade(const std::string& why) {
-    log("upgrade refused: " + why);
+    upgrade_refusal_ = why;
+    log(LogLevel::warning, "upgrade", "upgrade refused: " + why);
     return false;
   }
 
@@ -1584,9 +1892,12 @@ class Master {
     // again itself with READY=1 (NotifyAccess=all). systemd follows the new pid from now on.
     notifier_.notify("MAINPID=" + std::to_string(successor_.pid()) +
                      "\nSTATUS=handed over to new master pid " + std::to_string(successor_.pid()));
-    log("upgrade: new master pid " + std::to_string(successor_.pid()) +
+    log(LogLevel::info, "upgrade", "upgrade: new master pid " + std::to_string(successor_.pid()) +
         " is serving; this master shuts down");
-    if (on_upgrade_done_) on_upgrade_done_(UpgradeReport{true, successor_.pid(), {}});
+    UpgradeReport report{true, successor_.pid(), {}};
+    answer_upgrade_waiters(report);
+    control_.stop_listening();  // new clients reach the new master; these connections stay
+    if (on_upgrade_done_) on_upgrade_done_(report);
     shutdown();
   }
 
@@ -1608,9 +1919,15 @@ class Master {
   bool prepared_ = false;     // prepare_to_serve() ran
   detail::Credentials credentials_;  // Options::user/group, resolved; what workers switch to
   detail::PidFile pid_file_;         // Options::pid_file, held while this master runs
+  std::string upgrade_refusal_;      // why the last upgrade() returned false
   bool pid_file_handover_ = false;   // started by an upgrade: take the pid file once serving
   EventLoop loop_;
   detail::Successor successor_{loop_};  // after loop_: it unwatches on destruction
+  detail::ControlServer control_{loop_};  // Options::control
+  bool control_owned_ = false;  // the socket file is this master's to remove on exit
+  std::vector<detail::ControlReply> reload_waiters_;       // answered when this pass ends
+  std::vector<detail::ControlReply> reload_waiters_next_;  // asked during it: the next pass
+  std::vector<detail::ControlReply> upgrade_waiters_;
   std::vector<UniqueFd> listeners_;
   std::vector<std::string> addresses_;
   bool bound_ = false;
@@ -1631,6 +1948,9 @@ class Master {
   bool shutting_down_ = false;
   ReloadState reload_;
   std::unique_ptr<detail::StoreHost> store_;
+  std::vector<std::shared_ptr<StatusQuery>> status_queries_;
+  Clock::time_point started_ = Clock::now();
+  bool running_ = false;  // run() has forked the first workers
   std::mt19937_64 rng_{std::random_device{}()};
 
   std::function<void(WorkerT&)> on_fork_, on_online_, on_listening_, on_disconnect_;

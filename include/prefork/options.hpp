@@ -15,6 +15,7 @@
 #include <vector>
 
 #include <prefork/detail/store_memory.hpp>
+#include <prefork/log.hpp>
 
 namespace prefork {
 
@@ -173,8 +174,16 @@ struct Options {
   /// exec mode: the program and arguments of the workers; empty means this process's own
   /// /proc/self/exe with its original argv.
   std::vector<std::string> exec_argv{};
-  /// Where the library's own diagnostics go (one line each, no newline); stderr when empty.
-  std::function<void(std::string_view)> log{};
+  /// Where the library's log records go, from the master and (in both spawn modes) from the
+  /// workers: one per lifecycle event (fork, online, listening, disconnect, exit), operation
+  /// (reload, upgrade, scale, shutdown, control) and diagnostic. Empty: format_log_line() to
+  /// stderr, one line each, dropped rather than blocking when stderr is full (log.hpp).
+  LogSink log{};
+  /// If set, the master serves its control socket here (control.hpp): a Unix socket, mode
+  /// 0600, that takes JSON lines (status, reload, scale, stop, upgrade) from the master's own
+  /// uid or root. run() throws std::system_error if a live master serves on it, or the path
+  /// is not a socket; a stale one is replaced. A master upgrade hands it to the new master.
+  std::string control{};
 };
 
 }  // namespace prefork

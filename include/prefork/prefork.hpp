@@ -14,12 +14,15 @@
 #include <prefork/cluster.hpp>
 #include <prefork/codec.hpp>
 #include <prefork/connection.hpp>
+#include <prefork/control.hpp>
 #include <prefork/error.hpp>
 #include <prefork/event_loop.hpp>
+#include <prefork/log.hpp>
 #include <prefork/master.hpp>
 #include <prefork/options.hpp>
 #include <prefork/request.hpp>
 #include <prefork/restart.hpp>
+#include <prefork/status.hpp>
 #include <prefork/store.hpp>
 #include <prefork/store_client.hpp>
 #include <prefork/worker.hpp>

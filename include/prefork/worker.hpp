@@ -36,6 +36,27 @@ namespace prefork {
 namespace detail {
 
 /// What a worker needs to know about itself, from fork() or from the exec environment.
+/// What a worker has done so far, for the master's status: sent in a stats frame's payload.
+struct WorkerCounters {
+  std::uint64_t connections_total = 0;  ///< connections it has taken, ever
+  std::uint64_t requests = 0;           ///< WorkerContext::request_done() calls
+};
+
+inline std::string encode_counters(const WorkerCounters& c) {
+  std::string out(16, '\0');
+  std::memcpy(out.data(), &c.connections_total, 8);
+  std::memcpy(out.data() + 8, &c.requests, 8);
+  return out;
+}
+
+/// False (and `c` unchanged) unless `payload` is exactly what encode_counters() makes.
+inline bool decode_counters(std::string_view payload, WorkerCounters& c) noexcept {
+  if (payload.size() != 16) return false;
+  std::memcpy(&c.connections_total, payload.data(), 8);
+  std::memcpy(&c.requests, payload.data() + 8, 8);
+  return true;
+}
+
 struct WorkerBoot {
   unsigned id = 0;
   std::size_t slot = 0;
@@ -79,8 +100,9 @@ class WorkerContext {
  public:
   using message_type = typename Codec::message_type;
 
-  explicit WorkerContext(const detail::WorkerBoot& boot)
-      : id_(boot.id), slot_(boot.slot), boot_(boot) {
+  /// `log`: where the worker's log records go (Options::log; empty: stderr).
+  explicit WorkerContext(const detail::WorkerBoot& boot, LogSink log = {})
+      : id_(boot.id), slot_(boot.slot), boot_(boot), log_(std::move(log)) {
     channel_ = std::make_unique<Channel>(loop_, UniqueFd(boot.channel_fd), boot.limits);
     channel_->on_frame([this](Frame&& f) { on_frame(std::move(f)); });
     channel_->on_close([this](std::error_code ec) { on_channel_closed(ec); });
@@ -160,6 +182,12 @@ class WorkerContext {
     ++requests_;
     if (boot_.max_requests && requests_ == boot_.max_requests)
       retire("max_requests: served " + std::to_string(requests_) + " requests");
+  }
+
+  /// Hands a record to the cluster's log sink (Options::log), as this worker ("worker" role,
+  /// its id and pid), with event "worker".
+  void log(LogLevel level, std::string_view message) const noexcept {
+    detail::emit_log(log_, level, "worker", id_, ::getpid(), "worker", message);
   }
 
   /// Binds a session key to this worker's slot: once the master has it, connections that
@@ -247,6 +275,7 @@ class WorkerContext {
       case FrameKind::handles: return adopt_listeners(std::move(f.fds));
       case FrameKind::connection: return adopt_connection(std::move(f));
       case FrameKind::disconnect: return begin_drain(false);
+      case FrameKind::stats: return send_stats();
       default:
         report("unexpected frame kind " + std::to_string(static_cast<int>(f.kind)) +
                " from the master");
@@ -367,11 +396,18 @@ class WorkerContext {
     loop_.post([this] {
       report_scheduled_ = false;
       if (!channel_ || !channel_->is_open()) return;
-      if (connections_ != reported_connections_) {
-        reported_connections_ = connections_;
-        channel_->send(FrameKind::stats, {}, connections_);
-      }
+      if (connections_ != reported_connections_) send_stats();
     });
+  }
+
+  // Open connections in the tag (LeastConnections reads it), the counters status shows in the
+  // payload. Sent when the open count changes and when the master asks (a stats frame from
+  // it), never per request: a keep-alive request costs the master nothing.
+  void send_stats() {
+    if (!channel_ || !channel_->is_open()) return;
+    reported_connections_ = connections_;
+    channel_->send(FrameKind::stats, detail::encode_counters({connections_taken_, requests_}),
+                   connections_);
   }
 
   void count_connection() {
@@ -394,15 +430,12 @@ class WorkerContext {
     if (on_drain_) on_drain_();
   }
 
-  void report(const std::string& what) {
-    std::string line = "prefork: worker " + std::to_string(id_) + " (pid " +
-                       std::to_string(::getpid()) + "): " + what + "\n";
-    detail::write_all(2, line.data(), line.size());
-  }
+  void report(const std::string& what) { log(LogLevel::warning, what); }
 
   unsigned id_;
   std::size_t slot_;
   detail::WorkerBoot boot_;
+  LogSink log_;
   EventLoop loop_;
   std::unique_ptr<Channel> channel_;
   std::shared_ptr<detail::ReplyLink> link_ = std::make_shared<detail::ReplyLink>();
@@ -434,28 +467,28 @@ namespace detail {
 /// the Server (constructor or a callback) ends the worker with status 1 and a message, the way
 /// an uncaught exception ends a Node worker.
 template <class Server, MessageCodec Codec>
-int run_worker(const WorkerBoot& boot) noexcept {
+int run_worker(const WorkerBoot& boot, const LogSink& log = {}) noexcept {
   is_worker_process() = true;
+  auto fail = [&](const std::string& why) {
+    emit_log(log, LogLevel::error, "worker", boot.id, ::getpid(), "worker", why);
+  };
   try {
-    WorkerContext<Codec> ctx(boot);
-    ctx.loop().on_exception([&ctx](std::exception_ptr e) {
+    WorkerContext<Codec> ctx(boot, log);
+    ctx.loop().on_exception([&ctx, &fail](std::exception_ptr e) {
       try {
         std::rethrow_exception(e);
       } catch (const std::exception& x) {
-        std::string line = "prefork: worker " + std::to_string(ctx.id()) +
-                           ": uncaught exception: " + x.what() + "\n";
-        write_all(2, line.data(), line.size());
+        fail(std::string("uncaught exception: ") + x.what());
       } catch (...) {
-        child_error("worker: uncaught non-standard exception");
+        fail("uncaught non-standard exception");
       }
       ctx.exit(1);
     });
     return ctx.template serve<Server>();
   } catch (const std::exception& e) {
-    std::string line = "prefork: worker " + std::to_string(boot.id) + " failed: " + e.what() + "\n";
-    write_all(2, line.data(), line.size());
+    fail(std::string("failed: ") + e.what());
   } catch (...) {
-    child_error("worker failed with a non-standard exception");
+    fail("failed with a non-standard exception");
   }
   return 1;
 }

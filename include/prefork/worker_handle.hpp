@@ -21,6 +21,7 @@
 #include <prefork/event_loop.hpp>
 #include <prefork/options.hpp>
 #include <prefork/request.hpp>
+#include <prefork/worker.hpp>
 
 namespace prefork {
 
@@ -61,6 +62,14 @@ class Worker {
   /// the master is shutting down (Node's worker.exitedAfterDisconnect).
   bool exited_after_disconnect() const noexcept { return exited_after_disconnect_; }
   Clock::time_point started_at() const noexcept { return started_; }
+  /// Workers its slot had before this one (crash restarts, rolling restarts, recycling).
+  unsigned restarts() const noexcept { return restarts_; }
+  /// Open connections, as the worker last reported them (WorkerContext::connection_opened).
+  std::size_t connections() const noexcept { return reported_connections_; }
+  /// Connections taken and requests served (WorkerContext::request_done), as the worker last
+  /// reported them: when its open count changed, or when Master::query_status asked.
+  std::uint64_t connections_total() const noexcept { return counters_.connections_total; }
+  std::uint64_t requests() const noexcept { return counters_.requests; }
   /// Valid once is_dead().
   const ExitInfo& exit_info() const noexcept { return exit_; }
 
@@ -164,6 +173,8 @@ class Worker {
   bool exited_after_disconnect_ = false;
   bool listened_ = false;
   std::size_t reported_connections_ = 0;  // open connections, as the worker last reported
+  detail::WorkerCounters counters_;        // the same report's counters
+  unsigned restarts_ = 0;
   std::deque<detail::Handoff> in_flight_;  // handed over, not yet acknowledged
   Clock::time_point started_ = Clock::now();
   Clock::time_point last_heard_ = started_;  // the last frame from it (watchdog)

@@ -1034,7 +1034,7 @@ TEST_CASE("The master holds no more descriptors or memory after 300 recycling cy
   {
     Options opts = listening_on(1);
     opts.max_requests = 1;
-    opts.log = [](std::string_view) {};
+    opts.log = [](const prefork::LogRecord&) {};
     prefork::Cluster<FaultServer, prefork::RoundRobin, prefork::RestartOnCrash> cluster(
         std::move(opts));
     cluster.on_listening([&](WorkerT& w) {

@@ -191,6 +191,14 @@ class LineReader {
     return std::nullopt;
   }
 
+  /// The next line that holds `part` anywhere (earlier lines are skipped); nullopt at the
+  /// deadline. For log lines, which start with a time stamp.
+  std::optional<std::string> next_containing(std::string_view part, Clock::time_point deadline) {
+    while (auto line = next(deadline))
+      if (line->find(part) != std::string::npos) return line;
+    return std::nullopt;
+  }
+
   bool eof() const noexcept { return eof_; }
   /// Everything read so far, for failure messages.
   const std::string& transcript() const noexcept { return all_; }

@@ -403,7 +403,7 @@ TEST_CASE("A Server whose constructor always throws gets its slot errored after 
   {
     using Policy = prefork::Backoff<prefork::RestartOnCrash>;
     Options opts = listening_options(2);
-    opts.log = [&](std::string_view line) { log.emplace_back(line); };
+    opts.log = [&](const prefork::LogRecord& r) { log.emplace_back(r.message); };
     prefork::Cluster<FailsInSlot0, prefork::RoundRobin, Policy> cluster(
         std::move(opts),
         Policy(prefork::BackoffOptions{
@@ -616,4 +616,66 @@ TEST_CASE("An exec mode worker runs main again and its code does not see PREFORK
   for (auto& [id, shown] : environ_shows_marker)
     if (shown) WARN("worker " << id << ": /proc/<pid>/environ still shows PREFORK_WORKER=");
   CHECK(::waitpid(-1, nullptr, WNOHANG) == -1);
+}
+
+namespace {
+
+// Logs one record from its worker's side as soon as it is built.
+struct LogsWhenBuilt {
+  explicit LogsWhenBuilt(prefork::WorkerContext<>& ctx) {
+    ctx.log(prefork::LogLevel::info, "built in pid " + std::to_string(::getpid()));
+  }
+  void on_connection(prefork::Connection) {}
+};
+
+}  // namespace
+
+TEST_CASE("The log sink gets one record per lifecycle event from the master and the worker's own",
+          "[lifecycle][log]") {
+  Pipe lines;  // the sink runs in the master and, after fork, in the worker: both write here
+  std::size_t fds_before = count_open_fds();
+  bool timed_out = false;
+  pid_t worker_pid = 0;
+  {
+    Options opts = listening_options(1);
+    const int out = lines.write;
+    opts.log = [out](const prefork::LogRecord& r) {
+      write_all(out, prefork::format_log_line(r) + "\n");
+    };
+    prefork::Cluster<LogsWhenBuilt> cluster(std::move(opts));
+    cluster.on_listening([&](WorkerT& w) {
+      worker_pid = w.pid();
+      cluster.shutdown();
+    });
+    arm_watchdog(cluster, timed_out);
+    CHECK(cluster.run() == 0);
+  }
+  CHECK(count_open_fds() == fds_before);
+  lines.close_write();
+  LineReader reader(lines.read);
+  std::vector<std::string> got;
+  while (auto line = reader.next(Clock::now() + kDeadline)) got.push_back(*line);
+  REQUIRE_FALSE(timed_out);
+  INFO("log:\n" << reader.transcript());
+  const std::string master = " master " + std::to_string(::getpid()) + " ";
+  const std::string pid = "pid " + std::to_string(worker_pid);
+  std::vector<std::string> lifecycle;
+  bool worker_record = false;
+  for (auto& l : got) {
+    REQUIRE(l.size() > 25);
+    CHECK(l[4] == '-');
+    CHECK(l[23] == 'Z');  // 2026-12-03T04:30:56.123Z
+    if (l.find(" worker " + std::to_string(worker_pid) + " worker 1 worker: built in " + pid) !=
+        std::string::npos)
+      worker_record = true;
+    for (std::string e : {"fork", "online", "listening", "disconnect", "exit"})
+      if (l.find(master + "worker 1 " + e + ": " + pid) != std::string::npos)
+        lifecycle.push_back(e);
+  }
+  CHECK(lifecycle ==
+        std::vector<std::string>{"fork", "online", "listening", "disconnect", "exit"});
+  CHECK(worker_record);
+  CHECK(reader.transcript().find(master + "serving: pid") != std::string::npos);
+  CHECK(reader.transcript().find(master + "shutdown: graceful: draining 1 worker") !=
+        std::string::npos);
 }

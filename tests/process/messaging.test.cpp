@@ -447,7 +447,7 @@ TEST_CASE(
   bool timed_out = false;
   {
     Options opts = options(3);
-    opts.log = [&](std::string_view line) { log.emplace_back(line); };
+    opts.log = [&](const prefork::LogRecord& r) { log.emplace_back(r.message); };
     MsgCluster<> cluster(std::move(opts));
     int online = 0;
     cluster.on_fork([&](WorkerT& w) { slot_of[w.id()] = w.slot(); });
@@ -507,7 +507,7 @@ TEST_CASE(
   std::optional<std::size_t> replacement_slot;
   {
     Options opts = options(1);
-    opts.log = [](std::string_view) {};
+    opts.log = [](const prefork::LogRecord&) {};
     MsgCluster<> cluster(std::move(opts));
     cluster.on_fork([&](WorkerT& w) {
       if (w.id() == 2) replacement_slot = w.slot();

@@ -1,4 +1,6 @@
-// Operations (issue 7, items 3 and 5), driven through the hello example as an operator runs it:
+// Operations (issue 7, items 1, 3 and 5), driven through the hello example as an operator runs
+// it: the control socket and `hello ctl` (status, scale, reload, stop, upgrade, refusals) with
+// the conventional signals (TTIN, TTOU, HUP, QUIT),
 // --pid-file (written with the master's pid, removed on SIGTERM, refused while a live master
 // holds it, stale ones replaced, handed over by a master upgrade) and --user/--group (workers
 // as nobody while the master stays root and binds a port below 1024; unknown names and a
@@ -21,29 +23,17 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
 #include <prefork/detail/privileges.hpp>
 
 #include "harness.hpp"
 #include "hello_process.hpp"
 #include "http_client.hpp"
+#include "support/temp_dir.hpp"
 
 using namespace prefork_test;
 
 namespace {
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/prefork-ops-XXXXXX";
-    if (::mkdtemp(tmpl)) path = tmpl;
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ec;
-    if (!path.empty()) std::filesystem::remove_all(path, ec);
-  }
-};
 
 std::string contents(const std::string& path) {
   std::ifstream in(path);
@@ -76,8 +66,6 @@ std::vector<long> status_ids(pid_t pid, const std::string& field) {
   return {};
 }
 
-bool is_root() { return ::geteuid() == 0; }
-
 /// nobody's uid and the nogroup (or nobody) group's gid, if this system has them.
 struct Nobody {
   uid_t uid = 0;
@@ -97,6 +85,22 @@ struct Nobody {
       }
   }
 };
+
+/// nobody, if the test can act as nobody: it runs as root and the system has nobody and a
+/// group for it. Otherwise nullopt, and a warning that the test is skipped, since `needs` (what
+/// the test does) needs root.
+std::optional<Nobody> nobody_for(const char* needs) {
+  if (::geteuid() != 0) {
+    WARN("skipped: " << needs << " needs root (euid " << ::geteuid() << ")");
+    return std::nullopt;
+  }
+  Nobody nobody;
+  if (!nobody.found) {
+    WARN("skipped: this system has no user nobody or no group nogroup/nobody");
+    return std::nullopt;
+  }
+  return nobody;
+}
 
 /// Makes this process the subreaper of its descendants for the scope: the new master of an
 /// upgrade, orphaned when the old master (hello, our child) exits, becomes our child.
@@ -290,26 +294,19 @@ TEST_CASE("hello with an unknown user or group exits 2 naming the option", "[ops
 
 TEST_CASE("hello --user nobody runs its workers as nobody, its master as root, and serves",
           "[ops][privileges]") {
-  if (!is_root()) {
-    WARN("skipped: dropping privileges needs the test to run as root (euid " << ::geteuid() << ")");
-    return;
-  }
-  Nobody nobody;
-  if (!nobody.found) {
-    WARN("skipped: this system has no user nobody or no group nogroup/nobody");
-    return;
-  }
+  auto nobody = nobody_for("dropping privileges");
+  if (!nobody) return;
   REQUIRE(::access(kHello.c_str(), X_OK) == 0);
   const std::string spawn = GENERATE(as<std::string>{}, "fork", "exec");
   const std::string balance = GENERATE(as<std::string>{}, "round-robin", "shared");
   INFO("--spawn " << spawn << " --balance " << balance);
   FdLeakCheck fds;
   HelloProcess hello({"--workers", "2", "--port", "0", "--work", "0", "--spawn", spawn,
-                      "--balance", balance, "--user", "nobody", "--group", nobody.group});
+                      "--balance", balance, "--user", "nobody", "--group", nobody->group});
   REQUIRE(hello.pid() > 0);
   if (!hello.start(2))
     FAIL("hello did not start; it said:\n" << hello.out().transcript() << hello.err().transcript());
-  const long uid = nobody.uid, gid = nobody.gid;
+  const long uid = nobody->uid, gid = nobody->gid;
   for (pid_t w : hello.workers()) {
     INFO("worker " << w);
     CHECK(status_ids(w, "Uid") == std::vector<long>{uid, uid, uid, uid});
@@ -335,22 +332,15 @@ TEST_CASE("hello --user nobody runs its workers as nobody, its master as root, a
 
 TEST_CASE("hello as root serves a port below 1024 from workers running as nobody",
           "[ops][privileges]") {
-  if (!is_root()) {
-    WARN("skipped: binding a port below 1024 and dropping privileges needs root");
-    return;
-  }
-  Nobody nobody;
-  if (!nobody.found) {
-    WARN("skipped: this system has no user nobody or no group nogroup/nobody");
-    return;
-  }
+  auto nobody = nobody_for("binding a port below 1024 and dropping privileges");
+  if (!nobody) return;
   REQUIRE(::access(kHello.c_str(), X_OK) == 0);
   FdLeakCheck fds;
   // A free privileged port: hello itself is the probe (another test, or a service, may hold
   // one); "Address already in use" means try the next.
   for (int port : {1023, 1013, 997, 979, 953, 919, 887, 853, 811, 777}) {
     HelloProcess hello({"--workers", "2", "--port", std::to_string(port), "--work", "0",
-                        "--user", "nobody", "--group", nobody.group});
+                        "--user", "nobody", "--group", nobody->group});
     REQUIRE(hello.pid() > 0);
     if (!hello.start(2)) {
       auto status = hello.wait(Clock::now() + kDeadline);
@@ -361,7 +351,7 @@ TEST_CASE("hello as root serves a port below 1024 from workers running as nobody
     }
     INFO("port " << port);
     CHECK(hello.port() == port);
-    for (pid_t w : hello.workers()) CHECK(status_ids(w, "Uid").at(1) == static_cast<long>(nobody.uid));
+    for (pid_t w : hello.workers()) CHECK(status_ids(w, "Uid").at(1) == static_cast<long>(nobody->uid));
     std::vector<std::string> failures;
     auto by_pid = get_many(port, 10, failures);
     CHECK(failures.empty());
@@ -375,15 +365,8 @@ TEST_CASE("hello as root serves a port below 1024 from workers running as nobody
 
 TEST_CASE("hello --user from a master that is not root exits 1 saying it needs root",
           "[ops][privileges]") {
-  if (!is_root()) {
-    WARN("skipped: the test becomes nobody to run a non-root master, which needs root");
-    return;
-  }
-  Nobody nobody;
-  if (!nobody.found) {
-    WARN("skipped: this system has no user nobody or no group nogroup/nobody");
-    return;
-  }
+  auto nobody = nobody_for("becoming nobody to run a non-root master");
+  if (!nobody) return;
   REQUIRE(::access(kHello.c_str(), X_OK) == 0);
   FdLeakCheck fds;
   Pipe out, err;
@@ -392,7 +375,7 @@ TEST_CASE("hello --user from a master that is not root exits 1 saying it needs r
   if (pid == 0) {
     ::dup2(out.write, 1);
     ::dup2(err.write, 2);
-    if (::setgroups(0, nullptr) != 0 || ::setgid(nobody.gid) != 0 || ::setuid(nobody.uid) != 0)
+    if (::setgroups(0, nullptr) != 0 || ::setgid(nobody->gid) != 0 || ::setuid(nobody->uid) != 0)
       ::_exit(126);
     const char* argv[] = {kHello.c_str(), "--workers", "1", "--port", "0", "--user", "root",
                           nullptr};
@@ -408,27 +391,20 @@ TEST_CASE("hello --user from a master that is not root exits 1 saying it needs r
   INFO(text);
   CHECK(exited_with(status, 1));
   CHECK(text.find("workers can run as user root (0), group 0 only if the master runs as root (it runs as "
-                  "uid " + std::to_string(nobody.uid)) != std::string::npos);
+                  "uid " + std::to_string(nobody->uid)) != std::string::npos);
 }
 
 TEST_CASE("A worker's privilege drop switches every id, cannot regain root, and fails cleanly",
           "[ops][privileges]") {
-  if (!is_root()) {
-    WARN("skipped: dropping privileges needs root");
-    return;
-  }
-  Nobody nobody;
-  if (!nobody.found) {
-    WARN("skipped: this system has no user nobody or no group nogroup/nobody");
-    return;
-  }
-  auto creds = prefork::detail::resolve_credentials("nobody", nobody.group);
-  CHECK(creds.uid == nobody.uid);
-  CHECK(creds.gid == nobody.gid);
-  auto numeric = prefork::detail::resolve_credentials(std::to_string(nobody.uid),
-                                                      std::to_string(nobody.gid));
-  CHECK(numeric.uid == nobody.uid);
-  CHECK(numeric.gid == nobody.gid);
+  auto nobody = nobody_for("dropping privileges");
+  if (!nobody) return;
+  auto creds = prefork::detail::resolve_credentials("nobody", nobody->group);
+  CHECK(creds.uid == nobody->uid);
+  CHECK(creds.gid == nobody->gid);
+  auto numeric = prefork::detail::resolve_credentials(std::to_string(nobody->uid),
+                                                      std::to_string(nobody->gid));
+  CHECK(numeric.uid == nobody->uid);
+  CHECK(numeric.gid == nobody->gid);
   CHECK_THROWS_WITH(prefork::detail::resolve_credentials("4000000001", ""),
                     Catch::Contains("Options.user: uid 4000000001 has no passwd entry"));
 
@@ -438,17 +414,366 @@ TEST_CASE("A worker's privilege drop switches every id, cannot regain root, and 
     if (!prefork::detail::drop_privileges(creds, why, sizeof why)) return 10;
     uid_t r, e, s;
     gid_t gr, ge, gs;
-    if (::getresuid(&r, &e, &s) != 0 || r != nobody.uid || e != nobody.uid || s != nobody.uid) return 11;
-    if (::getresgid(&gr, &ge, &gs) != 0 || gr != nobody.gid || ge != nobody.gid || gs != nobody.gid) return 12;
+    if (::getresuid(&r, &e, &s) != 0 || r != nobody->uid || e != nobody->uid || s != nobody->uid) return 11;
+    if (::getresgid(&gr, &ge, &gs) != 0 || gr != nobody->gid || ge != nobody->gid || gs != nobody->gid) return 12;
     if (::setuid(0) == 0 || ::seteuid(0) == 0) return 13;
     // A second drop to another user now fails, with a message, and changes nothing.
     prefork::detail::Credentials root = prefork::detail::resolve_credentials("root", "");
     if (prefork::detail::drop_privileges(root, why, sizeof why)) return 14;
     if (std::string(why).find("cannot switch to user root (0)") == std::string::npos) return 15;
-    if (::getuid() != nobody.uid) return 16;
+    if (::getuid() != nobody->uid) return 16;
     return 0;
   });
   auto status = wait_child(pid, Clock::now() + kDeadline);
   if (!status) kill_and_reap(pid);
   CHECK(exited_with(status, 0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The control socket: hello --control PATH, and `hello ctl ...` as its client
+
+namespace {
+
+/// One `hello ctl ...` run: its exit status, stdout and stderr.
+struct CtlResult {
+  std::optional<int> status;
+  std::string out, err;
+  /// The JSON reply it printed (null if it printed none that parses).
+  nlohmann::json reply() const {
+    return nlohmann::json::parse(out, nullptr, /*allow_exceptions=*/false);
+  }
+};
+
+CtlResult ctl(const std::vector<std::string>& words) {
+  std::vector<std::string> args{"ctl"};
+  args.insert(args.end(), words.begin(), words.end());
+  HelloProcess client(args);
+  CtlResult r;
+  auto deadline = Clock::now() + 2 * kDeadline;
+  r.status = client.wait(deadline);
+  r.out = drain(client.out(), deadline);
+  r.err = drain(client.err(), deadline);
+  return r;
+}
+
+CtlResult ctl(const std::string& socket, const std::vector<std::string>& words) {
+  std::vector<std::string> w = words;
+  w.insert(w.end(), {"--control", socket});
+  return ctl(w);
+}
+
+/// Asks for the status until pred(reply) holds or the deadline passes; the last reply.
+template <class Pred>
+nlohmann::json status_until(const std::string& socket, Pred pred) {
+  auto deadline = Clock::now() + kDeadline;
+  nlohmann::json last;
+  do {
+    CtlResult r = ctl(socket, {"status"});
+    last = r.reply();
+    if (exited_with(r.status, 0) && last.is_object() && pred(last)) return last;
+  } while (Clock::now() < deadline);
+  return last;
+}
+
+std::set<pid_t> worker_pids(const nlohmann::json& status) {
+  std::set<pid_t> pids;
+  for (auto& w : status["workers"]) pids.insert(w["pid"].get<pid_t>());
+  return pids;
+}
+
+std::size_t listening_workers(const nlohmann::json& status) {
+  std::size_t n = 0;
+  for (auto& w : status["workers"])
+    if (w["state"] == "listening" && !w["draining"].get<bool>()) ++n;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("hello ctl status shows the master and its real workers with their counters",
+          "[ops][control]") {
+  REQUIRE(::access(kHello.c_str(), X_OK) == 0);
+  FdLeakCheck fds;
+  TempDir dir;
+  const std::string socket = dir.path + "/ctl.sock";
+  HelloProcess hello({"--workers", "2", "--port", "0", "--work", "0", "--control", socket});
+  REQUIRE(hello.pid() > 0);
+  if (!hello.start(2)) FAIL("hello did not start; it said:\n" << hello.out().transcript());
+  struct stat st {};
+  REQUIRE(::lstat(socket.c_str(), &st) == 0);
+  CHECK(S_ISSOCK(st.st_mode));
+  CHECK((st.st_mode & 0777) == 0600);
+  std::vector<std::string> failures;
+  get_many(hello.port(), 10, failures);
+  REQUIRE(failures.empty());
+
+  CtlResult r = ctl(socket, {"status"});
+  INFO("ctl said: " << r.out << r.err);
+  REQUIRE(exited_with(r.status, 0));
+  nlohmann::json s = r.reply();
+  REQUIRE(s.is_object());
+  CHECK(s["ok"] == true);
+  CHECK(s["pid"] == hello.pid());
+  CHECK(s["workers_wanted"] == 2);
+  CHECK(s["addresses"][0] == "127.0.0.1:" + std::to_string(hello.port()));
+  CHECK(s["uptime_ms"].get<long>() >= 0);
+  REQUIRE(s["workers"].size() == 2);
+  CHECK(worker_pids(s) == std::set<pid_t>(hello.workers().begin(), hello.workers().end()));
+  std::uint64_t requests = 0, taken = 0;
+  for (auto& w : s["workers"]) {
+    CHECK(w["state"] == "listening");
+    CHECK(w["restarts"] == 0);
+    CHECK(w["rss_bytes"].get<std::uint64_t>() > 0);
+    CHECK(w["connections"] == 0);  // each request closed its connection
+    requests += w["requests"].get<std::uint64_t>();
+    taken += w["connections_total"].get<std::uint64_t>();
+  }
+  // The status asks the workers for their counters: all 10 requests are in it.
+  CHECK(requests == 10);
+  CHECK(taken == 10);
+
+  REQUIRE(::kill(hello.pid(), SIGTERM) == 0);
+  CHECK(exited_with(hello.wait(Clock::now() + kDeadline), 0));
+  CHECK_FALSE(exists(socket));  // removed by the master that made it
+}
+
+TEST_CASE("hello ctl scale 3 leaves three workers and scale 1 one, each serving",
+          "[ops][control]") {
+  REQUIRE(::access(kHello.c_str(), X_OK) == 0);
+  FdLeakCheck fds;
+  TempDir dir;
+  const std::string socket = dir.path + "/ctl.sock";
+  HelloProcess hello({"--workers", "2", "--port", "0", "--work", "0", "--control", socket});
+  REQUIRE(hello.pid() > 0);
+  if (!hello.start(2)) FAIL("hello did not start; it said:\n" << hello.out().transcript());
+
+  CtlResult up = ctl(socket, {"scale", "3"});
+  INFO("ctl said: " << up.out << up.err);
+  REQUIRE(exited_with(up.status, 0));
+  CHECK(up.reply()["workers"] == 3);
+  auto third = hello.next_started(Clock::now() + kDeadline);
+  REQUIRE(third);
+  nlohmann::json s = status_until(socket, [](auto& j) { return listening_workers(j) == 3; });
+  REQUIRE(listening_workers(s) == 3);
+  CHECK(s["workers_wanted"] == 3);
+  std::set<pid_t> three = worker_pids(s);
+  CHECK(three.count(*third) == 1);
+  // Round-robin reaches all three.
+  std::set<pid_t> served;
+  for (int i = 0; i < 30; ++i) served.insert(handled_by(http_get(hello.port()).body));
+  CHECK(served == three);
+
+  CtlResult down = ctl(socket, {"scale", "1"});
+  REQUIRE(exited_with(down.status, 0));
+  s = status_until(socket, [](auto& j) { return j["workers"].size() == 1; });
+  REQUIRE(s["workers"].size() == 1);
+  CHECK(s["workers_wanted"] == 1);
+  pid_t left = *worker_pids(s).begin();
+  for (pid_t p : three)
+    if (p != left) CHECK(process_gone(p));
+  for (int i = 0; i < 5; ++i) CHECK(handled_by(http_get(hello.port()).body) == left);
+  // None of the scaled-away workers was restarted.
+  CHECK(hello.out().transcript().find("died") == std::string::npos);
+
+  REQUIRE(::kill(hello.pid(), SIGTERM) == 0);
+  CHECK(exited_with(hello.wait(Clock::now() + kDeadline), 0));
+}
+
+TEST_CASE("hello ctl reload returns once every worker is replaced, and stop once the master "
+          "has exited",
+          "[ops][control]") {
+  REQUIRE(::access(kHello.c_str(), X_OK) == 0);
+  FdLeakCheck fds;
+  TempDir dir;
+  const std::string socket = dir.path + "/ctl.sock";
+  HelloProcess hello({"--workers", "2", "--port", "0", "--work", "0", "--control", socket});
+  REQUIRE(hello.pid() > 0);
+  if (!hello.start(2)) FAIL("hello did not start; it said:\n" << hello.out().transcript());
+  std::set<pid_t> before(hello.workers().begin(), hello.workers().end());
+
+  CtlResult r = ctl(socket, {"reload"});
+  INFO("ctl said: " << r.out << r.err);
+  REQUIRE(exited_with(r.status, 0));
+  CHECK(r.reply()["replaced"] == 2);
+  // Answered after the old workers exited: they are gone, and the status shows only new ones.
+  for (pid_t p : before) CHECK(process_gone(p));
+  nlohmann::json s = ctl(socket, {"status"}).reply();
+  REQUIRE(s["workers"].size() == 2);
+  for (auto& w : s["workers"]) {
+    CHECK(before.count(w["pid"].get<pid_t>()) == 0);
+    CHECK(w["restarts"] == 1);
+  }
+  CHECK(s["restarts"] == 2);
+
+  CtlResult stop = ctl(socket, {"stop"});
+  REQUIRE(exited_with(stop.status, 0));
+  CHECK(stop.reply()["stopping"] == true);
+  // ctl returned once the master closed the connection, at its exit: reaped at once.
+  CHECK(exited_with(hello.wait(Clock::now() + std::chrono::seconds(2)), 0));
+  CHECK_FALSE(exists(socket));
+}
+
+TEST_CASE("hello ctl refuses bad words with status 2 and reports a missing master with 1",
+          "[ops][control]") {
+  REQUIRE(::access(kHello.c_str(), X_OK) == 0);
+  TempDir dir;
+  const std::string socket = dir.path + "/ctl.sock";
+  for (auto words : std::vector<std::vector<std::string>>{
+           {}, {"bogus"}, {"scale"}, {"scale", "0"}, {"scale", "4097"}, {"scale", "x"},
+           {"status", "extra"}}) {
+    CtlResult r = ctl(socket, words);
+    INFO("words: " << words.size() << (words.empty() ? "" : " " + words[0]));
+    CHECK(exited_with(r.status, 2));
+    CHECK(r.err.find("usage: hello ctl") != std::string::npos);
+  }
+  CtlResult none = ctl(socket, {"status"});
+  CHECK(exited_with(none.status, 1));
+  CHECK(none.err.find("no master is listening on " + socket) != std::string::npos);
+}
+
+TEST_CASE("A second hello on the same control socket exits 1 and a stale one is replaced",
+          "[ops][control]") {
+  REQUIRE(::access(kHello.c_str(), X_OK) == 0);
+  FdLeakCheck fds;
+  TempDir dir;
+  const std::string socket = dir.path + "/ctl.sock";
+  {
+    HelloProcess first({"--workers", "1", "--port", "0", "--work", "0", "--control", socket});
+    REQUIRE(first.pid() > 0);
+    if (!first.start(1)) FAIL("hello did not start; it said:\n" << first.out().transcript());
+    HelloProcess second({"--workers", "1", "--port", "0", "--work", "0", "--control", socket});
+    CHECK(exited_with(second.wait(Clock::now() + kDeadline), 1));
+    CHECK(drain(second.err(), Clock::now() + kDeadline)
+              .find("control socket " + socket + " is in use by a running master") !=
+          std::string::npos);
+    CHECK(ctl(socket, {"status"}).reply()["pid"] == first.pid());  // untouched
+    // SIGKILL: the master cannot remove its socket file.
+    REQUIRE(::kill(first.pid(), SIGKILL) == 0);
+    REQUIRE(first.wait(Clock::now() + kDeadline));
+  }
+  REQUIRE(exists(socket));
+  HelloProcess third({"--workers", "1", "--port", "0", "--work", "0", "--control", socket});
+  REQUIRE(third.pid() > 0);
+  if (!third.start(1)) FAIL("hello did not start; it said:\n" << third.err().transcript());
+  CHECK(ctl(socket, {"status"}).reply()["pid"] == third.pid());
+  CHECK(exited_with(ctl(socket, {"stop"}).status, 0));
+  CHECK(exited_with(third.wait(Clock::now() + kDeadline), 0));
+}
+
+TEST_CASE("The control socket refuses another uid: by its mode, and by SO_PEERCRED past it",
+          "[ops][control][privileges]") {
+  auto nobody = nobody_for("running the client as another user");
+  if (!nobody) return;
+  REQUIRE(::access(kHello.c_str(), X_OK) == 0);
+  TempDir dir;
+  REQUIRE(::chmod(dir.path.c_str(), 0755) == 0);  // nobody may reach the socket's directory
+  const std::string socket = dir.path + "/ctl.sock";
+  HelloProcess hello({"--workers", "1", "--port", "0", "--work", "0", "--control", socket});
+  REQUIRE(hello.pid() > 0);
+  if (!hello.start(1)) FAIL("hello did not start; it said:\n" << hello.out().transcript());
+
+  // `hello ctl status` as nobody: a forked child that drops to nobody and execs the client.
+  auto as_nobody = [&] {
+    Pipe err;
+    pid_t pid = ::fork();
+    if (pid == 0) {
+      ::dup2(err.write, 2);
+      ::dup2(err.write, 1);
+      if (::setgroups(0, nullptr) != 0 || ::setresgid(nobody->gid, nobody->gid, nobody->gid) != 0 ||
+          ::setresuid(nobody->uid, nobody->uid, nobody->uid) != 0)
+        ::_exit(99);
+      ::execl(kHello.c_str(), kHello.c_str(), "ctl", "status", "--control", socket.c_str(),
+              static_cast<char*>(nullptr));
+      ::_exit(98);
+    }
+    err.close_write();
+    LineReader reader(err.read);
+    CtlResult r;
+    r.status = wait_child(pid, Clock::now() + kDeadline);
+    r.err = drain(reader, Clock::now() + kDeadline);
+    if (!r.status) kill_and_reap(pid);
+    return r;
+  };
+  CtlResult by_mode = as_nobody();
+  INFO("as nobody, mode 0600: " << by_mode.err);
+  CHECK(exited_with(by_mode.status, 1));
+  CHECK(by_mode.err.find("Permission denied") != std::string::npos);
+
+  REQUIRE(::chmod(socket.c_str(), 0666) == 0);  // past the mode: the master checks the peer
+  CtlResult by_peer = as_nobody();
+  INFO("as nobody, mode 0666: " << by_peer.err);
+  CHECK(exited_with(by_peer.status, 1));
+  CHECK(by_peer.err.find("permission denied: uid " + std::to_string(nobody->uid)) !=
+        std::string::npos);
+  // Root still gets in, and the master is unharmed.
+  CHECK(ctl(socket, {"status"}).reply()["pid"] == hello.pid());
+  REQUIRE(::kill(hello.pid(), SIGTERM) == 0);
+  CHECK(exited_with(hello.wait(Clock::now() + kDeadline), 0));
+}
+
+TEST_CASE("SIGTTIN adds a worker, SIGTTOU removes one, SIGHUP reloads, SIGQUIT stops gracefully",
+          "[ops][control][signals]") {
+  REQUIRE(::access(kHello.c_str(), X_OK) == 0);
+  FdLeakCheck fds;
+  TempDir dir;
+  const std::string socket = dir.path + "/ctl.sock";
+  HelloProcess hello({"--workers", "2", "--port", "0", "--work", "0", "--control", socket});
+  REQUIRE(hello.pid() > 0);
+  if (!hello.start(2)) FAIL("hello did not start; it said:\n" << hello.out().transcript());
+
+  REQUIRE(::kill(hello.pid(), SIGTTIN) == 0);
+  REQUIRE(hello.next_started(Clock::now() + kDeadline));
+  nlohmann::json s = status_until(socket, [](auto& j) { return listening_workers(j) == 3; });
+  CHECK(listening_workers(s) == 3);
+  CHECK(s["workers_wanted"] == 3);
+
+  REQUIRE(::kill(hello.pid(), SIGTTOU) == 0);
+  s = status_until(socket, [](auto& j) { return j["workers"].size() == 2; });
+  CHECK(s["workers"].size() == 2);
+  CHECK(s["workers_wanted"] == 2);
+
+  std::set<pid_t> before = worker_pids(s);
+  REQUIRE(::kill(hello.pid(), SIGHUP) == 0);
+  auto done = hello.out().next_starting_with("Reload done: 2 workers", Clock::now() + kDeadline);
+  INFO("hello said:\n" << hello.out().transcript());
+  CHECK(done);
+  s = ctl(socket, {"status"}).reply();
+  for (pid_t p : worker_pids(s)) CHECK(before.count(p) == 0);
+
+  REQUIRE(::kill(hello.pid(), SIGQUIT) == 0);  // no core dump: a graceful stop
+  CHECK(exited_with(hello.wait(Clock::now() + kDeadline), 0));
+  for (pid_t p : worker_pids(s)) CHECK(process_gone(p));
+  CHECK_FALSE(exists(socket));
+}
+
+TEST_CASE("hello ctl upgrade answers with the new master, which takes the control socket over",
+          "[ops][control][upgrade]") {
+  REQUIRE(::access(kHello.c_str(), X_OK) == 0);
+  FdLeakCheck fds;
+  Subreaper subreaper;
+  REQUIRE(subreaper.ok);
+  TempDir dir;
+  const std::string socket = dir.path + "/ctl.sock";
+  Adopted new_master;
+  HelloProcess hello({"--workers", "2", "--port", "0", "--work", "0", "--control", socket});
+  REQUIRE(hello.pid() > 0);
+  if (!hello.start(2)) FAIL("hello did not start; it said:\n" << hello.out().transcript());
+
+  CtlResult r = ctl(socket, {"upgrade"});
+  INFO("ctl said: " << r.out << r.err << "\nhello said:\n" << hello.out().transcript());
+  REQUIRE(exited_with(r.status, 0));
+  new_master.pid = r.reply()["new_master"].get<pid_t>();
+  REQUIRE(new_master.pid > 0);
+  CHECK(exited_with(hello.wait(Clock::now() + kDeadline), 0));
+  REQUIRE(exists(socket));  // the old master left the file to the new one
+  nlohmann::json s = ctl(socket, {"status"}).reply();
+  CHECK(s["pid"] == new_master.pid);
+  CHECK(listening_workers(s) == 2);
+  std::vector<std::string> failures;
+  get_many(hello.port(), 4, failures);
+  CHECK(failures.empty());
+
+  CHECK(exited_with(ctl(socket, {"stop"}).status, 0));
+  CHECK(exited_with(new_master.wait(Clock::now() + kDeadline), 0));
+  CHECK_FALSE(exists(socket));
 }

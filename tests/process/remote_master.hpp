@@ -222,7 +222,12 @@ class RemoteMaster {
     reports_.close_read();
     const int out = reports_.write;
     Say say = [out](const std::string& line) { write_all(out, line + "\n"); };
-    opts.log = [say](std::string_view m) { say("log " + std::string(m)); };
+    // Lifecycle records are left out: the callbacks below report those events already.
+    opts.log = [say](const prefork::LogRecord& r) {
+      for (std::string_view e : {"fork", "online", "listening", "disconnect", "exit"})
+        if (r.event == e) return;
+      say("log " + std::string(r.message));
+    };
     ClusterT cluster(std::move(opts), std::move(restart));
     auto& m = cluster.master();
     auto who = [](WorkerT& w) {

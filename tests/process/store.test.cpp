@@ -302,7 +302,7 @@ TEST_CASE("A corrupt store snapshot stops the master with an error and is left u
   std::ofstream(file) << garbage;
   Options opts = no_listen(1);
   opts.store_snapshot = file;
-  opts.log = [](std::string_view) {};
+  opts.log = [](const prefork::LogRecord&) {};
   StoreCluster cluster(std::move(opts));
   try {
     cluster.run();

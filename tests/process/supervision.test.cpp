@@ -215,7 +215,7 @@ TEST_CASE(
   {
     using Policy = prefork::Backoff<prefork::RestartOnCrash>;
     Options opts = listening_options(1);
-    opts.log = [](std::string_view) {};
+    opts.log = [](const prefork::LogRecord&) {};
     prefork::Cluster<ExitsAtStart, prefork::RoundRobin, Policy> cluster(
         std::move(opts),
         Policy(prefork::BackoffOptions{
@@ -505,7 +505,7 @@ TEST_CASE("Without listen addresses a worker whose Server is never built is kill
     Options opts{.workers = 1, .handle_signals = false};
     opts.start_timeout = 300ms;
     opts.watchdog_timeout = 100ms;
-    opts.log = [&](std::string_view line) { log.emplace_back(line); };
+    opts.log = [&](const prefork::LogRecord& r) { log.emplace_back(r.message); };
     using Policy = prefork::Backoff<prefork::RestartOnCrash>;
     prefork::Cluster<StuckAtStart, prefork::RoundRobin, Policy> cluster(
         std::move(opts), Policy(prefork::BackoffOptions{.initial_delay = 1ms, .healthy_after = 1ms}));

@@ -226,7 +226,8 @@ TEST_CASE("an activated master does not bind its configured port, which may be t
   INFO(sa.hello().out().transcript() << sa.hello().err().transcript());
   CHECK(contains(sa.hello().workers(), served));
   CHECK(sa.hello().port() == sa.port());
-  auto why = sa.hello().err().next_starting_with("prefork: master", Clock::now() + kDeadline);
+  auto why = sa.hello().err().next_containing("socket activation: not binding",
+                                              Clock::now() + kDeadline);
   REQUIRE(why);
   CHECK(why->find("not binding 127.0.0.1:" + held_port) != std::string::npos);
   ::kill(sa.hello().pid(), SIGTERM);

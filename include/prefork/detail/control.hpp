@@ -538,6 +538,7 @@ class ControlServer {
   /// the master died, and a client waiting for the master's EOF waiting.
   void descriptors(std::vector<int>& out) const {
     if (listener_) out.push_back(listener_.get());
+    if (file_) out.push_back(file_.get());
     for (auto& [fd, c] : connections_) out.push_back(fd);
   }
 
