@@ -19,6 +19,10 @@ packages="
   curl
   apache2-utils
   wrk
+  redis-server
+  redis-tools
+  libhiredis-dev
+  nginx
   procps
   psmisc
   iproute2
@@ -28,7 +32,11 @@ packages="
 # clang: second compiler (the `clang` preset); libclang-rt-14-dev: clang's ASan/UBSan/LSan
 # runtimes. catch2: Catch2 v2 (CMake package and catch2.pc). nlohmann-json3-dev: the example
 # that plugs a JSON library into a codec. libasio-dev: standalone asio for examples/asio_hello. make: the pkg-config consumer (tests/consumers). curl, apache2-utils (ab), wrk: clients the examples'
-# instructions and the benchmarks use. procps (ps, pgrep), psmisc (killall, fuser), iproute2
+# instructions and the benchmarks use. redis-server, redis-tools (redis-cli), libhiredis-dev, nginx:
+# examples/deploy/run.sh (two sessions instances behind nginx sharing sessions in Redis, a CI
+# stage) and sessions' --store redis; the script starts its own Redis and nginx on free ports,
+# so the services these packages start on a machine with systemd (ports 6379 and 80) are not
+# needed. procps (ps, pgrep), psmisc (killall, fuser), iproute2
 # (ss), lsof: inspecting workers and descriptors.
 
 missing=""
