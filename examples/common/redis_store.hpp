@@ -17,11 +17,13 @@
 
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sys/time.h>
 #include <unistd.h>
 
 #include <hiredis/hiredis.h>
 
+#include <cerrno>
 #include <charconv>
 #include <chrono>
 #include <cstddef>
@@ -92,6 +94,39 @@ inline void track(int fd) {
   connection_fds().push_back(fd);
 }
 inline void untrack(int fd) noexcept { std::erase(connection_fds(), fd); }
+
+// hiredis writes with write(2), not send(MSG_NOSIGNAL): writing to a connection Redis has
+// reset raises SIGPIPE, whose default action would kill the master (over a Unix socket, the
+// first write after Redis died does). So SIGPIPE is blocked around each command, for this
+// thread only (the disposition stays the application's), and one the command raised is
+// consumed before the mask is restored, so it is never delivered; hiredis sees EPIPE.
+class SigpipeBlocked {
+ public:
+  SigpipeBlocked() noexcept {
+    ::sigemptyset(&pipe_);
+    ::sigaddset(&pipe_, SIGPIPE);
+    sigset_t pending;
+    ::sigpending(&pending);
+    was_pending_ = ::sigismember(&pending, SIGPIPE) == 1;
+    ::pthread_sigmask(SIG_BLOCK, &pipe_, &old_);
+  }
+  ~SigpipeBlocked() {
+    sigset_t pending;
+    ::sigpending(&pending);
+    if (!was_pending_ && ::sigismember(&pending, SIGPIPE) == 1) {
+      const timespec zero{};
+      while (::sigtimedwait(&pipe_, nullptr, &zero) < 0 && errno == EINTR) {
+      }
+    }
+    ::pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+  }
+  SigpipeBlocked(const SigpipeBlocked&) = delete;
+  SigpipeBlocked& operator=(const SigpipeBlocked&) = delete;
+
+ private:
+  sigset_t pipe_{}, old_{};
+  bool was_pending_ = false;
+};
 
 struct FreeContext {
   void operator()(redisContext* c) const noexcept {
@@ -332,7 +367,11 @@ class Store {
       lens[argc] = a.size();
       ++argc;
     }
-    auto* r = static_cast<redisReply*>(redisCommandArgv(c, argc, argv, lens));
+    redisReply* r = nullptr;
+    {
+      detail::SigpipeBlocked blocked;
+      r = static_cast<redisReply*>(redisCommandArgv(c, argc, argv, lens));
+    }
     if (r && !c->err) return detail::Reply(r);
     // After an I/O error or a timeout the context is unusable: a late reply would be taken as
     // the answer to the next command.
