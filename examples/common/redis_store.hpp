@@ -54,7 +54,8 @@ struct Options {
   std::string prefix = "prefork:";
   std::chrono::milliseconds connect_timeout{100};
   std::chrono::milliseconds command_timeout{250};
-  /// After a failed connect or a dropped connection, operations fail at once for this long.
+  /// After a failed connect or a command timeout, operations fail at once for this long (a
+  /// closed connection is replaced at the next operation without waiting).
   std::chrono::milliseconds retry_interval{500};
   /// MemoryStore's default limits, so that the example behaves the same on both backends.
   std::size_t max_key_size = 1024;
