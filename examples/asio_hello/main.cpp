@@ -86,6 +86,7 @@
 #include <prefork/prefork.hpp>
 
 #include "common/cli.hpp"
+#include "common/master_lines.hpp"
 
 namespace {
 
@@ -491,21 +492,8 @@ int serve(const std::string& address) {
     cluster.bind();  // now, so that a port-0 address can be printed before workers start
     std::printf("Listening on %s\n", cluster.addresses().front().c_str());
     std::fflush(stdout);
-    cluster.on_exit([](AsioCluster::WorkerT& w, const prefork::ExitInfo& e) {
-      if (e.exited_after_disconnect || !e.crashed()) return;
-      std::printf("Worker %d died (code %d / signal %d); starting a new one\n",
-                  static_cast<int>(w.pid()), e.exit_code, e.signal);
-      std::fflush(stdout);
-    });
-    cluster.on_reload_done([](const prefork::ReloadReport& r) {
-      if (r.ok) {
-        std::printf("Reload done: %u workers replaced in %lld ms\n", r.replaced,
-                    static_cast<long long>(r.took.count()));
-      } else {
-        std::printf("Reload failed: %s; old workers keep serving\n", r.reason.c_str());
-      }
-      std::fflush(stdout);
-    });
+    master_lines::print_crashes(cluster);
+    master_lines::print_reloads(cluster);
   }
   return cluster.run();
 }

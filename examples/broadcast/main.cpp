@@ -42,6 +42,7 @@
 
 #include "common/cli.hpp"
 #include "common/http.hpp"
+#include "common/master_lines.hpp"
 
 namespace {
 
@@ -213,12 +214,7 @@ int serve(const std::string& address) {
       // count: its connection reaches the worker behind the count on the same channel.
       print_count(users);
     });
-    cluster.on_exit([](UsersCluster::WorkerT& w, const prefork::ExitInfo& e) {
-      if (e.exited_after_disconnect || !e.crashed()) return;
-      std::printf("Worker %d died (code %d / signal %d); starting a new one\n",
-                  static_cast<int>(w.pid()), e.exit_code, e.signal);
-      std::fflush(stdout);
-    });
+    master_lines::print_crashes(cluster);
   }
   return cluster.run();
 }

@@ -79,6 +79,7 @@
 
 #include "common/cli.hpp"
 #include "common/http.hpp"
+#include "common/master_lines.hpp"
 
 namespace {
 
@@ -255,25 +256,12 @@ int serve(const std::string& address) {
               ? prefork::default_control_path("hello-" + bound.substr(bound.rfind(':') + 1))
               : config.control);
     }
-    cluster.on_exit([](typename Cluster::WorkerT& w, const prefork::ExitInfo& e) {
-      if (e.exited_after_disconnect || !e.crashed()) return;  // the seed's exit handler
-      std::printf("Worker %d died (code %d / signal %d); starting a new one\n",
-                  static_cast<int>(w.pid()), e.exit_code, e.signal);
-      std::fflush(stdout);
-    });
+    master_lines::print_crashes(cluster);
     cluster.on_errored([](std::size_t slot, const prefork::ExitInfo&) {
       std::printf("Workers in slot %zu keep crashing; not restarting it\n", slot);
       std::fflush(stdout);
     });
-    cluster.on_reload_done([](const prefork::ReloadReport& r) {
-      if (r.ok) {
-        std::printf("Reload done: %u workers replaced in %lld ms\n", r.replaced,
-                    static_cast<long long>(r.took.count()));
-      } else {
-        std::printf("Reload failed: %s; old workers keep serving\n", r.reason.c_str());
-      }
-      std::fflush(stdout);
-    });
+    master_lines::print_reloads(cluster);
     cluster.on_upgrade_done([&cluster](const prefork::UpgradeReport& u) {
       if (u.ok) {
         std::printf("Upgrade done: new master %d is serving; this master exits\n", u.new_master);

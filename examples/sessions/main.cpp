@@ -64,6 +64,7 @@
 
 #include "common/cli.hpp"
 #include "common/http.hpp"
+#include "common/master_lines.hpp"
 #if PREFORK_EXAMPLE_HIREDIS  // set by the build when hiredis is found
 #include "common/redis_store.hpp"
 #endif
@@ -424,21 +425,8 @@ int serve(const std::string& address) {
     cluster.bind();  // now, so that a port-0 address can be printed before workers start
     std::printf("Listening on %s\n", cluster.addresses().front().c_str());
     std::fflush(stdout);
-    cluster.on_exit([](typename Cluster::WorkerT& w, const prefork::ExitInfo& e) {
-      if (e.exited_after_disconnect || !e.crashed()) return;
-      std::printf("Worker %d died (code %d / signal %d); starting a new one\n",
-                  static_cast<int>(w.pid()), e.exit_code, e.signal);
-      std::fflush(stdout);
-    });
-    cluster.on_reload_done([](const prefork::ReloadReport& r) {
-      if (r.ok) {
-        std::printf("Reload done: %u workers replaced in %lld ms\n", r.replaced,
-                    static_cast<long long>(r.took.count()));
-      } else {
-        std::printf("Reload failed: %s; old workers keep serving\n", r.reason.c_str());
-      }
-      std::fflush(stdout);
-    });
+    master_lines::print_crashes(cluster);
+    master_lines::print_reloads(cluster);
 #if PREFORK_EXAMPLE_HIREDIS
     if (config.store == "redis") {
       // Short timeouts: the master waits for Redis inside its loop (see redis_store.hpp).
