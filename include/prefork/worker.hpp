@@ -35,7 +35,6 @@ namespace prefork {
 
 namespace detail {
 
-/// What a worker needs to know about itself, from fork() or from the exec environment.
 /// What a worker has done so far, for the master's status: sent in a stats frame's payload.
 struct WorkerCounters {
   std::uint64_t connections_total = 0;  ///< connections it has taken, ever
@@ -57,6 +56,7 @@ inline bool decode_counters(std::string_view payload, WorkerCounters& c) noexcep
   return true;
 }
 
+/// What a worker needs to know about itself, from fork() or from the exec environment.
 struct WorkerBoot {
   unsigned id = 0;
   std::size_t slot = 0;
