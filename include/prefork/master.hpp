@@ -1177,6 +1177,7 @@ class Master {
     w.exit_.signal = r.signal;
     w.exit_.exited_after_disconnect = w.exited_after_disconnect_;
     w.exit_.reached_listening = w.listened_;
+    w.exit_.served = w.counters_.connections_total > 0 || w.counters_.requests > 0;
     w.exit_.uptime =
         std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - w.started_);
 

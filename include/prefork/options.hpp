@@ -63,6 +63,9 @@ struct ExitInfo {
   /// its loop turned), i.e. its start-up worked.
   bool reached_listening = false;
   bool start_timed_out = false;         ///< killed by the master at Options::start_timeout
+  /// The worker took a connection or counted a request (WorkerContext::request_done), as it
+  /// reported to the master: it did some work before it exited.
+  bool served = false;
   std::chrono::milliseconds uptime{0};  ///< from fork to exit
   std::string reason{};                 ///< why the master ended it, if it did ("drain timeout")
 

@@ -180,6 +180,7 @@ class WorkerContext {
   /// this worker: a replacement starts, then this one drains.
   void request_done() {
     ++requests_;
+    report_first_service();
     if (boot_.max_requests && requests_ == boot_.max_requests)
       retire("max_requests: served " + std::to_string(requests_) + " requests");
   }
@@ -412,8 +413,19 @@ class WorkerContext {
 
   void count_connection() {
     ++connections_taken_;
+    report_first_service();
     if (boot_.max_connections && connections_taken_ == boot_.max_connections)
       retire("max_connections: took " + std::to_string(connections_taken_) + " connections");
+  }
+
+  // The first connection or request this worker serves is reported at once, before the Server
+  // sees it: the master's RestartPolicy tells a worker that served and then crashed (restarted
+  // at once) from one that dies right after 'listening' every time (a crash loop to back off),
+  // even when the crash comes inside that first on_connection. One frame per worker life.
+  void report_first_service() {
+    if (served_reported_) return;
+    served_reported_ = true;
+    send_stats();
   }
 
   // Asks the master to recycle this worker; it keeps serving until the master disconnects it.
@@ -453,6 +465,7 @@ class WorkerContext {
   std::uint64_t connections_taken_ = 0;  // ever, for max_connections
   std::uint64_t requests_ = 0;           // request_done() calls, for max_requests
   std::uint64_t unacked_ = 0;
+  bool served_reported_ = false;  // report_first_service() has run
   std::vector<Connection> arrived_;  // received this round, acknowledged at its end, then served
   bool handover_posted_ = false;
   bool report_scheduled_ = false;

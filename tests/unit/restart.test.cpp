@@ -293,7 +293,8 @@ TEST_CASE("Backoff counts an exit just under healthy_after as quick", "[restart]
   CHECK(policy.streak(0) == 1u);
 }
 
-TEST_CASE("Backoff restarts at once a worker that had started, however short its uptime",
+TEST_CASE("Backoff restarts at once a worker that had started and served, however short its "
+          "uptime",
           "[restart]") {
   // chaos.sh: workers SIGKILLed every half second under load must come back at once.
   Backoff<> policy({.healthy_after = 1000ms, .max_restarts = 2});
@@ -301,8 +302,24 @@ TEST_CASE("Backoff restarts at once a worker that had started, however short its
   REQUIRE(policy.streak(0) == 2u);
   ExitInfo e = killed(SIGKILL, 10ms);
   e.reached_listening = true;
+  e.served = true;
   for (int i = 0; i < 5; ++i) CHECK(policy.on_exit(0, e) == RestartDecision::restart_now());
   CHECK(policy.streak(0) == 0u);
+}
+
+TEST_CASE("Backoff counts a worker that reached listening but served nothing before healthy_after "
+          "as a quick exit",
+          "[restart]") {
+  // Issue 13: `hello --crash-ms 1` and a Server that exits in on_listening were forked
+  // thousands of times a second when 'listening' alone counted as healthy.
+  Backoff<> policy({.healthy_after = 1000ms, .max_restarts = 2});
+  ExitInfo e = exited(1, 10ms);
+  e.reached_listening = true;
+  CHECK(policy.on_exit(0, e) == RestartDecision::restart_after(100ms));
+  CHECK(policy.on_exit(0, e) == RestartDecision::restart_after(150ms));
+  CHECK(policy.on_exit(0, e) == RestartDecision::give_up_slot());
+  e.uptime = 1000ms;  // lived past healthy_after: healthy, served or not
+  CHECK(policy.on_exit(0, e) == RestartDecision::restart_now());
 }
 
 TEST_CASE("Backoff with started_is_healthy false judges a started worker by uptime alone",
@@ -310,6 +327,7 @@ TEST_CASE("Backoff with started_is_healthy false judges a started worker by upti
   Backoff<> policy({.healthy_after = 1000ms, .started_is_healthy = false});
   ExitInfo e = exited(1, 10ms);
   e.reached_listening = true;
+  e.served = true;
   CHECK(policy.on_exit(0, e) == RestartDecision::restart_after(100ms));
   CHECK(policy.on_exit(0, e) == RestartDecision::restart_after(150ms));
   e.uptime = 1000ms;

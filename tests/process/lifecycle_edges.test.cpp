@@ -1,0 +1,139 @@
+// Lifecycle edges of real forked workers (issue 13, "Sound under stress"): a worker that dies
+// right after 'listening' is a crash loop to back off, not a healthy worker to replace at once.
+//
+// The master runs in the test process; fork-mode workers never return into Catch2 (the library
+// ends them in _exit). Callbacks only record; the checks run after run() has returned.
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "harness.hpp"
+
+using namespace prefork_test;
+using prefork::ExitInfo;
+using prefork::Options;
+using WorkerT = prefork::Worker<prefork::StringCodec>;
+
+namespace {
+
+/// Dies the moment it is listening, every time: what `hello --crash-ms 1` does by chance.
+struct ExitOnListening {
+  void on_connection(prefork::Connection) {}
+  void on_listening() { ::_exit(1); }
+};
+
+/// Dies inside the first connection it is given: it served, then crashed.
+struct ExitOnConnection {
+  void on_connection(prefork::Connection) { ::_exit(1); }
+};
+
+/// A client connection to `address` ("127.0.0.1:PORT"), blocking, close-on-exec; -1 on failure.
+/// connect() completes from the listen backlog, without anyone accepting.
+int connect_to(const std::string& address) {
+  auto colon = address.rfind(':');
+  if (colon == std::string::npos) return -1;
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(static_cast<std::uint16_t>(std::atoi(address.c_str() + colon + 1)));
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+}  // namespace
+
+TEST_CASE("A worker that dies right after listening without serving backs off until its slot "
+          "is errored",
+          "[lifecycle][restart]") {
+  std::size_t fds_before = count_open_fds();
+  bool timed_out = false, errored = false;
+  unsigned forks = 0;
+  std::vector<ExitInfo> exits;
+  int rc = -1;
+  {
+    using Policy = prefork::Backoff<prefork::RestartOnCrash>;
+    // Short delays so that the slot is errored quickly; the count is what matters.
+    Policy policy({.initial_delay = std::chrono::milliseconds(1),
+                   .factor = 1.0,
+                   .max_delay = std::chrono::milliseconds(1),
+                   .max_restarts = 4});
+    prefork::Cluster<ExitOnListening, prefork::RoundRobin, Policy> cluster(
+        Options{.workers = 1, .listen = {"127.0.0.1:0"}, .handle_signals = false}, policy);
+    cluster.on_fork([&](WorkerT&) { ++forks; });
+    cluster.on_exit([&](WorkerT&, const ExitInfo& e) { exits.push_back(e); });
+    cluster.on_errored([&](std::size_t, const ExitInfo&) {
+      errored = true;
+      cluster.shutdown();
+    });
+    arm_watchdog(cluster, timed_out);
+    rc = cluster.run();
+  }
+  CHECK_FALSE(timed_out);
+  CHECK(rc == 0);
+  CHECK(errored);
+  // max_restarts quick exits are restarted, the next one errors the slot.
+  CHECK(forks == 5);
+  for (auto& e : exits) {
+    CHECK(e.exit_code == 1);
+    CHECK(e.reached_listening);
+    CHECK_FALSE(e.served);
+  }
+  CHECK(count_open_fds() == fds_before);
+}
+
+TEMPLATE_TEST_CASE("A worker that crashes in its first connection is replaced at once each time",
+                   "[lifecycle][restart]", prefork::RoundRobin, prefork::SharedAccept) {
+  // It served, then crashed: the chaos case (tests/bench/chaos.sh), which must not back off.
+  // An hour's delay would show any backoff as a timeout.
+  std::size_t fds_before = count_open_fds();
+  bool timed_out = false, errored = false;
+  std::vector<ExitInfo> exits;
+  std::vector<int> clients;
+  int rc = -1;
+  constexpr std::size_t kCrashes = 6;
+  {
+    using Policy = prefork::Backoff<prefork::RestartOnCrash>;
+    Policy policy({.initial_delay = std::chrono::hours(1),
+                   .max_delay = std::chrono::hours(1),
+                   .max_restarts = 2});
+    prefork::Cluster<ExitOnConnection, TestType, Policy> cluster(
+        Options{.workers = 1, .listen = {"127.0.0.1:0"}, .handle_signals = false}, policy);
+    cluster.on_listening([&](WorkerT&, const std::vector<std::string>& addresses) {
+      if (exits.size() < kCrashes) clients.push_back(connect_to(addresses.at(0)));
+    });
+    cluster.on_exit([&](WorkerT&, const ExitInfo& e) {
+      exits.push_back(e);
+      if (exits.size() == kCrashes) cluster.shutdown();
+    });
+    cluster.on_errored([&](std::size_t, const ExitInfo&) {
+      errored = true;
+      cluster.shutdown();
+    });
+    arm_watchdog(cluster, timed_out);
+    rc = cluster.run();
+  }
+  for (int fd : clients) {
+    CHECK(fd >= 0);
+    if (fd >= 0) ::close(fd);
+  }
+  CHECK_FALSE(timed_out);
+  CHECK(rc == 0);
+  CHECK_FALSE(errored);
+  REQUIRE(exits.size() == kCrashes);
+  for (auto& e : exits) {
+    CHECK(e.exit_code == 1);
+    CHECK(e.reached_listening);
+    CHECK(e.served);
+  }
+  CHECK(count_open_fds() == fds_before);
+}
