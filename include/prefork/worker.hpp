@@ -237,10 +237,10 @@ class WorkerContext {
         if (channel_ && channel_->is_open()) channel_->send(FrameKind::heartbeat, {});
       }, false);
 
-    while (!done_) {
-      loop_.run_once(-1);
-      if (draining_ && !loop_.alive()) break;
-    }
+    // Judged before each wait, not after: a drain that began before the first round (a Server
+    // constructor that calls disconnect()) ends now, instead of when something next wakes an
+    // idle loop (a heartbeat, or nothing at all without listeners and watchdog).
+    while (!done_ && !(draining_ && !loop_.alive())) loop_.run_once(-1);
     server.reset();
     on_connection_ = nullptr;
     on_message_ = nullptr;

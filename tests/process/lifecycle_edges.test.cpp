@@ -1,5 +1,6 @@
 // Lifecycle edges of real forked workers (issue 13, "Sound under stress"): a worker that dies
-// right after 'listening' is a crash loop to back off, not a healthy worker to replace at once.
+// right after 'listening' is a crash loop to back off, not a healthy worker to replace at once;
+// a disconnect() in the Server's constructor is acted on before the loop first blocks.
 //
 // The master runs in the test process; fork-mode workers never return into Catch2 (the library
 // ends them in _exit). Callbacks only record; the checks run after run() has returned.
@@ -30,6 +31,11 @@ struct ExitOnListening {
 /// Dies inside the first connection it is given: it served, then crashed.
 struct ExitOnConnection {
   void on_connection(prefork::Connection) { ::_exit(1); }
+};
+
+/// Asks to leave before its loop ever turns.
+struct DisconnectInConstructor {
+  explicit DisconnectInConstructor(prefork::WorkerContext<>& ctx) { ctx.disconnect(); }
 };
 
 /// A client connection to `address` ("127.0.0.1:PORT"), blocking, close-on-exec; -1 on failure.
@@ -135,5 +141,39 @@ TEMPLATE_TEST_CASE("A worker that crashes in its first connection is replaced at
     CHECK(e.reached_listening);
     CHECK(e.served);
   }
+  CHECK(count_open_fds() == fds_before);
+}
+
+TEST_CASE("A Server that disconnects in its constructor exits 0 at once without listen addresses",
+          "[lifecycle][disconnect]") {
+  // No heartbeat (watchdog off) and a long drain_timeout: nothing but the disconnect itself may
+  // end the worker before the test's deadline.
+  std::size_t fds_before = count_open_fds();
+  bool timed_out = false;
+  std::vector<ExitInfo> exits;
+  unsigned forks = 0;
+  int rc = -1;
+  {
+    prefork::Cluster<DisconnectInConstructor> cluster(
+        Options{.workers = 1,
+                .drain_timeout = std::chrono::seconds(60),
+                .watchdog_timeout = std::chrono::milliseconds(0),
+                .handle_signals = false});
+    cluster.on_fork([&](WorkerT&) { ++forks; });
+    cluster.on_exit([&](WorkerT&, const ExitInfo& e) {
+      exits.push_back(e);
+      cluster.shutdown();
+    });
+    arm_watchdog(cluster, timed_out);
+    rc = cluster.run();
+  }
+  CHECK_FALSE(timed_out);
+  CHECK(rc == 0);
+  CHECK(forks == 1);  // a planned exit: not restarted
+  REQUIRE(exits.size() == 1);
+  CHECK(exits[0].exit_code == 0);
+  CHECK(exits[0].signal == 0);
+  CHECK(exits[0].exited_after_disconnect);
+  CHECK(exits[0].reason.empty());  // not a drain timeout
   CHECK(count_open_fds() == fds_before);
 }
