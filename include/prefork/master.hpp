@@ -584,7 +584,11 @@ class Master {
   /// std::system_error if Options::pid_file is held by a live master ("prefork: pid file X is
   /// held by a running master (pid N)") or cannot be written, or if Options::user/group ask
   /// for another user and this master is not root. Removes the pid file when it returns.
+  /// After shutdown(), returns 0 at once without forking (Node's cluster.disconnect() with no
+  /// workers calls back at once): what bind() and listen_control() set up is released as at
+  /// the end of a run, and the store snapshot, never loaded, is left as it is.
   int run() {
+    if (shutting_down_) return release(false);
     prepare_to_serve();
     load_store();
     bind();
@@ -616,6 +620,13 @@ class Master {
     loop_.every(std::chrono::seconds(1), [this] { store_->sweep(); }, false);
     loop_.restart();
     loop_.run();
+    return release(true);
+  }
+
+ private:
+  // The end of run(): socket files, the control socket, the store snapshot (if `save`), the
+  // pid file. 0, or 1 if the snapshot could not be saved.
+  int release(bool save) {
     // After an upgrade the new master serves on the Unix socket files: they stay.
     if (!handed_over_)
       for (std::size_t i = 0; i < addresses_.size(); ++i)
@@ -623,12 +634,11 @@ class Master {
           detail::unlink_unix_socket(addresses_[i]);
     control_.close();
     if (control_owned_ && !handed_over_) control_.unlink();
-    bool saved = save_store();
+    bool saved = !save || save_store();
     pid_file_.remove();  // only now: a master started after this must find the store saved
     return saved ? 0 : 1;
   }
 
- private:
   struct Slot {
     unsigned worker_id = 0;  // the worker that owns the slot now, 0 if none
     EventLoop::TimerId restart_timer = 0;

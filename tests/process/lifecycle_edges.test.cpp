@@ -1,6 +1,7 @@
 // Lifecycle edges of real forked workers (issue 13, "Sound under stress"): a worker that dies
 // right after 'listening' is a crash loop to back off, not a healthy worker to replace at once;
-// a disconnect() in the Server's constructor is acted on before the loop first blocks.
+// a disconnect() in the Server's constructor is acted on before the loop first blocks; a
+// shutdown() before run() makes run() return without forking.
 //
 // The master runs in the test process; fork-mode workers never return into Catch2 (the library
 // ends them in _exit). Callbacks only record; the checks run after run() has returned.
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "harness.hpp"
+#include "support/temp_dir.hpp"
 
 using namespace prefork_test;
 using prefork::ExitInfo;
@@ -175,5 +177,35 @@ TEST_CASE("A Server that disconnects in its constructor exits 0 at once without 
   CHECK(exits[0].signal == 0);
   CHECK(exits[0].exited_after_disconnect);
   CHECK(exits[0].reason.empty());  // not a drain timeout
+  CHECK(count_open_fds() == fds_before);
+}
+
+TEST_CASE("shutdown before run makes run return 0 at once without forking a worker",
+          "[lifecycle][shutdown]") {
+  // Node: cluster.disconnect() with no workers calls back at once, and the process ends.
+  // What was set up before is let go as at the end of a run: here a Unix socket file.
+  TempDir dir;
+  REQUIRE_FALSE(dir.path.empty());
+  std::size_t fds_before = count_open_fds();
+  bool timed_out = false;
+  unsigned forks = 0;
+  int rc = -1;
+  {
+    prefork::Cluster<Puppet> cluster(Options{.workers = 2,
+                                             .listen = {"127.0.0.1:0", "unix:" + dir.path + "/s"},
+                                             .handle_signals = false});
+    cluster.on_fork([&](WorkerT&) { ++forks; });
+    cluster.bind();
+    REQUIRE(dir.names() == std::vector<std::string>{"s"});
+    cluster.shutdown();
+    CHECK(cluster.shutting_down());
+    arm_watchdog(cluster, timed_out);
+    rc = cluster.run();
+    CHECK(cluster.fork() == nullptr);
+  }
+  CHECK_FALSE(timed_out);
+  CHECK(rc == 0);
+  CHECK(forks == 0);
+  CHECK(dir.names().empty());
   CHECK(count_open_fds() == fds_before);
 }
