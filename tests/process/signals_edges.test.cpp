@@ -1,0 +1,142 @@
+// Signals and failures at the edges, with real processes: SIGPIPE from a log whose reader has
+// gone (`hello 2>&1 | head -1`) and from a client that reset its connection in a worker whose
+// main() ignores SIGPIPE, and an exception that escapes a master callback.
+#include <catch2/catch.hpp>
+
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "harness.hpp"
+#include "hello_process.hpp"
+#include "http_client.hpp"
+
+using namespace prefork_test;
+using prefork::ExitInfo;
+using prefork::Options;
+using WorkerT = prefork::Worker<prefork::StringCodec>;
+
+namespace {
+
+// What a worker does with a client that resets its connection: says "ready", waits for the
+// reset, then writes to it with plain write(2), as an application's own code would, and
+// reports how the write failed and the signal state it started with.
+struct Resetter {
+  explicit Resetter(prefork::WorkerContext<>& ctx) : ctx_(ctx) {}
+
+  void on_connection(prefork::Connection c) {
+    const int fd = c.fd();
+    (void)!::write(fd, "ready\n", 6);
+    pollfd p{fd, POLLIN, 0};
+    (void)::poll(&p, 1, 10000);
+    char buf[64];
+    while (::read(fd, buf, sizeof buf) > 0) {
+    }
+    int failed = 0;
+    for (int i = 0; i < 3 && !failed; ++i)
+      if (::write(fd, "x", 1) < 0) failed = errno;
+    ctx_.send("wrote errno=" + std::to_string(failed) + " pipe=" + disposition(SIGPIPE) +
+              " usr1=" + disposition(SIGUSR1) + " term=" + disposition(SIGTERM));
+  }
+
+  static std::string disposition(int sig) {
+    struct sigaction now {};
+    ::sigaction(sig, nullptr, &now);
+    if (now.sa_handler == SIG_IGN) return "ign";
+    if (now.sa_handler == SIG_DFL) return "dfl";
+    return "handler";
+  }
+
+  prefork::WorkerContext<>& ctx_;
+};
+
+void on_usr1(int) {}
+
+// Connects to 127.0.0.1:port, waits for the worker's "ready", and resets the connection
+// (SO_LINGER 0: close sends RST). False if the worker never said "ready".
+bool connect_and_reset(int port) {
+  prefork::UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<std::uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) return false;
+  LineReader reader(fd.get());
+  auto line = reader.next(Clock::now() + kDeadline);
+  linger l{1, 0};
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_LINGER, &l, sizeof l);
+  return line && *line == "ready";
+}
+
+}  // namespace
+
+TEST_CASE("A worker keeps SIG_IGN for SIGPIPE from main(): a write to a reset client fails "
+          "with EPIPE",
+          "[signals]") {
+  Pipe report;
+  REQUIRE(report.read >= 0);
+  pid_t master = fork_harness([&] {
+    report.close_read();
+    // What an application's main() does before run(): the worker must keep the SIG_IGN, lose
+    // the handler (it was for the master), and start SIGTERM at its default.
+    ::signal(SIGPIPE, SIG_IGN);
+    ::signal(SIGTERM, SIG_IGN);
+    ::signal(SIGUSR1, on_usr1);
+    prefork::Cluster<Resetter> cluster(
+        Options{.workers = 2, .listen = {"127.0.0.1:0"}, .handle_signals = false});
+    cluster.bind();
+    const std::string address = cluster.addresses().front();
+    write_all(report.write, "port " + address.substr(address.rfind(':') + 1) + "\n");
+    bool timed_out = false;
+    arm_watchdog(cluster, timed_out);
+    int wrote = 0;
+    cluster.on_message([&](WorkerT&, const std::string& m) {
+      write_all(report.write, "msg " + m + "\n");
+      if (++wrote == 10) cluster.shutdown();
+    });
+    cluster.on_exit([&](WorkerT&, const ExitInfo& e) {
+      write_all(report.write, "exit signal=" + std::to_string(e.signal) + "\n");
+    });
+    int rc = cluster.run();
+    return timed_out ? 3 : rc;
+  });
+  report.close_write();
+  REQUIRE(master > 0);
+  LineReader reader(report.read);
+  auto port_line = reader.next(Clock::now() + kDeadline);
+  if (!port_line) kill_and_reap(master);
+  REQUIRE(port_line);
+  const int port = static_cast<int>(number_after(*port_line, "port "));
+  int ready = 0;
+  for (int i = 0; i < 10; ++i) ready += connect_and_reset(port) ? 1 : 0;
+  int epipe = 0, sigpipe_deaths = 0, other = 0;
+  const auto deadline = Clock::now() + kDeadline;
+  while (auto line = reader.next(deadline)) {
+    if (*line == "msg wrote errno=" + std::to_string(EPIPE) + " pipe=ign usr1=dfl term=dfl")
+      ++epipe;
+    else if (*line == "exit signal=" + std::to_string(SIGPIPE))
+      ++sigpipe_deaths;
+    else if (line->starts_with("msg"))
+      ++other;
+    if (epipe == 10) break;
+  }
+  auto status = wait_child(master, Clock::now() + kDeadline);
+  if (!status) kill_and_reap(master);
+  INFO(reader.transcript());
+  CHECK(ready == 10);
+  CHECK(sigpipe_deaths == 0);
+  CHECK(other == 0);
+  CHECK(epipe == 10);
+  REQUIRE(status);
+  CHECK(WIFEXITED(*status));
+  CHECK(WEXITSTATUS(*status) == 0);
+}
