@@ -140,3 +140,78 @@ TEST_CASE("A worker keeps SIG_IGN for SIGPIPE from main(): a write to a reset cl
   CHECK(WIFEXITED(*status));
   CHECK(WEXITSTATUS(*status) == 0);
 }
+
+TEST_CASE("A master whose stderr has lost its reader keeps supervising, not killed by SIGPIPE",
+          "[signals]") {
+  Pipe report;
+  REQUIRE(report.read >= 0);
+  pid_t master = fork_harness([&] {
+    report.close_read();
+    // `prog 2>&1 | head -1` once head has exited, in an application that leaves SIGPIPE at
+    // its default: every log line of the default sink now goes to a pipe nobody reads.
+    ::signal(SIGPIPE, SIG_DFL);
+    int p[2];
+    if (::pipe(p) != 0) return 4;
+    ::dup2(p[1], 2);
+    ::close(p[0]);
+    ::close(p[1]);
+    prefork::Cluster<Puppet> cluster(Options{.workers = 1, .handle_signals = false});
+    bool timed_out = false;
+    arm_watchdog(cluster, timed_out);
+    int online = 0;
+    cluster.on_online([&](WorkerT& w) {
+      if (++online == 1) {  // a crash: logged, and its restart, logged
+        w.send("exit:1");
+        return;
+      }
+      write_all(report.write, "restarted\n");
+      cluster.shutdown();
+    });
+    int rc = cluster.run();
+    write_all(report.write, "dropped " + std::to_string(prefork::detail::dropped_log_lines()) +
+                                "\n");
+    return timed_out ? 3 : rc;
+  });
+  report.close_write();
+  REQUIRE(master > 0);
+  LineReader reader(report.read);
+  auto restarted = reader.next(Clock::now() + kDeadline);
+  auto dropped = reader.next(Clock::now() + kDeadline);
+  auto status = wait_child(master, Clock::now() + kDeadline);
+  if (!status) kill_and_reap(master);
+  INFO(reader.transcript());
+  REQUIRE(status);
+  INFO("wait status " << *status);
+  CHECK(WIFEXITED(*status));
+  CHECK(WEXITSTATUS(*status) == 0);
+  CHECK(restarted == std::optional<std::string>("restarted"));
+  REQUIRE(dropped);
+  CHECK(number_after(*dropped, "dropped ") >= 4);  // serving, fork, exit, fork at least
+}
+
+TEST_CASE("hello keeps serving once the reader of its stdout and stderr has exited",
+          "[signals]") {
+  // `hello 2>&1 | head -3`: the reader goes away after the start lines.
+  HelloProcess hello({"--workers", "2", "--port", "0", "--work", "0", "--faults", "--control",
+                      "off"});
+  REQUIRE(hello.start(2));
+  const int port = hello.port();
+  hello.close_output();
+  // The crash makes the master print "Worker N died" and log the exit, and the replacement
+  // print "Started process N": all of it into the closed pipe.
+  HttpClient crash;
+  if (crash.connect("127.0.0.1:" + std::to_string(port)) && crash.send_get("/crash"))
+    CHECK(crash.receive().status == 0);  // the worker exits before it answers
+  int ok = 0;
+  for (int i = 0; i < 20; ++i) {
+    HttpResult r = http_get(port);
+    if (r.status == 200 && handled_by(r.body) > 0) ++ok;
+  }
+  CHECK(ok == 20);
+  ::kill(hello.pid(), SIGTERM);
+  auto status = hello.wait(Clock::now() + kDeadline);
+  REQUIRE(status);
+  INFO("wait status " << *status);
+  CHECK(WIFEXITED(*status));
+  CHECK(WEXITSTATUS(*status) == 0);
+}
