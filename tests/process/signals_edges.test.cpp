@@ -215,3 +215,74 @@ TEST_CASE("hello keeps serving once the reader of its stdout and stderr has exit
   CHECK(WIFEXITED(*status));
   CHECK(WEXITSTATUS(*status) == 0);
 }
+
+TEST_CASE("An exception from a master callback drains and reaps every worker, then run() "
+          "rethrows it",
+          "[signals]") {
+  // Where the exception comes from: a timer (after, every), on_exit, on_message.
+  const std::string where = GENERATE(as<std::string>{}, "after", "every", "on_exit",
+                                     "on_message");
+  INFO("thrown from " << where);
+  Pipe report;
+  REQUIRE(report.read >= 0);
+  pid_t master = fork_harness([&] {
+    report.close_read();
+    prefork::Cluster<Puppet> cluster(Options{.workers = 2, .handle_signals = false});
+    bool timed_out = false;
+    arm_watchdog(cluster, timed_out);
+    std::set<pid_t> forked;
+    int online = 0, exits = 0, planned = 0;
+    const auto boom = [&where] { throw std::runtime_error("boom in " + where); };
+    cluster.on_fork([&](WorkerT& w) { forked.insert(w.pid()); });
+    cluster.on_online([&](WorkerT& w) {
+      if (++online != 2) return;
+      if (where == "after") cluster.after(1ms, boom);
+      if (where == "every") cluster.every(50ms, boom);
+      if (where == "on_exit") w.send("exit:3");
+      if (where == "on_message") w.send("ping");
+    });
+    cluster.on_exit([&](WorkerT&, const ExitInfo& e) {
+      ++exits;
+      if (e.exited_after_disconnect) ++planned;
+      if (where == "on_exit") boom();
+    });
+    cluster.on_message([&](WorkerT&, const std::string& m) {
+      if (m.starts_with("pong") && where == "on_message") boom();
+    });
+    std::string caught = "nothing";
+    try {
+      cluster.run();
+    } catch (const std::runtime_error& e) {
+      caught = e.what();
+    }
+    int alive = 0;
+    for (pid_t pid : forked) alive += process_gone(pid) ? 0 : 1;
+    write_all(report.write, "caught=" + caught + " forked=" + std::to_string(forked.size()) +
+                                " exits=" + std::to_string(exits) + " planned=" +
+                                std::to_string(planned) + " left=" +
+                                std::to_string(cluster.workers().size()) + " alive=" +
+                                std::to_string(alive) + (timed_out ? " timed out" : "") + "\n");
+    return 0;
+  });
+  report.close_write();
+  REQUIRE(master > 0);
+  LineReader reader(report.read);
+  auto line = reader.next(Clock::now() + 2 * kDeadline);
+  auto status = wait_child(master, Clock::now() + kDeadline);
+  if (!status) kill_and_reap(master);
+  REQUIRE(line);
+  // "caught=boom in <where> forked=N exits=N planned=N left=0 alive=0", nothing more (no
+  // "timed out"): every worker forked was reaped by the master, and all but the one that
+  // crashed on purpose exited planned (drained).
+  auto w = words(*line);
+  REQUIRE(w.size() == 8);
+  CHECK(w[0] + " " + w[1] + " " + w[2] == "caught=boom in " + where);
+  const long forked = number_after(w[3], "forked=");
+  CHECK(forked >= 2);
+  CHECK(number_after(w[4], "exits=") == forked);
+  CHECK(number_after(w[5], "planned=") == forked - (where == "on_exit" ? 1 : 0));
+  CHECK(w[6] == "left=0");
+  CHECK(w[7] == "alive=0");
+  REQUIRE(status);
+  CHECK(WIFEXITED(*status));
+}
