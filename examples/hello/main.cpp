@@ -32,6 +32,8 @@
 //                  master stays root, so it can bind ports below 1024 (needs a root master).
 //   --control PATH: the master's control socket (mode 0600; the master's user and root only),
 //                  named after the port it listens on unless given; `off`: none.
+//   stdout and stderr: hello ignores SIGPIPE, so `hello | head -1` or `hello 2>&1 | head -1`
+//                  keeps serving after head exits; what it prints then is lost.
 //   ctl COMMAND:   this binary as the control client, like `nginx -s reload`: prints the
 //                  master's JSON reply and exits 0, or 1 with its error. `status` lists the
 //                  master and every worker (pid, state, uptime, restarts, connections,
@@ -66,6 +68,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -303,6 +306,11 @@ int control(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   if (argc > 1 && std::string_view(argv[1]) == "ctl") return control(argc, argv);
+  // As Node does at start-up: a write to a peer that went away fails with EPIPE instead of
+  // killing the process. It holds in every worker too (prefork keeps an ignored signal
+  // ignored), and it is what keeps `hello | head -1` serving once head has exited: the
+  // printf lines then go nowhere, as console.log's do in Node.
+  std::signal(SIGPIPE, SIG_IGN);
   config = parse_args(argc, argv);
   const std::string address = cli::listen_address(config.host, config.port);
   try {

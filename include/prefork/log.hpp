@@ -1,7 +1,8 @@
 // The library's log: one record per lifecycle event or diagnostic, from the master or a worker,
 // handed to a sink the application can replace (Options::log). The default sink writes one line
 // per record to stderr and never blocks the process that logs: a master stuck on a full pipe
-// would stop supervising, so a line that does not fit is dropped and counted instead.
+// would stop supervising, so a line that does not fit is dropped and counted instead; nor does
+// it ever raise SIGPIPE when stderr's reader is gone (the line is dropped and counted too).
 #ifndef PREFORK_LOG_HPP
 #define PREFORK_LOG_HPP
 
@@ -88,7 +89,8 @@ inline std::string format_log_line(const LogRecord& r) {
 
 namespace detail {
 
-/// Lines the default sink could not write because stderr would have blocked.
+/// Lines the default sink could not write because stderr would have blocked or nobody reads it
+/// any more (EPIPE).
 inline std::uint64_t& dropped_log_lines() noexcept {
   static std::uint64_t dropped = 0;
   return dropped;
@@ -113,11 +115,12 @@ inline void write_log_line(const LogRecord& r) noexcept {
       ++dropped_log_lines();
       return;
     }
-    if (std::uint64_t n = dropped_log_lines()) {
-      line = "(" + std::to_string(n) + " log lines dropped: stderr was full)\n" + line;
-      dropped_log_lines() = 0;
-    }
-    write_all(2, line.data(), line.size());
+    const std::uint64_t dropped = dropped_log_lines();
+    if (dropped)
+      line = "(" + std::to_string(dropped) + " log lines dropped: stderr was full)\n" + line;
+    // A pipe whose reader has gone (`prog 2>&1 | head -1`) or a closed socket: the line is
+    // lost, counted, and the process goes on; never killed by SIGPIPE.
+    dropped_log_lines() = write_all(2, line.data(), line.size()) ? 0 : dropped + 1;
   } catch (...) {  // std::bad_alloc: the record is lost, the process goes on
     ++dropped_log_lines();
   }

@@ -163,16 +163,7 @@ class Master {
     slots_.resize(opts_.workers);
     credentials_ = detail::resolve_credentials(opts_.user, opts_.group);
     store_ = std::make_unique<detail::StoreHostOf<MemoryStore<>>>(MemoryStore<>(opts_.store_limits));
-    loop_.on_exception([this](std::exception_ptr e) {
-      try {
-        std::rethrow_exception(e);
-      } catch (const std::exception& x) {
-        log(LogLevel::warning, "exception",
-            std::string("exception in a master callback: ") + x.what());
-      } catch (...) {
-        log(LogLevel::warning, "exception", "non-standard exception in a master callback");
-      }
-    });
+    loop_.on_exception([this](std::exception_ptr e) { callback_failed(e); });
   }
   Master(const Master&) = delete;
   Master& operator=(const Master&) = delete;
@@ -455,7 +446,7 @@ class Master {
           reclaim_pid_file();
           UpgradeReport report{false, successor_.pid(), why};
           answer_upgrade_waiters(report);
-          if (on_upgrade_done_) on_upgrade_done_(report);
+          emit(on_upgrade_done_, report);
         });
     if (!error.empty()) return refuse_upgrade(error);
     log(LogLevel::info, "upgrade",
@@ -586,7 +577,9 @@ class Master {
   /// for another user and this master is not root. Removes the pid file when it returns.
   /// After shutdown(), returns 0 at once without forking (Node's cluster.disconnect() with no
   /// workers calls back at once): what bind() and listen_control() set up is released as at
-  /// the end of a run, and the store snapshot, never loaded, is left as it is.
+  /// the end of a run, and the store snapshot, never loaded, is left as it is. An exception
+  /// that escapes a master callback (a timer, on_exit, on_message...) is logged and starts a
+  /// graceful shutdown; once every worker has exited, run() rethrows it.
   int run() {
     if (shutting_down_) return release(false);
     prepare_to_serve();
@@ -636,6 +629,7 @@ class Master {
     if (control_owned_ && !handed_over_) control_.unlink();
     bool saved = !save || save_store();
     pid_file_.remove();  // only now: a master started after this must find the store saved
+    if (failure_) std::rethrow_exception(std::exchange(failure_, nullptr));
     return saved ? 0 : 1;
   }
 
@@ -690,6 +684,42 @@ class Master {
   }
 
   int defer_accept_s() const noexcept { return static_cast<int>(opts_.defer_accept.count()); }
+
+  // Node's primary dies of an uncaught exception, and its workers with it. A master whose
+  // callback threw may hold half-updated application state, so it does not go on either; but
+  // it stops the way SIGTERM does (workers drained and reaped, none left unsupervised), then
+  // run() rethrows the first exception for main() to report (README: the deviations from
+  // Node). Later ones are logged only.
+  void callback_failed(std::exception_ptr e) {
+    std::string what = "a non-standard exception";
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+      what = x.what();
+    } catch (...) {
+    }
+    if (failure_) {
+      log(LogLevel::error, "exception", "another exception in a master callback: " + what);
+      return;
+    }
+    failure_ = e;
+    log(LogLevel::error, "exception",
+        "exception in a master callback: " + what + "; shutting down, run() rethrows it");
+    if (!shutting_down_) shutdown();
+  }
+
+  // Runs an application callback, if set. An exception from it goes to callback_failed() here,
+  // so that it never skips the bookkeeping after the call (the exit of the last worker must
+  // still end a shutdown, a slot must still be freed).
+  template <class F, class... A>
+  void emit(const F& cb, A&&... args) {
+    if (!cb) return;
+    try {
+      cb(std::forward<A>(args)...);
+    } catch (...) {
+      callback_failed(std::current_exception());
+    }
+  }
 
   void log(LogLevel level, std::string_view event, const std::string& msg,
            const WorkerT* w = nullptr) {
@@ -826,7 +856,7 @@ class Master {
     log(LogLevel::info, "fork", "pid " + std::to_string(pid) + ", slot " + std::to_string(slot) +
         (s.restarts ? ", restart " + std::to_string(s.restarts) + " of the slot" : std::string()),
         &w);
-    if (on_fork_) on_fork_(w);
+    emit(on_fork_, w);
     return &w;
   }
 
@@ -899,7 +929,7 @@ class Master {
 
   void protocol_error(WorkerT& w, std::error_code ec) {
     if (on_error_) {
-      on_error_(w, ec);
+      emit(on_error_, w, ec);
     } else {
       log(LogLevel::warning, "protocol", describe(w) + ": " + ec.message() + "; killing it", &w);
     }
@@ -918,14 +948,14 @@ class Master {
           mark_disconnected(w);
           return;
         }
-        if (on_message_) on_message_(w, *m);
+        emit(on_message_, w, *m);
         return;
       }
       case FrameKind::online:
         if (w.state_ != WorkerState::none) break;
         w.state_ = WorkerState::online;
         log(LogLevel::info, "online", "pid " + std::to_string(w.pid_), &w);
-        if (on_online_) on_online_(w);
+        emit(on_online_, w);
         return;
       case FrameKind::started:
         // Nothing to listen on: a built Server is as ready as the worker gets. (With listen
@@ -943,7 +973,7 @@ class Master {
         if constexpr (requires(Restart& r) { r.on_listening(std::size_t{}); })
           restart_.on_listening(w.slot_);
         log(LogLevel::info, "listening", "pid " + std::to_string(w.pid_), &w);
-        if (on_listening_) on_listening_(w);
+        emit(on_listening_, w);
         if constexpr (MasterDispatch<Balance>) resume_accepting();
         reload_ready(w);
         tell_old_master_if_ready();
@@ -1157,7 +1187,7 @@ class Master {
     recover_in_flight(w);
     w.outgoing_.fail_all(make_error_code(errc::peer_gone));
     log(LogLevel::info, "disconnect", "pid " + std::to_string(w.pid_), &w);
-    if (on_disconnect_) on_disconnect_(w);
+    emit(on_disconnect_, w);
   }
 
   // Connections handed to a worker that never acknowledged them (its channel closed with the
@@ -1196,7 +1226,7 @@ class Master {
     std::unique_ptr<WorkerT> owned = std::move(node.mapped());
     ExitInfo info = w.exit_;
     log_exit(w, info);
-    if (on_exit_) on_exit_(w, info);
+    emit(on_exit_, w, info);
     after_exit(w, info);
     if (shutting_down_ && workers_.empty()) loop_.stop();
   }
@@ -1218,7 +1248,7 @@ class Master {
       log(LogLevel::error, "errored",
           "slot " + std::to_string(w.slot_) + " is errored: its workers keep exiting (last: " +
           describe(w) + ")", &w);
-      if (on_errored_) on_errored_(w.slot_, info);
+      emit(on_errored_, w.slot_, info);
     } else if (d.action == A::restart) {
       std::size_t slot = w.slot_;
       if (d.delay.count() <= 0) {
@@ -1908,7 +1938,7 @@ class Master {
     UpgradeReport report{true, successor_.pid(), {}};
     answer_upgrade_waiters(report);
     control_.stop_listening();  // new clients reach the new master; these connections stay
-    if (on_upgrade_done_) on_upgrade_done_(report);
+    emit(on_upgrade_done_, report);
     shutdown();
   }
 
@@ -1962,6 +1992,7 @@ class Master {
   std::vector<std::shared_ptr<StatusQuery>> status_queries_;
   Clock::time_point started_ = Clock::now();
   bool running_ = false;  // run() has forked the first workers
+  std::exception_ptr failure_;  // the first exception a callback let escape: run() rethrows it
   std::mt19937_64 rng_{std::random_device{}()};
 
   std::function<void(WorkerT&)> on_fork_, on_online_, on_listening_, on_disconnect_;

@@ -87,6 +87,13 @@ class HelloProcess {
     return status_;
   }
 
+  /// Closes the test's ends of both pipes, as `hello 2>&1 | head -3` once head has exited:
+  /// whatever hello prints next has no reader. out() and err() are not to be used after.
+  void close_output() {
+    out_.close_read();
+    err_.close_read();
+  }
+
   pid_t master_pid() const noexcept { return master_pid_; }
   int port() const noexcept { return port_; }
   const std::vector<pid_t>& workers() const noexcept { return workers_; }

@@ -410,11 +410,14 @@ TEST_CASE("A 17th unanswered request on one connection is refused and the connec
   for (auto& [r, reply] : f.held) CHECK(reply.closed());
 }
 
-TEST_CASE("A 65th control connection is refused while 64 are open", "[control]") {
+TEST_CASE("A 65th control connection is refused while 64 wait for answers", "[control]") {
   Fixture f;
   std::vector<std::unique_ptr<Client>> clients;
-  for (int i = 0; i < 64; ++i) clients.push_back(std::make_unique<Client>(f.path));
-  REQUIRE(run_until(f.loop, [&] { return f.server.connections() == 64; }));
+  for (int i = 0; i < 64; ++i) {
+    clients.push_back(std::make_unique<Client>(f.path));
+    REQUIRE(clients.back()->send("{\"command\":\"reload\"}\n"));
+  }
+  REQUIRE(f.wait_held(64));
   Client extra(f.path);
   CHECK(next_line(f.loop, extra) == fail_line("too many control connections"));
   CHECK(closed_by_server(f.loop, extra));
@@ -422,7 +425,45 @@ TEST_CASE("A 65th control connection is refused while 64 are open", "[control]")
   REQUIRE(run_until(f.loop, [&] { return f.server.connections() == 63; }));
   Client next(f.path);
   REQUIRE(next.send("{\"command\":\"status\"}\n"));
+  REQUIRE(f.wait_held(65));
+}
+
+TEST_CASE("With 64 connections that trickle a partial line, a status request still gets through",
+          "[control]") {
+  Fixture f;
+  // Each holds a partial line and sends one more byte now and then: never idle by bytes, never
+  // a request. The newcomer takes the place of the one whose last request is oldest.
+  std::vector<std::unique_ptr<Client>> clients;
+  for (int i = 0; i < 64; ++i) {
+    clients.push_back(std::make_unique<Client>(f.path));
+    REQUIRE(clients.back()->send("{\"command\":"));
+    REQUIRE(run_until(f.loop, [&] { return f.server.connections() == std::size_t(i) + 1; }));
+  }
+  for (auto& c : clients) REQUIRE(c->send(" "));
+  Client status(f.path);
+  REQUIRE(status.send("{\"command\":\"status\"}\n"));
   REQUIRE(f.wait_held(1));
+  CHECK(f.held[0].first.command == "status");
+  f.held[0].second.ok("\"pid\":1");
+  CHECK(next_line(f.loop, status) == R"({"ok":true,"pid":1})");
+  CHECK(f.server.connections() == 64);
+  // The evicted one is told why.
+  CHECK(next_line(f.loop, *clients.front()) ==
+        fail_line("too many control connections: closing the one idle longest"));
+  CHECK(closed_by_server(f.loop, *clients.front()));
+}
+
+TEST_CASE("A connection that trickles a partial line is closed at the idle timeout",
+          "[control]") {
+  Fixture f;
+  f.server.set_idle_timeout(300ms);
+  Client trickle(f.path);
+  REQUIRE(trickle.send("{"));
+  // One byte per 50 ms, for as long as the connection lasts (bounded by run_until's limit).
+  auto t = f.loop.every(50ms, [&] { (void)trickle.send(" "); }, false);
+  CHECK(closed_by_server(f.loop, trickle));
+  f.loop.cancel(t);
+  CHECK(f.held.empty());
 }
 
 TEST_CASE("An idle control connection is closed, one waiting for an answer is not",

@@ -3,6 +3,8 @@
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -96,6 +98,58 @@ TEST_CASE("The default sink drops lines while stderr is full and reports how man
     prefork_test::kill_and_reap(pid);
     FAIL("the default sink blocked on a full stderr");
   }
+  REQUIRE(WIFEXITED(*status));
+  CHECK(WEXITSTATUS(*status) == 0);
+}
+
+TEST_CASE("The default sink never raises SIGPIPE when stderr's reader is gone; it counts the lines",
+          "[log]") {
+  prefork_test::FdLeakCheck fds;
+  // `prog 2>&1 | head -1`: stderr is a pipe whose reader has exited, or a socket (a journal
+  // stream) whose peer has. In a child with SIGPIPE at its default, which would kill it.
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::signal(SIGPIPE, SIG_DFL);
+    LogRecord r = record_at(0);
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC) != 0) ::_exit(20);
+    ::dup2(p[1], 2);
+    ::close(p[0]);
+    ::close(p[1]);
+    for (int i = 0; i < 3; ++i) prefork::detail::write_log_line(r);
+    if (prefork::detail::dropped_log_lines() != 3) ::_exit(10);
+    int sv[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) ::_exit(21);
+    ::dup2(sv[0], 2);
+    ::close(sv[0]);
+    ::close(sv[1]);
+    prefork::detail::write_log_line(r);
+    if (prefork::detail::dropped_log_lines() != 4) ::_exit(11);
+    sigset_t now;
+    ::sigpending(&now);
+    if (sigismember(&now, SIGPIPE)) ::_exit(12);  // none left behind for later
+    ::sigprocmask(SIG_SETMASK, nullptr, &now);
+    if (sigismember(&now, SIGPIPE)) ::_exit(13);  // the mask is as it was
+    // A SIGPIPE the application itself has pending (blocked) is not the sink's to take.
+    sigset_t pipe_only;
+    sigemptyset(&pipe_only);
+    sigaddset(&pipe_only, SIGPIPE);
+    ::sigprocmask(SIG_BLOCK, &pipe_only, nullptr);
+    ::raise(SIGPIPE);
+    prefork::detail::write_log_line(r);
+    ::sigpending(&now);
+    if (!sigismember(&now, SIGPIPE)) ::_exit(14);
+    ::signal(SIGPIPE, SIG_IGN);  // discards the pending one, so that _exit reports 0
+    ::_exit(0);
+  }
+  std::optional<int> status =
+      prefork_test::wait_child(pid, prefork_test::Clock::now() + prefork_test::kDeadline);
+  if (!status) {
+    prefork_test::kill_and_reap(pid);
+    FAIL("the default sink blocked on a closed stderr");
+  }
+  INFO("wait status " << *status << (WIFSIGNALED(*status) ? " (killed by a signal)" : ""));
   REQUIRE(WIFEXITED(*status));
   CHECK(WEXITSTATUS(*status) == 0);
 }

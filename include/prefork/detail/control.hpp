@@ -437,13 +437,16 @@ class ControlReply {
 /// flat JSON object with a string field "command"; each gets one reply line,
 /// {"ok":true...} or {"ok":false,"error":"..."}, in request order even when the handler answers
 /// a later request first. Limits, each answered with a failure line: a request line over 64 KiB
-/// (then the connection is closed), more than 64 connections at once (the extra one is closed),
+/// (then the connection is closed), more than 64 connections at once (see below),
 /// more than 16 unanswered requests on one connection (the failure is sent at once, ahead of
 /// the unanswered ones, and the connection closed), malformed JSON or a missing or non-string
 /// "command" (the connection stays open). Only the master's effective uid and root may connect
 /// (SO_PEERCRED); anyone else is refused and the handler never sees them. A connection with no
-/// unanswered request and no traffic for 60 s is closed; one whose unsent replies pass 4 MiB
-/// (a client that does not read) is closed. Its watches do not keep the loop alive.
+/// unanswered request and no whole request line nor reply for 60 s is closed (the bytes of a
+/// partial line do not count); one whose unsent replies pass 4 MiB (a client that does not
+/// read) is closed. At 64 connections a newcomer closes the one idle longest (no unanswered
+/// request, oldest last request or reply); it is refused only if all 64 wait for answers. Its
+/// watches do not keep the loop alive.
 /// Single-threaded: every member runs on the loop's thread. Master process.
 class ControlServer {
  public:
@@ -628,10 +631,10 @@ class ControlServer {
     return {};
   }
 
-  // Sends one line on a connection that is not kept (refused), and closes it.
-  static void refuse(UniqueFd fd, std::string_view line) noexcept {
+  // Sends one line, without waiting, on a connection that is not kept (its caller closes it).
+  static void refuse(int fd, std::string_view line) noexcept {
     (void)retry_eintr(
-        [&] { return ::send(fd.get(), line.data(), line.size(), MSG_NOSIGNAL | MSG_DONTWAIT); });
+        [&] { return ::send(fd, line.data(), line.size(), MSG_NOSIGNAL | MSG_DONTWAIT); });
   }
 
   void accept_some() {
@@ -656,13 +659,13 @@ class ControlServer {
       if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &peer, &n) != 0) continue;
       const uid_t me = ::geteuid();
       if (peer.uid != me && peer.uid != 0) {
-        refuse(std::move(fd), control_failure_line(
-                                  "permission denied: uid " + std::to_string(peer.uid) +
-                                  " is not the master's uid " + std::to_string(me) + " or root"));
+        refuse(fd.get(),
+               control_failure_line("permission denied: uid " + std::to_string(peer.uid) +
+                                    " is not the master's uid " + std::to_string(me) + " or root"));
         continue;
       }
-      if (connections_.size() >= kControlMaxConnections) {
-        refuse(std::move(fd), control_failure_line("too many control connections"));
+      if (connections_.size() >= kControlMaxConnections && !evict_idlest()) {
+        refuse(fd.get(), control_failure_line("too many control connections"));
         continue;
       }
       auto c = std::make_shared<control::Connection>();
@@ -678,6 +681,23 @@ class ControlServer {
       connections_.emplace(raw, c);
       arm_idle(*c, idle_timeout_);
     }
+  }
+
+  // Full: the connection with no request waiting for an answer whose last request or reply is
+  // oldest makes room, so that clients holding connections open (64 same-uid clients, each
+  // trickling a partial line) cannot lock the operator out; nginx reuses its idle keep-alive
+  // connections the same way when it runs out (ngx_drain_connections). False if every
+  // connection waits for an answer: the newcomer is refused then.
+  bool evict_idlest() {
+    ConnectionPtr idlest;
+    for (auto& [fd, c] : connections_)
+      if (c->slots.empty() && !c->closing && (!idlest || c->last_active < idlest->last_active))
+        idlest = c;
+    if (!idlest) return false;
+    refuse(idlest->fd.get(),
+           control_failure_line("too many control connections: closing the one idle longest"));
+    close_connection(idlest);
+    return true;
   }
 
   void arm_idle(control::Connection& c, Clock::duration d) {
@@ -738,7 +758,6 @@ class ControlServer {
         if (errno == EAGAIN || errno == EWOULDBLOCK) break;
         return close_connection(c);
       }
-      c->last_active = Clock::now();
       if (n == 0) {
         // A client may shut down its side after the request and still wait for the reply.
         c->eof = true;
@@ -771,6 +790,8 @@ class ControlServer {
       if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
       std::string copy(line);
       start = nl + 1;
+      // Only a whole line is activity: bytes of a partial one, trickled to look busy, are not.
+      c->last_active = Clock::now();
       if (copy.find_first_not_of(" \t") == std::string::npos) continue;  // blank: ignored
       go_on = handle_line(c, copy, thrown) && c->server && !c->closing;
     }

@@ -78,15 +78,25 @@ class SignalBlock {
   sigset_t old_;
 };
 
-/// In a freshly forked child: every disposition back to default and an empty mask, so the
-/// worker starts with the signal state of a new process (a master's blocked SIGTERM must not
-/// make its workers unkillable).
+/// In a freshly forked child: every handler back to default and an empty mask, so the worker
+/// starts with the signal state of a new process (a master's blocked SIGTERM must not make its
+/// workers unkillable; a handler the application installed in main() for the master must not
+/// run in a worker). An ignored signal stays ignored, as execve(2) keeps it and as a shell's
+/// child inherits it: `signal(SIGPIPE, SIG_IGN)` in main() is the application's choice for
+/// every process of the cluster, and a worker that lost it would die of its first write to a
+/// client that went away. Except SIGTERM and SIGINT, which the master uses to stop and drain a
+/// worker: they always start at their default.
 inline void reset_signals_in_child() noexcept {
   struct sigaction dfl {};
   dfl.sa_handler = SIG_DFL;
   for (int s = 1; s < NSIG; ++s) {
     if (s == SIGKILL || s == SIGSTOP) continue;
-    ::sigaction(s, &dfl, nullptr);  // EINVAL for the glibc-reserved real-time signals is fine
+    struct sigaction now {};
+    // EINVAL for the glibc-reserved real-time signals is fine.
+    if (::sigaction(s, nullptr, &now) != 0) continue;
+    if (now.sa_handler == SIG_IGN && !(now.sa_flags & SA_SIGINFO) && s != SIGTERM && s != SIGINT)
+      continue;
+    ::sigaction(s, &dfl, nullptr);
   }
   sigset_t none;
   sigemptyset(&none);

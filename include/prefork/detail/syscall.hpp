@@ -3,6 +3,8 @@
 #ifndef PREFORK_DETAIL_SYSCALL_HPP
 #define PREFORK_DETAIL_SYSCALL_HPP
 
+#include <signal.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -29,14 +31,43 @@ inline std::error_code errno_code() noexcept { return {errno, std::system_catego
   throw std::system_error(errno, std::system_category(), "prefork: " + what);
 }
 
-/// Writes a whole buffer to a (blocking) descriptor; for last-resort diagnostics after fork.
-inline void write_all(int fd, const char* p, std::size_t n) noexcept {
+/// write(2) that never raises SIGPIPE, whatever the process's disposition: the library must
+/// not change it (it is the application's), so SIGPIPE is blocked in the calling thread around
+/// the write, and one the write raised is taken back with sigtimedwait before the old mask
+/// returns. Unless it was already pending: then it is not ours to take (signal(7): a pending
+/// standard signal is not queued twice, so ours merged into it). Returns what write returned;
+/// EPIPE when the reader is gone.
+inline ssize_t write_no_sigpipe(int fd, const void* p, std::size_t n) noexcept {
+  sigset_t pipe_only, pending, old;
+  sigemptyset(&pipe_only);
+  sigaddset(&pipe_only, SIGPIPE);
+  sigemptyset(&pending);
+  ::sigpending(&pending);
+  const bool was_pending = sigismember(&pending, SIGPIPE) == 1;
+  ::pthread_sigmask(SIG_BLOCK, &pipe_only, &old);
+  ssize_t w = retry_eintr([&] { return ::write(fd, p, n); });
+  if (w < 0 && errno == EPIPE && !was_pending) {
+    const int saved = errno;
+    const timespec none{};
+    while (::sigtimedwait(&pipe_only, nullptr, &none) < 0 && errno == EINTR) {
+    }
+    errno = saved;
+  }
+  ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  return w;
+}
+
+/// Writes a whole buffer to a (blocking) descriptor, never raising SIGPIPE; for log lines and
+/// last-resort diagnostics (usable after fork). False if it could not all be written (EPIPE:
+/// nobody reads it any more).
+inline bool write_all(int fd, const char* p, std::size_t n) noexcept {
   while (n > 0) {
-    ssize_t w = retry_eintr([&] { return ::write(fd, p, n); });
-    if (w <= 0) return;
+    ssize_t w = write_no_sigpipe(fd, p, n);
+    if (w <= 0) return false;
     p += w;
     n -= static_cast<std::size_t>(w);
   }
+  return true;
 }
 
 }  // namespace prefork::detail
