@@ -951,6 +951,7 @@ class Master {
       case FrameKind::accepted: {
         std::size_t n = std::min<std::size_t>(static_cast<std::size_t>(f.tag), w.in_flight_.size());
         w.in_flight_.erase(w.in_flight_.begin(), w.in_flight_.begin() + static_cast<std::ptrdiff_t>(n));
+        w.unacked_since_ = Clock::now();  // its loop turns: the rest count from now
         if constexpr (MasterDispatch<Balance>) resume_accepting();
         return;
       }
@@ -1228,7 +1229,23 @@ class Master {
   // is busy or stuck and is skipped. With no worker to take one, the master stops accepting:
   // clients wait in the kernel backlog instead of being refused (Node closes the socket), and
   // accepting resumes when a worker listens or acknowledges again.
+  //
+  // A worker whose loop has stopped (a hang, a long blocking call) reads no more frames: the
+  // connections dealt to it wait in its channel until the watchdog ends it, and with the
+  // window alone it would be dealt one in every N for that long. A healthy worker acknowledges
+  // within its loop round (well under a millisecond idle; a round of hello's default work on
+  // a busy worker is tens of ms), so one that has left a connection unacknowledged for
+  // kAckBound is dealt no more until it acknowledges: a hung worker costs the one connection
+  // it holds (Node's round_robin_handle.js deals a worker its next handle only after the last
+  // was acknowledged, and a hung Node worker costs the same one). A slow worker comes back at
+  // its next acknowledgement; meanwhile its share goes to the others, or waits in the backlog.
   static constexpr std::size_t kMaxUnacked = 128;
+  static constexpr std::chrono::milliseconds kAckBound{100};
+
+  static bool takes_connections(const WorkerT& w, Clock::time_point now) {
+    return w.in_flight_.empty() ||
+           (w.in_flight_.size() < kMaxUnacked && now - w.unacked_since_ < kAckBound);
+  }
 
   void resume_accepting() {
     if (shutting_down_) return flush_pending();
@@ -1250,9 +1267,10 @@ class Master {
   void collect_ready() {
     ready_.clear();
     ready_workers_.clear();
+    const Clock::time_point now = Clock::now();
     for (auto& [id, w] : workers_) {
       if (w->state_ == WorkerState::listening && !w->exited_after_disconnect_ && !w->hung_ &&
-          w->is_connected() && w->in_flight_.size() < kMaxUnacked) {
+          w->is_connected() && takes_connections(*w, now)) {
         ready_.push_back({w->slot_, w->reported_connections_ + w->in_flight_.size()});
         ready_workers_.push_back(w.get());
       }
@@ -1266,6 +1284,7 @@ class Master {
     std::string address(reinterpret_cast<const char*>(&h.peer.storage), h.peer.length);
     if (w.channel_->send_borrowed(FrameKind::connection, std::move(address), 0, h.fd.get()))
       return false;
+    if (w.in_flight_.empty()) w.unacked_since_ = Clock::now();
     w.in_flight_.push_back(std::move(h));
     return true;
   }

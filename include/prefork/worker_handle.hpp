@@ -176,6 +176,7 @@ class Worker {
   detail::WorkerCounters counters_;        // the same report's counters
   unsigned restarts_ = 0;
   std::deque<detail::Handoff> in_flight_;  // handed over, not yet acknowledged
+  Clock::time_point unacked_since_{};      // in_flight_ waits since (or since the last ack)
   Clock::time_point started_ = Clock::now();
   Clock::time_point last_heard_ = started_;  // the last frame from it (watchdog)
   Clock::duration lifetime_{};               // recycled after this long (0: never)
