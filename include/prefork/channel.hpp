@@ -48,8 +48,10 @@ enum class FrameKind : std::uint8_t {
   store = 15,       ///< worker -> master: a shared-store operation (tag: correlation id)
   store_reply = 16, ///< master -> worker: its result (tag: correlation id)
   bind = 17,        ///< worker -> master: route a session key to this worker's slot
+  declined = 18,    ///< worker -> master: it could not take the next `tag` connection frames
+                    ///< (out of descriptors); the master still holds them
 };
-inline constexpr std::uint8_t kMaxFrameKind = 17;
+inline constexpr std::uint8_t kMaxFrameKind = 18;
 
 /// Frames that carry the user's traffic and so count against max_queued_bytes: a peer that
 /// stops reading is pushed back on (errc::queue_full) instead of growing the queue for ever.
@@ -60,7 +62,10 @@ constexpr bool is_user_traffic(FrameKind k) noexcept {
          k == FrameKind::store;
 }
 
-/// One frame as received: the payload and the descriptors that came with it (owned).
+/// One frame as received: the payload and the descriptors that came with it (owned). A
+/// descriptor the kernel could not install because the receiving process was at its limit
+/// (EMFILE, ENFILE: the kernel closes it and sets MSG_CTRUNC) is an empty UniqueFd in `fds`:
+/// the frame still arrives, and its receiver decides what a missing descriptor means.
 struct Frame {
   FrameKind kind = FrameKind::user;
   std::uint64_t tag = 0;  ///< a free word for the kind's use (e.g. a correlation id)
@@ -346,6 +351,7 @@ class Channel {
     std::string().swap(spare_);
     queued_ = 0;
     in_fds_.clear();  // descriptors of frames that will never be delivered
+    lost_batches_ = 0;
     begin_ = end_ = 0;
     have_header_ = false;
     std::string().swap(large_in_);
@@ -458,9 +464,11 @@ class Channel {
         fail(errno == ECONNRESET ? make_error_code(errc::channel_closed) : detail::errno_code());
         return false;
       }
+      std::size_t received = 0;
       for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
         if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
         std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        received += count;
         const unsigned char* data = CMSG_DATA(c);
         for (std::size_t i = 0; i < count; ++i) {
           int fd;
@@ -468,11 +476,18 @@ class Channel {
           in_fds_.emplace_back(fd);
         }
       }
-      // More descriptors than a frame may carry came in one batch (the kernel closed the rest):
-      // only a hostile or broken sender does that, so nothing more from it is trusted.
+      // MSG_CTRUNC with the control buffer full: more descriptors than a frame may carry came
+      // in one batch (the kernel closed the rest); only a hostile or broken sender does that,
+      // so nothing more from it is trusted. With room left, the kernel could not install them
+      // here: this process is at its descriptor limit (scm_detach_fds stops at the first
+      // EMFILE and closes the rest). The sender did nothing wrong; the frame that owns them
+      // (the batch is one sendmsg, which starts with that frame) arrives without them.
       if (msg.msg_flags & MSG_CTRUNC) {
-        fail(errc::too_many_fds);
-        return false;
+        if (received >= detail::kMaxFdsPerFrame) {
+          fail(errc::too_many_fds);
+          return false;
+        }
+        ++lost_batches_;
       }
       if (r == 0) {
         fail(end_ > begin_ || have_header_ ? make_error_code(errc::truncated_frame)
@@ -529,8 +544,12 @@ class Channel {
         begin_ += detail::kHeaderSize + header_.length;
       }
       if (in_fds_.size() < header_.nfds) {
-        fail(errc::malformed_frame);
-        return false;
+        if (lost_batches_ == 0) {
+          fail(errc::malformed_frame);
+          return false;
+        }
+        --lost_batches_;
+        in_fds_.resize(header_.nfds);  // empty: what the kernel could not install
       }
       f.kind = static_cast<FrameKind>(header_.kind);
       f.tag = header_.tag;
@@ -594,6 +613,7 @@ class Channel {
   std::size_t large_filled_ = 0;
   bool reading_large_ = false;
   std::deque<UniqueFd> in_fds_;
+  std::size_t lost_batches_ = 0;  // batches whose descriptors the kernel could not install
 };
 
 /// A connected pair of non-blocking, close-on-exec stream sockets for one master/worker channel.

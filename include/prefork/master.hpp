@@ -991,9 +991,17 @@ class Master {
       case FrameKind::accepted: {
         std::size_t n = std::min<std::size_t>(static_cast<std::size_t>(f.tag), w.in_flight_.size());
         w.in_flight_.erase(w.in_flight_.begin(), w.in_flight_.begin() + static_cast<std::ptrdiff_t>(n));
+        w.unacked_since_ = Clock::now();  // its loop turns: the rest count from now
+        if (n > 0 && w.out_of_fds_) {
+          w.out_of_fds_ = false;
+          log(LogLevel::info, "dispatch", "takes connections again", &w);
+        }
         if constexpr (MasterDispatch<Balance>) resume_accepting();
         return;
       }
+      case FrameKind::declined:
+        if constexpr (MasterDispatch<Balance>) declined(w, static_cast<std::size_t>(f.tag));
+        return;
       case FrameKind::request:
         detail::answer(w.link_, codec_, f, static_cast<bool>(on_request_),
                        [this, &w](const message_type& m, Reply<Codec> r) {
@@ -1269,7 +1277,51 @@ class Master {
   // is busy or stuck and is skipped. With no worker to take one, the master stops accepting:
   // clients wait in the kernel backlog instead of being refused (Node closes the socket), and
   // accepting resumes when a worker listens or acknowledges again.
+  //
+  // A worker whose loop has stopped (a hang, a long blocking call) reads no more frames: the
+  // connections dealt to it wait in its channel until the watchdog ends it, and with the
+  // window alone it would be dealt one in every N for that long. A healthy worker acknowledges
+  // within its loop round (well under a millisecond idle; a round of hello's default work on
+  // a busy worker is tens of ms), so one that has left a connection unacknowledged for
+  // kAckBound is dealt no more until it acknowledges: a hung worker costs the one connection
+  // it holds (Node's round_robin_handle.js deals a worker its next handle only after the last
+  // was acknowledged, and a hung Node worker costs the same one). A slow worker comes back at
+  // its next acknowledgement; meanwhile its share goes to the others, or waits in the backlog.
   static constexpr std::size_t kMaxUnacked = 128;
+  static constexpr std::chrono::milliseconds kAckBound{100};
+
+  static bool takes_connections(const WorkerT& w, Clock::time_point now) {
+    if (now < w.declined_until_) return false;
+    return w.in_flight_.empty() ||
+           (w.in_flight_.size() < kMaxUnacked && now - w.unacked_since_ < kAckBound);
+  }
+
+  // The worker could not take its next `n` connections: it is at its descriptor limit (the
+  // kernel dropped the descriptor on the way in). They are still open here and go back first
+  // in line, to another worker or to this one once it has room: it is offered none for
+  // kSaturatedPause (nginx pauses accept for accept_mutex_delay on EMFILE, libuv's
+  // uv__emfile_trick closes what it cannot serve; here nothing is lost), then again. Clients
+  // meanwhile wait in pending_ or in the kernel backlog. One log line per episode: the first
+  // decline after the worker last took a connection.
+  static constexpr std::chrono::milliseconds kSaturatedPause{100};
+
+  void declined(WorkerT& w, std::size_t n) {
+    n = std::min(n, w.in_flight_.size());
+    pending_.insert(pending_.begin(), std::make_move_iterator(w.in_flight_.begin()),
+                    std::make_move_iterator(w.in_flight_.begin() + static_cast<std::ptrdiff_t>(n)));
+    w.in_flight_.erase(w.in_flight_.begin(), w.in_flight_.begin() + static_cast<std::ptrdiff_t>(n));
+    w.unacked_since_ = Clock::now();
+    w.declined_until_ = w.unacked_since_ + kSaturatedPause;
+    if (!w.out_of_fds_)
+      log(LogLevel::warning, "dispatch",
+          "pid " + std::to_string(w.pid_) + " is out of descriptors (EMFILE) and declines "
+          "connections; they wait for a worker with room",
+          &w);
+    w.out_of_fds_ = true;
+    stop_accepting();
+    loop_.after(kSaturatedPause, [this] { resume_accepting(); }, false);
+    resume_accepting();
+  }
 
   void resume_accepting() {
     if (shutting_down_) return flush_pending();
@@ -1291,9 +1343,10 @@ class Master {
   void collect_ready() {
     ready_.clear();
     ready_workers_.clear();
+    const Clock::time_point now = Clock::now();
     for (auto& [id, w] : workers_) {
       if (w->state_ == WorkerState::listening && !w->exited_after_disconnect_ && !w->hung_ &&
-          w->is_connected() && w->in_flight_.size() < kMaxUnacked) {
+          w->is_connected() && takes_connections(*w, now)) {
         ready_.push_back({w->slot_, w->reported_connections_ + w->in_flight_.size()});
         ready_workers_.push_back(w.get());
       }
@@ -1307,6 +1360,7 @@ class Master {
     std::string address(reinterpret_cast<const char*>(&h.peer.storage), h.peer.length);
     if (w.channel_->send_borrowed(FrameKind::connection, std::move(address), 0, h.fd.get()))
       return false;
+    if (w.in_flight_.empty()) w.unacked_since_ = Clock::now();
     w.in_flight_.push_back(std::move(h));
     return true;
   }
@@ -1464,8 +1518,15 @@ class Master {
         if (errno == EAGAIN || errno == EWOULDBLOCK) return;
         if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO || errno == EPERM) continue;
         // EMFILE, ENFILE, ENOBUFS, ENOMEM: the socket stays readable, so pause rather than spin.
-        log(LogLevel::warning, "accept",
-            std::string("accept: ") + std::strerror(errno) + "; pausing accept for 100 ms");
+        // Logged once per episode, not once per pause: at the descriptor limit one accept may
+        // succeed after each pause (a worker's acknowledgement freed a descriptor) and fail
+        // again, so the episode ends after a second without a failure.
+        const Clock::time_point now = Clock::now();
+        if (now - accept_failed_at_ > std::chrono::seconds(1))
+          log(LogLevel::warning, "accept",
+              std::string("accept: ") + std::strerror(errno) +
+                  "; pausing accept for 100 ms at a time while it fails");
+        accept_failed_at_ = now;
         stop_accepting();
         accept_paused_ = true;
         loop_.after(std::chrono::milliseconds(100), [this] {
@@ -1976,6 +2037,7 @@ class Master {
   std::vector<Slot> slots_;
   unsigned next_id_ = 0;
   bool accept_paused_ = false;
+  Clock::time_point accept_failed_at_{};  // the last EMFILE (ENFILE...) from accept
   std::vector<WorkerLoad> ready_;        // workers taking connections (scratch, reused)
   std::vector<WorkerT*> ready_workers_;  // the same, as records
   std::deque<detail::Handoff> pending_;  // accepted, not handed to any worker yet

@@ -320,7 +320,13 @@ class WorkerContext {
   // never read); after it, the master has closed its copy, so a worker that dies while serving
   // a connection closes it (the client sees EOF) instead of the master handing a half-read
   // connection to someone else, and the socket's teardown happens in the worker that used it.
+  //
+  // A connection whose descriptor the kernel could not install (this process is at its
+  // descriptor limit: the frame came without it) is declined: the master still holds its copy
+  // and deals it to another worker, or keeps it until one can take it. Taking the truncated
+  // frame for a hostile master and exiting would lose every connection this worker serves.
   void adopt_connection(Frame&& f) {
+    if (f.fds.size() == 1 && !f.fds[0]) return decline_connection();
     ++unacked_;
     count_connection();
     if (f.fds.size() == 1 && on_connection_) {
@@ -337,6 +343,15 @@ class WorkerContext {
       handover_posted_ = false;
       hand_over_arrived();
     });
+  }
+
+  // The master matches acknowledgements to connections in the order it sent them, so those
+  // this round took before the declined one are acknowledged first. The master logs the
+  // episode (once, not per connection).
+  void decline_connection() {
+    if (!channel_ || !channel_->is_open()) return;
+    if (unacked_) channel_->send(FrameKind::accepted, {}, std::exchange(unacked_, 0));
+    channel_->send(FrameKind::declined, {}, 1);
   }
 
   // Also run before any other frame is handled, so the Server sees connections and messages in

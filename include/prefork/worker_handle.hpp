@@ -176,6 +176,9 @@ class Worker {
   detail::WorkerCounters counters_;        // the same report's counters
   unsigned restarts_ = 0;
   std::deque<detail::Handoff> in_flight_;  // handed over, not yet acknowledged
+  Clock::time_point unacked_since_{};      // in_flight_ waits since (or since the last ack)
+  Clock::time_point declined_until_{};     // out of descriptors: offered none before this
+  bool out_of_fds_ = false;                // declined since it last took one (logged once)
   Clock::time_point started_ = Clock::now();
   Clock::time_point last_heard_ = started_;  // the last frame from it (watchdog)
   Clock::duration lifetime_{};               // recycled after this long (0: never)

@@ -501,8 +501,8 @@ TEST_CASE("hello with faults stops answering from a worker that got GET hang whi
   // ...while the hung one has not answered its one request.
   CHECK_FALSE(readable_now(kept[hung].client.fd()));
   CHECK_FALSE(process_gone(hung));
-  // New connections: the master deals some to the hung worker too (nothing tells it the
-  // worker is hung until it has 128 unacknowledged); they wait in its channel.
+  // New connections: the master may deal the first to the hung worker (nothing tells it the
+  // worker is hung until one has waited 100 ms unacknowledged); it waits in its channel.
   std::vector<HttpClient> fresh(6);
   for (auto& c : fresh) {
     REQUIRE(c.connect("127.0.0.1:" + std::to_string(hello.port())));

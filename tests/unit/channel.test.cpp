@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <malloc.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -803,6 +804,57 @@ TEST_CASE("A frame cut short after its descriptor arrived closes that descriptor
   check_failed_with(p, errc::truncated_frame);
   p.ch.reset();
   CHECK_FALSE(pipe_has_reader(pipe.write_end.get()));
+}
+
+TEST_CASE("A descriptor the receiver has no room for leaves its frame without it and the "
+          "channel open",
+          "[channel]") {
+  FdLeakCheck leaks;
+  ChannelPair p;
+  Pipe lost = make_pipe(), later = make_pipe();
+  rlimit saved{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+  // The receiver at its descriptor limit: the kernel closes what it cannot install and sets
+  // MSG_CTRUNC (scm_detach_fds), as for a worker at `ulimit -n` with many clients.
+  rlimit low = saved;
+  low.rlim_cur = std::min<rlim_t>(saved.rlim_cur, 256);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  std::vector<UniqueFd> hogs;
+  auto fill_table = [&] {
+    for (rlim_t i = 0; i < low.rlim_cur; ++i) {
+      int fd = ::dup(lost.write_end.get());
+      if (fd < 0) break;
+      hogs.emplace_back(fd);
+    }
+  };
+  std::vector<UniqueFd> fds;
+  fds.push_back(std::move(lost.read_end));
+  REQUIRE_FALSE(p.a->send(FrameKind::connection, "no room", 1, std::move(fds)));
+  REQUIRE_FALSE(p.a->send(FrameKind::user, "after it", 2));
+  fill_table();  // the slot the sender's copy left, once sent, too
+  REQUIRE(::dup(lost.write_end.get()) == -1);
+  const bool received = p.run_until_received(2);
+  hogs.clear();
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &saved) == 0);
+  REQUIRE(received);
+  CHECK(p.b_closed.empty());
+  CHECK(p.b->is_open());
+  REQUIRE(p.got.size() == 2);
+  CHECK(p.got[0].kind == FrameKind::connection);
+  CHECK(p.got[0].payload == "no room");
+  REQUIRE(p.got[0].fds.size() == 1);
+  CHECK_FALSE(p.got[0].fds[0]);
+  CHECK(p.got[1].payload == "after it");
+  CHECK_FALSE(pipe_has_reader(lost.write_end.get()));  // the kernel closed it
+
+  // With room again, descriptors arrive as before.
+  fds.clear();
+  fds.push_back(std::move(later.read_end));
+  REQUIRE_FALSE(p.a->send(FrameKind::connection, "room again", 3, std::move(fds)));
+  REQUIRE(p.run_until_received(3));
+  REQUIRE(p.got[2].fds.size() == 1);
+  CHECK(p.got[2].fds[0]);
+  CHECK(pipe_has_reader(later.write_end.get()));
 }
 
 TEST_CASE("Descriptors of an undelivered frame are closed as soon as the channel fails",
