@@ -803,6 +803,9 @@ class Master {
     }
     w.channel_ = std::make_unique<Channel>(
         loop_, std::move(mine), ChannelLimits{opts_.max_message_size, opts_.max_queued_bytes});
+    // Store and request answers count against max_queued_bytes like everything else: a
+    // worker that does not read them is not read either until it has (issue 13).
+    w.channel_->pause_reading_while_full(true);
     w.channel_->on_frame([this, &w](Frame&& f) { on_frame(w, std::move(f)); });
     w.link_->channel = w.channel_.get();
     w.channel_->on_close([this, &w](std::error_code ec) { on_channel_closed(w, ec); });
