@@ -4,13 +4,19 @@
 // master upgrade, none lost and none handed out twice.
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -169,6 +175,109 @@ void check_bounded(const FloodResult& r, std::size_t max_queued) {
 
 constexpr std::size_t kQueued = 4 * kMiB;
 
+// --- Upgrades with every worker writing --------------------------------------------------
+
+/// Where the upgrade test's masters and workers write (a directory), inherited by every master
+/// an upgrade execs: this binary, which then runs counter_master() before Catch2 starts.
+constexpr const char* kDirEnv = "PREFORK_TEST_STORE_BOUNDS_DIR";
+
+/// A Server that increments "counter" for as long as it runs, one increment in flight at a
+/// time, and appends each value it is given to <dir>/values.<pid> (an error line, and no
+/// more increments, on the first error); every 100th value it says "tick <master pid>" on the
+/// <dir>/events FIFO. It stops once it drains, so that every increment it sent is answered.
+struct Counter {
+  explicit Counter(prefork::WorkerContext<>& ctx) : ctx_(ctx) {
+    const std::string dir = std::getenv(kDirEnv);
+    values_ = ::open((dir + "/values." + std::to_string(::getpid())).c_str(),
+                     O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    events_ = ::open((dir + "/events").c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    next();
+  }
+  Counter(const Counter&) = delete;
+  Counter& operator=(const Counter&) = delete;
+  ~Counter() {
+    ::close(values_);
+    ::close(events_);
+  }
+
+  void on_drain() { draining_ = true; }
+
+  void next() {
+    if (draining_) return;
+    ctx_.store().increment("counter", 1, [this](std::error_code ec, std::int64_t v) {
+      if (ec) return (void)write_all(values_, "error " + ec.message() + "\n");
+      write_all(values_, std::to_string(v) + "\n");
+      if (++acknowledged_ % 100 == 0)
+        write_all(events_, "tick " + std::to_string(::getppid()) + "\n");
+      next();
+    });
+  }
+
+  prefork::WorkerContext<>& ctx_;
+  int values_ = -1, events_ = -1;
+  long acknowledged_ = 0;
+  bool draining_ = false;
+};
+
+using CounterCluster = prefork::Cluster<Counter>;
+
+/// A master of two Counters with its store in <dir>/store.snapshot; it says "upgraded <its
+/// pid> <new master pid>" (or "failed <pid>") on the FIFO when an upgrade (SIGUSR1) ends.
+int counter_master(const std::string& dir) {
+  Options opts{.workers = 2};
+  opts.store_snapshot = dir + "/store.snapshot";
+  opts.drain_timeout = std::chrono::seconds(5);
+  opts.log = [](const prefork::LogRecord&) {};
+  const int events = ::open((dir + "/events").c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+  CounterCluster cluster(std::move(opts));
+  cluster.on_upgrade_done([&](const prefork::UpgradeReport& u) {
+    write_all(events, (u.ok ? "upgraded " : "failed ") + std::to_string(::getpid()) + " " +
+                          std::to_string(u.new_master) + "\n");
+  });
+  int rc = cluster.run();
+  ::close(events);
+  return rc;
+}
+
+// A master started by an upgrade is this binary again, with the test's arguments: it must be
+// the master, not a second run of the tests.
+const bool kUpgradedMaster = [] {
+  const char* dir = std::getenv(kDirEnv);
+  if (dir && std::getenv(prefork::detail::kUpgradeEnv)) {
+    int rc = 1;
+    try {
+      rc = counter_master(dir);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "upgraded master: %s\n", e.what());
+    }
+    std::fflush(nullptr);
+    ::_exit(rc);
+  }
+  return false;
+}();
+
+/// Makes this process the subreaper of its descendants for the scope: a new master, orphaned
+/// when the old one exits, becomes our child, so that the test reaps it.
+struct Subreaper {
+  Subreaper() { ok = ::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0; }
+  ~Subreaper() { ::prctl(PR_SET_CHILD_SUBREAPER, 0); }
+  Subreaper(const Subreaper&) = delete;
+  Subreaper& operator=(const Subreaper&) = delete;
+  bool ok;
+};
+
+struct TempDir {
+  TempDir() {
+    char tmpl[] = "/tmp/prefork-store-bounds-XXXXXX";
+    REQUIRE(::mkdtemp(tmpl) != nullptr);
+    path = tmpl;
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string path;
+};
+
 }  // namespace
 
 TEST_CASE("A worker that gets large store values and stops reading them grows the master by "
@@ -200,4 +309,83 @@ TEST_CASE("Answers given later to requests past max_queued_bytes fail with queue
   CHECK(std::stoi(w[1]) >= 1);
   CHECK(std::stoi(w[2]) >= 1);
   CHECK(w[3] == "0");
+}
+
+TEST_CASE("No acknowledged store write is lost or handed out twice across master upgrades with "
+          "every worker incrementing throughout",
+          "[store][upgrade]") {
+  constexpr int kUpgrades = 3;
+  Subreaper subreaper;
+  REQUIRE(subreaper.ok);
+  TempDir dir;
+  const std::string fifo = dir.path + "/events";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  const int events = ::open(fifo.c_str(), O_RDWR | O_NONBLOCK | O_CLOEXEC);  // never EOF
+  REQUIRE(events >= 0);
+  LineReader lines(events);
+  REQUIRE(::setenv(kDirEnv, dir.path.c_str(), 1) == 0);
+  std::vector<pid_t> masters{fork_harness([&] { return counter_master(dir.path); })};
+  REQUIRE(::unsetenv(kDirEnv) == 0);
+
+  // The current master's workers have each acknowledged some increments (4 ticks: 400).
+  auto writing = [&](pid_t master) {
+    const std::string tick = "tick " + std::to_string(master);
+    for (int ticks = 0; ticks < 4;) {
+      std::optional<std::string> line = lines.next(Clock::now() + kDeadline);
+      if (!line) return false;
+      if (*line == tick) ++ticks;
+    }
+    return true;
+  };
+  bool ok = writing(masters.back());
+  for (int u = 0; ok && u < kUpgrades; ++u) {
+    const std::string old = std::to_string(masters.back());
+    REQUIRE(::kill(masters.back(), SIGUSR1) == 0);
+    std::optional<std::string> done;
+    while ((done = lines.next(Clock::now() + kDeadline)))
+      if (done->starts_with("upgraded " + old + " ") || done->starts_with("failed " + old + " "))
+        break;
+    ok = done && done->starts_with("upgraded");
+    INFO("upgrade " << u << ": " << done.value_or("no answer"));
+    CHECK(ok);
+    if (ok) masters.push_back(static_cast<pid_t>(std::stol(words(*done)[2])));
+    ok = ok && writing(masters.back());
+  }
+  CHECK(ok);
+  ::kill(masters.back(), ok ? SIGTERM : SIGKILL);
+  // Oldest first: a master that handed over exits once its workers have, and its successor is
+  // then our child.
+  for (pid_t m : masters) {
+    std::optional<int> status = wait_child(m, Clock::now() + kDeadline);
+    if (!status) kill_and_reap(m);
+    INFO("master " << m << " wait status " << status.value_or(-1));
+    CHECK((status && WIFEXITED(*status) && WEXITSTATUS(*status) == 0));
+  }
+  ::close(events);
+  REQUIRE(ok);
+
+  std::vector<long> handed_out;
+  std::map<std::string, int> errors;
+  for (auto& entry : std::filesystem::directory_iterator(dir.path)) {
+    if (!entry.path().filename().string().starts_with("values.")) continue;
+    std::ifstream in(entry.path());
+    for (std::string line; std::getline(in, line);) {
+      if (line.starts_with("error "))
+        ++errors[line];
+      else
+        handed_out.push_back(std::stol(line));
+    }
+  }
+  prefork::MemoryStore<> store;
+  REQUIRE_FALSE(store.load(dir.path + "/store.snapshot"));
+  const long final_value = std::stol(store.get("counter").value_or("0"));
+  std::set<long> distinct(handed_out.begin(), handed_out.end());
+  std::string refused;
+  for (auto& [e, n] : errors) refused += " " + std::to_string(n) + " x '" + e + "'";
+  WARN(handed_out.size() << " increments acknowledged over " << kUpgrades << " upgrades, "
+                         << handed_out.size() - distinct.size() << " values handed out twice, "
+                         << "final counter " << final_value << "; failed:" << refused);
+  CHECK(distinct.size() == handed_out.size());           // none handed out twice
+  CHECK(final_value == static_cast<long>(handed_out.size()));  // none lost
+  CHECK(*distinct.rbegin() == final_value);
 }

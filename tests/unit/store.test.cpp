@@ -134,7 +134,7 @@ TEST_CASE("Store errors have their own category named prefork.store with clear m
   CHECK(std::string(ec.category().name()) == "prefork.store");
   CHECK(&ec.category() == &prefork::store_category());
   CHECK(ec != prefork::errc::frame_too_large);
-  for (int v = 1; v <= static_cast<int>(store_errc::backend_error); ++v) {
+  for (int v = 1; v <= static_cast<int>(store_errc::handed_over); ++v) {
     const std::string m = prefork::make_error_code(static_cast<store_errc>(v)).message();
     CHECK_FALSE(m.empty());
     CHECK(m.find("unknown") == std::string::npos);
