@@ -776,9 +776,9 @@ TEST_CASE("The decoders reject unknown formats, ops, errors and flags", "[store]
   CHECK(prefork::decode_request(patched(req, 1, 6), ec).has_value());
   const std::string rep = prefork::encode(StoreReply{});
   CHECK_FALSE(prefork::decode_reply(patched(rep, 0, 0), ec));
-  CHECK_FALSE(prefork::decode_reply(patched(rep, 1, 13), ec));
+  CHECK_FALSE(prefork::decode_reply(patched(rep, 1, 14), ec));
   CHECK_FALSE(prefork::decode_reply(patched(rep, 2, 0x80), ec));
-  CHECK(prefork::decode_reply(patched(rep, 1, 12), ec).has_value());
+  CHECK(prefork::decode_reply(patched(rep, 1, 13), ec).has_value());  // handed_over
 }
 
 TEST_CASE("A reply announcing more keys than its bytes can hold is rejected before allocating",
