@@ -171,6 +171,18 @@ class Channel {
     return enqueue(kind, std::move(payload), tag, &fd, 1, {});
   }
 
+  /// Back-pressure on the peer's requests (the master enables it on each worker's channel):
+  /// while the send queue holds more than max_queued_bytes, no further frame is delivered and
+  /// the socket is not read, so a peer that asks for large answers and stops reading them
+  /// waits for them (its own queue fills, then its sends fail with errc::queue_full) instead
+  /// of growing this process by an answer a request. Delivery resumes once the queue has
+  /// drained to half the limit. The queue so stays under max_queued_bytes plus one answer.
+  void pause_reading_while_full(bool on) noexcept { pause_when_full_ = on; }
+
+  /// The queue holds more than max_queued_bytes: an answer produced now would go past the
+  /// budget (Reply fails it with errc::queue_full instead).
+  bool over_budget() const noexcept { return queued_ > limits_.max_queued_bytes; }
+
   /// Whether send() of a payload of this size would be taken now (not errc::queue_full).
   bool has_room(std::size_t payload_size) const noexcept {
     return sock_ && (out_.empty() ||
@@ -296,7 +308,7 @@ class Channel {
       if (nfds > 0 || write_now()) (void)flush();
       if (!out_.empty()) {
         must_notify_drained_ = true;
-        loop_.modify(sock_.get(), EventLoop::readable | EventLoop::writable);
+        rearm();
       }
     }
     return {};
@@ -318,12 +330,36 @@ class Channel {
     return ++burst_writes_ <= kBurstWrites;
   }
 
+  // What the socket is polled for: writable while frames wait, readable unless paused.
+  void rearm() {
+    std::uint32_t interest = paused_ ? 0 : EventLoop::readable;
+    if (!out_.empty()) interest |= EventLoop::writable;
+    loop_.modify(sock_.get(), interest);
+  }
+
+  // Called before each frame is delivered: whether to hold it (pause_reading_while_full).
+  bool must_pause() {
+    if (!pause_when_full_ || paused_ || !over_budget()) return paused_;
+    paused_ = true;
+    rearm();
+    return true;
+  }
+
   void on_events(std::uint32_t ev) {
     burst_writes_ = 0;  // a new loop round for this channel
-    if (ev & (EPOLLOUT | EPOLLERR)) {
+    // A paused channel is not read, so a peer that hung up shows as EPOLLHUP alone: the
+    // write that follows fails (EPIPE) and closes the channel, rather than the loop spinning.
+    if ((ev & (EPOLLOUT | EPOLLERR)) || (paused_ && (ev & EPOLLHUP))) {
       if (auto ec = flush()) return fail(ec);
+      if (paused_ && queued_ <= limits_.max_queued_bytes / 2) {
+        paused_ = false;
+        rearm();
+        // The frames already read wait in the buffer: the socket will not say so again.
+        if (!deliver()) return;
+        if (!paused_) ev |= EPOLLIN;
+      }
       if (out_.empty()) {
-        loop_.modify(sock_.get(), EventLoop::readable);
+        rearm();
         // A burst grew the buffer up to a chunk; an idle channel (there is one per worker in
         // the master) need not keep that much.
         if (spare_.capacity() > kIdleSendBuffer) std::string().swap(spare_);
@@ -334,7 +370,7 @@ class Channel {
         }
       }
     }
-    if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) (void)read_some();
+    if ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !paused_) (void)read_some();
   }
 
   // The socket stays open until on_close has run: a master that kills a misbehaving worker
@@ -350,6 +386,7 @@ class Channel {
     out_.clear();
     std::string().swap(spare_);
     queued_ = 0;
+    paused_ = false;
     in_fds_.clear();  // descriptors of frames that will never be delivered
     lost_batches_ = 0;
     begin_ = end_ = 0;
@@ -431,7 +468,7 @@ class Channel {
   // stopped for the budget (more may be waiting).
   bool read_some() {
     std::size_t budget = std::size_t{4} << 20;
-    while (sock_ && budget > 0) {
+    while (sock_ && budget > 0 && !paused_) {
       iovec iov;
       if (reading_large_) {
         // Grow toward the announced length as bytes arrive (doubling), not at the header: a
@@ -501,15 +538,19 @@ class Channel {
       budget -= std::min(budget, static_cast<std::size_t>(r));
       if (!deliver()) return false;
     }
-    return static_cast<bool>(sock_);
+    return static_cast<bool>(sock_) && !paused_;
   }
 
-  // Delivers every complete frame received. Returns false once the channel closed.
+  // Delivers every complete frame received, up to a pause (pause_reading_while_full). Returns
+  // false once the channel closed.
   bool deliver() {
     // One Frame for the whole batch: a callback that only reads the payload (decodes it) leaves
     // its buffer behind for the next frame, so small frames cost no allocation each.
     Frame f;
     for (;;) {
+      // Frames held back stay in buf_ (or large_in_), whole or partial, with their
+      // descriptors in in_fds_: delivery picks up there when the queue has drained.
+      if (must_pause()) return true;
       if (reading_large_) {
         if (large_filled_ < header_.length) break;
         reading_large_ = false;
@@ -603,6 +644,8 @@ class Channel {
   std::string spare_;  // the buffer of the last chunk sent, for the next one
   std::size_t queued_ = 0;
   bool must_notify_drained_ = false;
+  bool pause_when_full_ = false;  // see pause_reading_while_full()
+  bool paused_ = false;           // frames are held until the queue drains
   unsigned burst_writes_ = 0;  // see write_now()
   Clock::time_point burst_start_{};
   std::vector<char> buf_;

@@ -433,9 +433,11 @@ class Master {
     }
     for (auto& spec : specs_)
       if (!detail::encodable(spec)) return refuse_upgrade("a listen address holds a newline");
-    // The new master loads the store from the snapshot before it forks: writes this master
-    // takes after this point are not in it (documented in the README).
+    // The new master loads the store from the snapshot before it forks: from the save on,
+    // this master holds store operations (store_state_), so that none it acknowledges is
+    // missing from the new master's store (or handed out again by it).
     if (!save_store()) return refuse_upgrade("the store could not be saved for the new master");
+    if (!opts_.store_snapshot.empty()) store_state_ = StoreState::held;
     std::string error = successor_.start(
         master_path_, master_argv_, upgrade_environment(), sockets, master_only_fds(),
         opts_.upgrade_timeout, [this] { upgrade_succeeded(); },
@@ -444,11 +446,15 @@ class Master {
               (shutting_down_ ? std::string() : "; this master keeps serving"));
           if (!shutting_down_) notifier_.notify("STATUS=upgrade failed; " + systemd_status());
           reclaim_pid_file();
+          release_store(false);
           UpgradeReport report{false, successor_.pid(), why};
           answer_upgrade_waiters(report);
           emit(on_upgrade_done_, report);
         });
-    if (!error.empty()) return refuse_upgrade(error);
+    if (!error.empty()) {
+      release_store(false);
+      return refuse_upgrade(error);
+    }
     log(LogLevel::info, "upgrade",
         "upgrade: started new master pid " + std::to_string(successor_.pid()) + " (" +
         master_path_ + ")");
@@ -627,7 +633,9 @@ class Master {
           detail::unlink_unix_socket(addresses_[i]);
     control_.close();
     if (control_owned_ && !handed_over_) control_.unlink();
-    bool saved = !save || save_store();
+    // Not after a hand-over: the file is the new master's now (it may have saved it for an
+    // upgrade of its own), and this store stopped changing when it was saved for the upgrade.
+    bool saved = !save || handed_over_ || save_store();
     pid_file_.remove();  // only now: a master started after this must find the store saved
     if (failure_) std::rethrow_exception(std::exchange(failure_, nullptr));
     return saved ? 0 : 1;
@@ -843,6 +851,9 @@ class Master {
     }
     w.channel_ = std::make_unique<Channel>(
         loop_, std::move(mine), ChannelLimits{opts_.max_message_size, opts_.max_queued_bytes});
+    // Store and request answers count against max_queued_bytes like everything else: a
+    // worker that does not read them is not read either until it has (issue 13).
+    w.channel_->pause_reading_while_full(true);
     w.channel_->on_frame([this, &w](Frame&& f) { on_frame(w, std::move(f)); });
     w.link_->channel = w.channel_.get();
     w.channel_->on_close([this, &w](std::error_code ec) { on_channel_closed(w, ec); });
@@ -1028,12 +1039,25 @@ class Master {
   }
 
   // One operation on the shared store for `w`. Always answered (a store_reply frame goes out
-  // even when the channel's queue is full), with the store's error if it failed.
+  // even when the channel's queue is full), with the store's error if it failed; during an
+  // upgrade, once the store has been handed over (see store_state_).
   void serve_store(WorkerT& w, const Frame& f) {
+    if (store_state_ == StoreState::held) {
+      held_store_.push_back({w.id_, f.tag, f.payload});
+      return;
+    }
+    answer_store(w, f.tag, f.payload);
+  }
+
+  void answer_store(WorkerT& w, std::uint64_t tag, std::string_view payload) {
     std::error_code ec;
-    std::optional<StoreRequest> request = decode_request(f.payload, ec);
+    std::optional<StoreRequest> request = decode_request(payload, ec);
     StoreReply reply;
-    if (request) {
+    if (store_state_ == StoreState::handed_over) {
+      reply.error = store_errc::handed_over;
+      reply.message = "the store is now the new master's (pid " +
+                      std::to_string(successor_.pid()) + "); nothing was applied";
+    } else if (request) {
       reply = store_->apply(*request);
     } else {
       reply.error = store_errc::bad_request;
@@ -1047,7 +1071,18 @@ class Master {
                       " bytes exceeds max_message_size; ask for fewer keys";
       bytes = encode(reply);
     }
-    if (w.is_connected()) w.channel_->send(FrameKind::store_reply, std::move(bytes), f.tag);
+    if (w.is_connected()) w.channel_->send(FrameKind::store_reply, std::move(bytes), tag);
+  }
+
+  // The end of an upgrade's hold on the store (store_state_): the operations held are applied
+  // in the order they came (the upgrade failed: this master keeps the store), or refused with
+  // store_errc::handed_over, as every later one is (the new master has the store now; a worker
+  // of this master is draining and never reaches it). Either way each is answered once.
+  void release_store(bool handed_over) {
+    if (store_state_ != StoreState::held) return;
+    store_state_ = handed_over ? StoreState::handed_over : StoreState::serving;
+    for (auto& op : std::exchange(held_store_, {}))
+      if (WorkerT* w = worker(op.worker)) answer_store(*w, op.tag, op.payload);
   }
 
   // What must stop a master before it binds (run() and bind() call it; it runs once): workers
@@ -1990,6 +2025,7 @@ class Master {
 
   void upgrade_succeeded() {
     handed_over_ = true;
+    release_store(true);
     // From the main process, so that NotifyAccess=main takes it too; the new master says it
     // again itself with READY=1 (NotifyAccess=all). systemd follows the new pid from now on.
     notifier_.notify("MAINPID=" + std::to_string(successor_.pid()) +
@@ -2051,6 +2087,16 @@ class Master {
   bool shutting_down_ = false;
   ReloadState reload_;
   std::unique_ptr<detail::StoreHost> store_;
+  // From the snapshot an upgrade's new master loads until the upgrade ends, store
+  // operations wait here, unapplied, so that this store never changes behind the snapshot.
+  enum class StoreState { serving, held, handed_over };
+  struct HeldStoreOp {
+    unsigned worker;
+    std::uint64_t tag;
+    std::string payload;
+  };
+  StoreState store_state_ = StoreState::serving;
+  std::vector<HeldStoreOp> held_store_;
   std::vector<std::shared_ptr<StatusQuery>> status_queries_;
   Clock::time_point started_ = Clock::now();
   bool running_ = false;  // run() has forked the first workers

@@ -33,6 +33,7 @@ enum class FailureCode : std::uint8_t {
   no_handler = 1,   // the peer has no on_request
   unanswered = 2,   // the handler dropped its Reply, or threw
   undecodable = 3,  // the peer could not decode the request
+  queue_full = 4,   // the answer would take the answering side's send queue past its budget
 };
 
 inline errc to_errc(std::string_view payload) noexcept {
@@ -40,6 +41,7 @@ inline errc to_errc(std::string_view payload) noexcept {
   switch (static_cast<FailureCode>(payload[0])) {
     case FailureCode::no_handler: return errc::no_handler;
     case FailureCode::undecodable: return errc::decode_failed;
+    case FailureCode::queue_full: return errc::queue_full;
     case FailureCode::unanswered: break;
   }
   return errc::request_failed;
@@ -73,13 +75,20 @@ class Reply {
   using message_type = typename Codec::message_type;
 
   /// Sends the reply. Errors, nothing sent: errc::channel_closed (the caller is gone),
-  /// errc::frame_too_large; a second answer to the same request is ignored (returns {}).
+  /// errc::frame_too_large; errc::queue_full when the channel's queue already holds more
+  /// than max_queued_bytes (a caller that does not read its answers): the request then fails
+  /// with errc::queue_full on the caller's side too. A second answer to the same request is
+  /// ignored (returns {}).
   std::error_code operator()(const message_type& m) const {
     if (state_->answered) return {};
     state_->answered = true;
-    if (!state_->link->channel) return errc::channel_closed;
-    return state_->link->channel->send(FrameKind::reply, std::string(Codec{}.encode(m)),
-                                       state_->id);
+    Channel* channel = state_->link->channel;
+    if (!channel) return errc::channel_closed;
+    if (channel->over_budget()) {
+      detail::refuse(*state_->link, state_->id, detail::FailureCode::queue_full);
+      return errc::queue_full;
+    }
+    return channel->send(FrameKind::reply, std::string(Codec{}.encode(m)), state_->id);
   }
   /// Fails the request (the caller gets errc::request_failed).
   void fail() const { state_->fail(); }

@@ -578,6 +578,45 @@ TEST_CASE("An empty queue takes one message larger than max_queued_bytes", "[cha
   CHECK_FALSE(p.ch->has_room(0));
 }
 
+TEST_CASE("A channel that pauses reading while full holds the peer's frames until its queue "
+          "has drained to half, then delivers them all in order",
+          "[channel]") {
+  // The master's side of a worker that sends 100 requests with 64 KiB answers and reads
+  // nothing: the answers stop at the budget (plus one), not at 6.4 MB.
+  FdLeakCheck leaks;
+  ChannelLimits limits;
+  limits.max_queued_bytes = 512 * 1024;
+  RawPeer p(limits);
+  p.ch->pause_reading_while_full(true);
+  const std::string answer = pattern(64 * 1024, 5);
+  p.ch->on_frame([&](Frame&& f) {
+    p.frames.push_back(std::move(f));
+    CHECK_FALSE(p.ch->send(FrameKind::reply, answer, p.frames.back().tag));
+  });
+  constexpr std::uint64_t kRequests = 100;
+  std::string requests;
+  for (std::uint64_t i = 0; i < kRequests; ++i)
+    requests += wire_frame("q", i, static_cast<std::uint8_t>(FrameKind::request));
+  p.write(requests);
+  REQUIRE(run_until(p.loop, [&] { return p.ch->over_budget(); }));
+  p.settle();
+  const std::size_t held_at = p.frames.size();
+  CHECK(held_at < kRequests);
+  CHECK(p.ch->queued_bytes() <= limits.max_queued_bytes + 16 + answer.size());
+
+  // The peer reads: every request is delivered, once, in order, and every answer arrives.
+  std::string on_wire;
+  const std::size_t expected = kRequests * (16 + answer.size());
+  REQUIRE(run_until(p.loop, [&] {
+    p.read_available(on_wire);
+    return on_wire.size() >= expected;
+  }));
+  REQUIRE(p.frames.size() == kRequests);
+  for (std::uint64_t i = 0; i < kRequests; ++i) CHECK(p.frames[i].tag == i);
+  CHECK(on_wire.size() == expected);
+  CHECK(p.closes.empty());
+}
+
 TEST_CASE("on_drained fires once after a queue that had to wait has emptied", "[channel]") {
   FdLeakCheck leaks;
   ChannelPair p;

@@ -134,7 +134,7 @@ TEST_CASE("Store errors have their own category named prefork.store with clear m
   CHECK(std::string(ec.category().name()) == "prefork.store");
   CHECK(&ec.category() == &prefork::store_category());
   CHECK(ec != prefork::errc::frame_too_large);
-  for (int v = 1; v <= static_cast<int>(store_errc::backend_error); ++v) {
+  for (int v = 1; v <= static_cast<int>(store_errc::handed_over); ++v) {
     const std::string m = prefork::make_error_code(static_cast<store_errc>(v)).message();
     CHECK_FALSE(m.empty());
     CHECK(m.find("unknown") == std::string::npos);
@@ -776,9 +776,9 @@ TEST_CASE("The decoders reject unknown formats, ops, errors and flags", "[store]
   CHECK(prefork::decode_request(patched(req, 1, 6), ec).has_value());
   const std::string rep = prefork::encode(StoreReply{});
   CHECK_FALSE(prefork::decode_reply(patched(rep, 0, 0), ec));
-  CHECK_FALSE(prefork::decode_reply(patched(rep, 1, 13), ec));
+  CHECK_FALSE(prefork::decode_reply(patched(rep, 1, 14), ec));
   CHECK_FALSE(prefork::decode_reply(patched(rep, 2, 0x80), ec));
-  CHECK(prefork::decode_reply(patched(rep, 1, 12), ec).has_value());
+  CHECK(prefork::decode_reply(patched(rep, 1, 13), ec).has_value());  // handed_over
 }
 
 TEST_CASE("A reply announcing more keys than its bytes can hold is rejected before allocating",

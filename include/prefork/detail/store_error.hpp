@@ -24,6 +24,7 @@ enum class store_errc {
   snapshot_corrupt,  ///< a snapshot file that is truncated, altered or not a snapshot
   snapshot_version,  ///< a snapshot written by a newer format version
   backend_error,     ///< a Store backend failed with an error outside this category
+  handed_over,       ///< the store moved to a new master (upgrade); the operation was not applied
 };
 
 namespace detail {
@@ -45,6 +46,8 @@ class store_category_impl final : public std::error_category {
       case store_errc::snapshot_corrupt: return "store snapshot is corrupt or truncated";
       case store_errc::snapshot_version: return "store snapshot has an unsupported format version";
       case store_errc::backend_error: return "store backend failed";
+      case store_errc::handed_over:
+        return "store handed over to a new master (upgrade); the operation was not applied";
     }
     return "unknown store error";
   }

@@ -72,7 +72,7 @@ namespace detail {
 inline constexpr std::uint8_t kStoreWireFormat = 1;
 inline constexpr std::uint8_t kStoreHasOptional = 1;
 inline constexpr auto kLastStoreOp = StoreOp::keys;
-inline constexpr auto kLastStoreErrc = store_errc::backend_error;
+inline constexpr auto kLastStoreErrc = store_errc::handed_over;
 
 template <class T>
 std::optional<T> store_decode_failed(std::error_code& ec, store_errc why) {
