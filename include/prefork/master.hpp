@@ -40,6 +40,7 @@
 #include <prefork/detail/process.hpp>
 #include <prefork/detail/socket.hpp>
 #include <prefork/detail/systemd.hpp>
+#include <prefork/detail/syscall.hpp>
 #include <prefork/detail/upgrade.hpp>
 #include <prefork/event_loop.hpp>
 #include <prefork/options.hpp>
@@ -485,11 +486,11 @@ class Master {
       control_owned_ = !ec;
     }
     if (ec == std::errc::address_in_use)
-      throw std::system_error(ec, "prefork: control socket " + path +
-                                      " is in use by a running master");
+      throw detail::StatedError(ec, "prefork: control socket " + path +
+                                        " is in use by a running master");
     if (ec == std::errc::file_exists)
-      throw std::system_error(ec, "prefork: control socket " + path +
-                                      " exists and is not a socket (left as it is)");
+      throw detail::StatedError(ec, "prefork: control socket " + path +
+                                        " exists and is not a socket (left as it is)");
     if (ec) throw std::system_error(ec, "prefork: control socket " + path);
     control_.on_request([this](const detail::ControlRequest& r, detail::ControlReply reply) {
       on_control(r, std::move(reply));
@@ -1095,9 +1096,9 @@ class Master {
         pid_file_handover_ = true;
         return;
       }
-      throw std::system_error(ec, "prefork: pid file " + opts_.pid_file +
-                                      " is held by a running master (pid " +
-                                      (holder ? std::to_string(holder) : "unknown") + ")");
+      throw detail::StatedError(ec, "prefork: pid file " + opts_.pid_file +
+                                        " is held by a running master (pid " +
+                                        (holder ? std::to_string(holder) : "unknown") + ")");
     }
     if (ec) throw std::system_error(ec, "prefork: pid file " + opts_.pid_file);
   }
