@@ -276,7 +276,10 @@ class Master {
         }
         bool fresh = !fd;
         if (fresh)
-          fd = detail::listen_on(spec, opts_.backlog, WantsReusePort<Balance>, defer_accept_s());
+          fd = detail::listen_on(spec, opts_.backlog,
+                                 WantsReusePort<Balance> ? detail::ReusePortRole::lead
+                                                         : detail::ReusePortRole::none,
+                                 defer_accept_s());
         names.push_back(detail::to_string(detail::local_address(fd.get())));
         if (fresh) created.push_back(names.back());
         fds.push_back(std::move(fd));
@@ -643,7 +646,9 @@ class Master {
   // that way: its slots share one socket, dup'ed from `model`. Every socket of the group must
   // have a worker accepting from it, since the kernel queues connections on idle members too:
   // a slot that will not be refilled has its sockets closed (after_exit), and bound again when
-  // a worker is forked into it.
+  // a worker is forked into it. The groups are this master's: without a `model` (no slot holds
+  // a socket) each socket leads its address's group again (ReusePortRole::lead), so that no
+  // group another program started is joined; with one, they join.
   std::vector<UniqueFd> bind_set(const std::vector<std::string>& names,
                                  const std::vector<UniqueFd>* model, std::size_t slot) {
     std::vector<UniqueFd> fds;
@@ -657,7 +662,9 @@ class Master {
         if (d < 0) detail::throw_errno("dup listening socket");
         fds.emplace_back(d);
       } else {
-        fds.push_back(detail::listen_on(names[i], opts_.backlog, true, defer_accept_s()));
+        fds.push_back(detail::listen_on(
+            names[i], opts_.backlog,
+            model ? detail::ReusePortRole::join : detail::ReusePortRole::lead, defer_accept_s()));
       }
     }
     return fds;

@@ -3,7 +3,9 @@
 // which addresses it refuses to share, and which listen addresses it accepts.
 #include <catch2/catch.hpp>
 
+#include <netinet/in.h>
 #include <pwd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -117,3 +119,64 @@ TEST_CASE("hello refused for a control directory of another user prints no readi
                                 std::to_string(nobody->pw_uid) + ", not by uid 0; refusing to use it");
 }
 
+TEST_CASE("A second hello on the port of a running reuse-port hello exits 1 in every balance mode",
+          "[startup][balance]") {
+  REQUIRE(::access(kHello.c_str(), X_OK) == 0);
+  FdLeakCheck fds;
+  HelloProcess first({"--workers", "2", "--port", "0", "--work", "0", "--balance", "reuse-port",
+                      "--control", "off"});
+  REQUIRE(first.pid() > 0);
+  if (!first.start(2)) FAIL("hello did not start; it said:\n" << first.out().transcript());
+  const std::string port = std::to_string(first.port());
+
+  for (const char* balance : {"reuse-port", "round-robin", "shared"}) {
+    HelloProcess second({"--workers", "2", "--port", port, "--work", "0", "--balance", balance,
+                         "--control", "off"});
+    REQUIRE(second.pid() > 0);
+    Refusal r = refused(second);
+    INFO("balance " << balance << "; the second hello said on stdout:\n"
+                    << r.out << "and on stderr:\n" << r.err);
+    CHECK(exited_with(r.status, 1));
+    CHECK(r.out.find("Listening on") == std::string::npos);
+    CHECK(last_line(r.err) == "hello: prefork: bind 127.0.0.1:" + port + ": Address already in use");
+  }
+
+  // Every request still goes to the first hello's workers.
+  std::vector<std::string> failures;
+  auto by_pid = get_many(first.port(), 8, failures);
+  CHECK(failures.empty());
+  for (auto& [pid, n] : by_pid) {
+    INFO("answered by pid " << pid);
+    CHECK((pid == first.workers()[0] || pid == first.workers()[1]));
+  }
+  REQUIRE(::kill(first.pid(), SIGTERM) == 0);
+  CHECK(exited_with(first.wait(Clock::now() + kDeadline), 0));
+}
+
+TEST_CASE("hello --balance reuse-port refuses an address another process holds with SO_REUSEPORT",
+          "[startup][balance]") {
+  REQUIRE(::access(kHello.c_str(), X_OK) == 0);
+  FdLeakCheck fds;
+  // Another program of this user that shares its port (nginx's `listen ... reuseport`).
+  prefork::UniqueFd other(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  REQUIRE(other);
+  int one = 1;
+  REQUIRE(::setsockopt(other.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) == 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(other.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  REQUIRE(::listen(other.get(), 8) == 0);
+  socklen_t length = sizeof a;
+  REQUIRE(::getsockname(other.get(), reinterpret_cast<sockaddr*>(&a), &length) == 0);
+  const std::string port = std::to_string(ntohs(a.sin_port));
+
+  HelloProcess hello({"--workers", "2", "--port", port, "--work", "0", "--balance", "reuse-port",
+                      "--control", "off"});
+  REQUIRE(hello.pid() > 0);
+  Refusal r = refused(hello);
+  INFO("hello said on stdout:\n" << r.out << "and on stderr:\n" << r.err);
+  CHECK(exited_with(r.status, 1));
+  CHECK(r.out.find("Listening on") == std::string::npos);
+  CHECK(last_line(r.err) == "hello: prefork: bind 127.0.0.1:" + port + ": Address already in use");
+}
