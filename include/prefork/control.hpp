@@ -19,6 +19,7 @@
 #include <system_error>
 #include <vector>
 
+#include <prefork/version.hpp>
 #include <prefork/detail/control.hpp>
 #include <prefork/detail/syscall.hpp>
 

@@ -31,6 +31,7 @@
 
 #include <sys/socket.h>
 
+#include <prefork/version.hpp>
 #include <prefork/balance/policy.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
