@@ -15,6 +15,17 @@ if(NOT _first_line MATCHES "^//[ \t]*expect-error:[ \t]*([^ \t].*[^ \t]|[^ \t])[
     "${SOURCE}: the first line must be `// expect-error: WORD`, found `${_first_line}`")
 endif()
 set(_expected "${CMAKE_MATCH_1}")
+# An optional second line `// flags: F...` adds compiler flags after -std=c++20 (a later -std
+# wins: `// flags: -std=c++17` compiles the case as C++17).
+file(STRINGS "${SOURCE}" _first_lines LIMIT_COUNT 2)
+list(LENGTH _first_lines _count)
+if(_count EQUAL 2)
+  list(GET _first_lines 1 _second_line)
+  if(_second_line MATCHES "^//[ \t]*flags:[ \t]*(.*)$")
+    separate_arguments(_case_flags UNIX_COMMAND "${CMAKE_MATCH_1}")
+    list(APPEND EXTRA_FLAGS ${_case_flags})
+  endif()
+endif()
 
 execute_process(
   COMMAND "${COMPILER}" -std=c++20 -fsyntax-only ${EXTRA_FLAGS} "-I${INCLUDE_DIR}" "${SOURCE}"

@@ -193,8 +193,8 @@ int serve(const std::string& address) {
   MockUsersDb db;
   double users = 0;
   if (cluster.is_master()) {
+    cluster.bind();  // first: a master that cannot bind prints no readiness line
     std::printf("Master PID: %d\n", static_cast<int>(::getpid()));
-    cluster.bind();  // now, so that a port-0 address can be printed before workers start
     std::printf("Listening on %s\n", cluster.addresses().front().c_str());
     // The seed calls updateWorkers() once before its setInterval: the first count is there
     // before any worker can answer.

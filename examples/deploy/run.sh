@@ -42,12 +42,12 @@ fatal() { printf 'deploy: FAIL: %s\n' "$*" >&2; exit 1; }
 [[ -x $sessions ]] || die "$sessions not found: build it first (cmake --preset release && cmake --build --preset release --target sessions)"
 nginx_bin=${NGINX:-$(command -v nginx || true)}
 [[ -z $nginx_bin && -x /usr/sbin/nginx ]] && nginx_bin=/usr/sbin/nginx  # sbin: not in a user's PATH
-[[ -n $nginx_bin ]] || die "nginx is missing (tests/deps.sh installs nginx-light)"
+[[ -n $nginx_bin ]] || die "nginx is missing (tests/deps.sh --tests installs nginx)"
 redis_bin=$(command -v redis-server || true)
 [[ -z $redis_bin && -x /usr/bin/redis-server ]] && redis_bin=/usr/bin/redis-server
-[[ -n $redis_bin ]] || die "redis-server is missing (tests/deps.sh installs it)"
+[[ -n $redis_bin ]] || die "redis-server is missing (tests/deps.sh --tests installs it)"
 for tool in redis-cli wrk curl pgrep ss awk sed; do
-  command -v "$tool" >/dev/null || die "$tool is missing (tests/deps.sh installs it)"
+  command -v "$tool" >/dev/null || die "$tool is missing (tests/deps.sh --tests installs it)"
 done
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/prefork-deploy.XXXXXX")

@@ -245,11 +245,10 @@ int serve(const std::string& address) {
       .user = config.user,
       .group = config.group});
   if (cluster.is_master()) {
-    std::printf("Master PID: %d\n", static_cast<int>(::getpid()));
-    if (pid_t old = cluster.upgraded_from()) std::printf("Upgraded from master %d\n", static_cast<int>(old));
+    // Every start-up check first (pid file, user, the port, the control socket), then the
+    // lines that announce readiness: a script that waits for "Listening on" must never see it
+    // from a hello that is about to refuse to start.
     cluster.bind();  // now, so that a port-0 address can be printed before workers start
-    std::printf("Listening on %s\n", cluster.addresses().front().c_str());
-    std::fflush(stdout);
     if (config.control != "off") {
       // Named after the port bound, so that hellos on different ports (port 0 included)
       // never share one, and `hello ctl --port N` finds it.
@@ -259,6 +258,10 @@ int serve(const std::string& address) {
               ? prefork::default_control_path("hello-" + bound.substr(bound.rfind(':') + 1))
               : config.control);
     }
+    std::printf("Master PID: %d\n", static_cast<int>(::getpid()));
+    if (pid_t old = cluster.upgraded_from()) std::printf("Upgraded from master %d\n", static_cast<int>(old));
+    std::printf("Listening on %s\n", cluster.addresses().front().c_str());
+    std::fflush(stdout);
     master_lines::print_crashes(cluster);
     cluster.on_errored([](std::size_t slot, const prefork::ExitInfo&) {
       std::printf("Workers in slot %zu keep crashing; not restarting it\n", slot);

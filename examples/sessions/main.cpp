@@ -421,8 +421,8 @@ int serve(const std::string& address) {
       .defer_accept = std::chrono::seconds(1),  // HTTP: the client speaks first
   });
   if (cluster.is_master()) {
+    cluster.bind();  // first: a master that cannot bind prints no readiness line
     std::printf("Master PID: %d\n", static_cast<int>(::getpid()));
-    cluster.bind();  // now, so that a port-0 address can be printed before workers start
     std::printf("Listening on %s\n", cluster.addresses().front().c_str());
     std::fflush(stdout);
     master_lines::print_crashes(cluster);

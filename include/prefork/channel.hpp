@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include <prefork/version.hpp>
 #include <prefork/detail/syscall.hpp>
 #include <prefork/detail/unique_fd.hpp>
 #include <prefork/error.hpp>

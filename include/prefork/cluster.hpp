@@ -14,6 +14,7 @@
 #include <string_view>
 #include <utility>
 
+#include <prefork/version.hpp>
 #include <prefork/balance/policy.hpp>
 #include <prefork/balance/round_robin.hpp>
 #include <prefork/balance/shared_accept.hpp>

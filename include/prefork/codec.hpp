@@ -20,6 +20,8 @@
 #include <variant>
 #include <vector>
 
+#include <prefork/version.hpp>
+
 #include "prefork/error.hpp"
 
 namespace prefork {

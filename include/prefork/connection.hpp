@@ -6,6 +6,7 @@
 #include <string>
 #include <utility>
 
+#include <prefork/version.hpp>
 #include <prefork/detail/socket.hpp>
 #include <prefork/detail/unique_fd.hpp>
 

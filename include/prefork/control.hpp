@@ -19,7 +19,9 @@
 #include <system_error>
 #include <vector>
 
+#include <prefork/version.hpp>
 #include <prefork/detail/control.hpp>
+#include <prefork/detail/syscall.hpp>
 
 namespace prefork {
 
@@ -37,17 +39,17 @@ inline void ensure_private_dir(const std::string& dir, uid_t uid) {
   if (::lstat(dir.c_str(), &st) != 0)
     throw std::system_error(errno, std::system_category(), "prefork: control directory " + dir);
   if (!S_ISDIR(st.st_mode))
-    throw std::system_error(ENOTDIR, std::system_category(),
-                            "prefork: control directory " + dir + " is not a directory");
+    throw StatedError(std::error_code(ENOTDIR, std::system_category()),
+                      "prefork: control directory " + dir + " is not a directory");
   if (st.st_uid != uid)
-    throw std::system_error(EPERM, std::system_category(),
-                            "prefork: control directory " + dir + " is owned by uid " +
-                                std::to_string(st.st_uid) + ", not by uid " + std::to_string(uid) +
-                                "; refusing to use it");
+    throw StatedError(std::error_code(EPERM, std::system_category()),
+                      "prefork: control directory " + dir + " is owned by uid " +
+                          std::to_string(st.st_uid) + ", not by uid " + std::to_string(uid) +
+                          "; refusing to use it");
   if ((st.st_mode & 022) != 0)
-    throw std::system_error(EPERM, std::system_category(),
-                            "prefork: control directory " + dir +
-                                " is writable by its group or others; refusing to use it");
+    throw StatedError(std::error_code(EPERM, std::system_category()),
+                      "prefork: control directory " + dir +
+                          " is writable by its group or others; refusing to use it");
 }
 
 }  // namespace detail

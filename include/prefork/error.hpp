@@ -8,6 +8,8 @@
 #include <system_error>
 #include <type_traits>
 
+#include <prefork/version.hpp>
+
 namespace prefork {
 
 enum class errc {

@@ -29,6 +29,7 @@
 #include <utility>
 #include <vector>
 
+#include <prefork/version.hpp>
 #include <prefork/detail/syscall.hpp>
 #include <prefork/detail/unique_fd.hpp>
 #include <prefork/options.hpp>

@@ -19,6 +19,7 @@
 #include <string>
 #include <string_view>
 
+#include <prefork/version.hpp>
 #include <prefork/detail/syscall.hpp>
 
 namespace prefork {

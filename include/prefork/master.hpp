@@ -31,6 +31,7 @@
 
 #include <sys/socket.h>
 
+#include <prefork/version.hpp>
 #include <prefork/balance/policy.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
@@ -40,6 +41,7 @@
 #include <prefork/detail/process.hpp>
 #include <prefork/detail/socket.hpp>
 #include <prefork/detail/systemd.hpp>
+#include <prefork/detail/syscall.hpp>
 #include <prefork/detail/upgrade.hpp>
 #include <prefork/event_loop.hpp>
 #include <prefork/options.hpp>
@@ -266,7 +268,10 @@ class Master {
         }
         bool fresh = !fd;
         if (fresh)
-          fd = detail::listen_on(spec, opts_.backlog, WantsReusePort<Balance>, defer_accept_s());
+          fd = detail::listen_on(spec, opts_.backlog,
+                                 WantsReusePort<Balance> ? detail::ReusePortRole::lead
+                                                         : detail::ReusePortRole::none,
+                                 defer_accept_s());
         names.push_back(detail::to_string(detail::local_address(fd.get())));
         if (fresh) created.push_back(names.back());
         fds.push_back(std::move(fd));
@@ -482,11 +487,11 @@ class Master {
       control_owned_ = !ec;
     }
     if (ec == std::errc::address_in_use)
-      throw std::system_error(ec, "prefork: control socket " + path +
-                                      " is in use by a running master");
+      throw detail::StatedError(ec, "prefork: control socket " + path +
+                                        " is in use by a running master");
     if (ec == std::errc::file_exists)
-      throw std::system_error(ec, "prefork: control socket " + path +
-                                      " exists and is not a socket (left as it is)");
+      throw detail::StatedError(ec, "prefork: control socket " + path +
+                                        " exists and is not a socket (left as it is)");
     if (ec) throw std::system_error(ec, "prefork: control socket " + path);
     control_.on_request([this](const detail::ControlRequest& r, detail::ControlReply reply) {
       on_control(r, std::move(reply));
@@ -654,7 +659,9 @@ class Master {
   // that way: its slots share one socket, dup'ed from `model`. Every socket of the group must
   // have a worker accepting from it, since the kernel queues connections on idle members too:
   // a slot that will not be refilled has its sockets closed (after_exit), and bound again when
-  // a worker is forked into it.
+  // a worker is forked into it. The groups are this master's: without a `model` (no slot holds
+  // a socket) each socket leads its address's group again (ReusePortRole::lead), so that no
+  // group another program started is joined; with one, they join.
   std::vector<UniqueFd> bind_set(const std::vector<std::string>& names,
                                  const std::vector<UniqueFd>* model, std::size_t slot) {
     std::vector<UniqueFd> fds;
@@ -668,7 +675,9 @@ class Master {
         if (d < 0) detail::throw_errno("dup listening socket");
         fds.emplace_back(d);
       } else {
-        fds.push_back(detail::listen_on(names[i], opts_.backlog, true, defer_accept_s()));
+        fds.push_back(detail::listen_on(
+            names[i], opts_.backlog,
+            model ? detail::ReusePortRole::join : detail::ReusePortRole::lead, defer_accept_s()));
       }
     }
     return fds;
@@ -1178,9 +1187,9 @@ class Master {
         pid_file_handover_ = true;
         return;
       }
-      throw std::system_error(ec, "prefork: pid file " + opts_.pid_file +
-                                      " is held by a running master (pid " +
-                                      (holder ? std::to_string(holder) : "unknown") + ")");
+      throw detail::StatedError(ec, "prefork: pid file " + opts_.pid_file +
+                                        " is held by a running master (pid " +
+                                        (holder ? std::to_string(holder) : "unknown") + ")");
     }
     if (ec) throw std::system_error(ec, "prefork: pid file " + opts_.pid_file);
   }

@@ -14,6 +14,7 @@
 #include <string_view>
 #include <vector>
 
+#include <prefork/version.hpp>
 #include <prefork/detail/store_memory.hpp>
 #include <prefork/log.hpp>
 

@@ -2,6 +2,7 @@
 #ifndef PREFORK_PREFORK_HPP
 #define PREFORK_PREFORK_HPP
 
+#include <prefork/version.hpp>
 #include <prefork/balance/policy.hpp>
 #include <prefork/balance/ip_hash.hpp>
 #include <prefork/balance/least_connections.hpp>

@@ -16,6 +16,7 @@
 #include <system_error>
 #include <utility>
 
+#include <prefork/version.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
 #include <prefork/error.hpp>

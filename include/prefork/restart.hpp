@@ -17,6 +17,8 @@
 #include <utility>
 #include <vector>
 
+#include <prefork/version.hpp>
+
 #include "prefork/options.hpp"
 
 namespace prefork {

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include <prefork/version.hpp>
 #include <prefork/detail/control.hpp>
 #include <prefork/options.hpp>
 

@@ -4,6 +4,7 @@
 #ifndef PREFORK_STORE_HPP
 #define PREFORK_STORE_HPP
 
+#include "prefork/version.hpp"
 #include "prefork/detail/store_error.hpp"
 #include "prefork/detail/store_memory.hpp"
 #include "prefork/detail/store_snapshot.hpp"

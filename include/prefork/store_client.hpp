@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include <prefork/version.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
 #include <prefork/event_loop.hpp>

@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include <prefork/version.hpp>
 #include <prefork/balance/policy.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>

@@ -14,6 +14,7 @@
 #include <string>
 #include <system_error>
 
+#include <prefork/version.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
 #include <prefork/detail/process.hpp>

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # prefork's operations benchmark (issue 7): what asking a running cluster costs, next to PM2 (the
-# seed's anchors/node/server.js run by `pm2 start -i 2`, PM2 from the npm registry) in one run on
+# seed's server.js (tests/bench/node/server.js) run by `pm2 start -i 2`, PM2 from the npm registry) in one run on
 # this machine. For each: the wall time of the CLI, median of RUNS (`hello ctl status` against
 # `pm2 jlist`, `hello ctl reload` against `pm2 reload`), then, for hello only, status requests on
 # one open control connection (the protocol without a process start) and keep-alive throughput
@@ -14,7 +14,7 @@
 #
 # Needs node and npm (PM2 is installed into a temporary directory; without it the PM2 column says
 # n/a), python3, wrk, and the anchor: SERVER_JS=/path/to/server.js, by default
-# anchors/node/server.js in the shared folder next to the repository (../shared).
+# tests/bench/node/server.js in this repository.
 set -euo pipefail
 
 {
@@ -39,7 +39,7 @@ done
 [[ $runs =~ ^[1-9][0-9]*$ ]] || die "--runs: '$runs' is not a positive number"
 hello="$build_dir/examples/hello"
 [[ -x $hello ]] || die "$hello is not built (cmake --build --preset release --target hello)"
-server_js=${SERVER_JS:-$ROOT/../shared/anchors/node/server.js}
+server_js=${SERVER_JS:-$BENCH_DIR/node/server.js}
 for tool in python3 wrk; do command -v "$tool" >/dev/null || die "needs $tool"; done
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/prefork-control.XXXXXX")

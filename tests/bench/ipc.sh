@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # prefork's IPC benchmark (issue 6): master -> worker one-way throughput of small messages and
 # ping-pong round trip, measured by ipc_bench (tests/bench/ipc_bench.cpp, with StringCodec and with
-# PodCodec) and by the seed's Node anchor (anchors/node/ipc.js, cluster IPC), interleaved in one run
+# PodCodec) and by the seed's Node anchor (tests/bench/node/ipc.js, cluster IPC), interleaved in one run
 # on this machine; then, for ipc_bench only (Node's cluster has neither), request/response round
 # trips both ways and shared-store get and increment from the worker. Prints a Markdown report:
 # medians, ratios to Node, and whether issue 6's targets were reached. It builds nothing and never runs in CI: timings from a shared runner compare noise.
@@ -19,8 +19,7 @@
 # N (default 200000 messages one way) and RTT (default 20000 round trips) in the environment set
 # the counts of both programs, as ipc.js reads them; ipc_bench does RTT operations in each of its
 # request and store modes too. Needs node (NODE=/path/to/node picks another)
-# and the anchor: IPC_JS=/path/to/ipc.js, by default anchors/node/ipc.js in the shared folder next
-# to the repository (../shared). Each program runs under `timeout 120`; nothing outlives the script.
+# and the anchor: IPC_JS=/path/to/ipc.js, by default tests/bench/node/ipc.js in this repository. Each program runs under `timeout 120`; nothing outlives the script.
 set -euo pipefail
 
 # One compound command, parsed before any of it runs: editing the file during a run changes nothing.
@@ -56,7 +55,7 @@ export N=${N:-200000} RTT=${RTT:-20000}
 ipc_bench=${IPC_BENCH:-$build_dir/tests/bench/ipc_bench}
 [[ -x $ipc_bench ]] ||
   die "$ipc_bench not found: build it first (cmake --build --preset release --target ipc_bench), or set IPC_BENCH="
-ipc_js=${IPC_JS:-$ROOT/../shared/anchors/node/ipc.js}
+ipc_js=${IPC_JS:-$BENCH_DIR/node/ipc.js}
 node_bin=${NODE:-node}
 have_node=0
 if [[ -f $ipc_js ]] && command -v "$node_bin" >/dev/null && "$node_bin" --version >/dev/null 2>&1; then
@@ -157,7 +156,7 @@ for prog in "${PROGRAMS[@]}"; do
   p50[$prog]=$(median "$tmp/$prog.p50")
   p99[$prog]=$(median "$tmp/$prog.p99")
 done
-node_anchor=166100  # anchors/RESULTS.md: Node cluster IPC one way on the seed's 2-core machine
+node_anchor=166100  # tests/bench/RESULTS.md: Node cluster IPC one way on the seed's 2-core machine
 
 {
   echo "# IPC: prefork vs Node cluster"

@@ -1,5 +1,5 @@
 // ipc_bench: prefork's master<->worker messaging measured the way the seed's Node anchor
-// (anchors/node/ipc.js) measures cluster IPC, and printed in the same format so that
+// (tests/bench/node/ipc.js) measures cluster IPC, and printed in the same format so that
 // tests/bench/ipc.sh parses both alike:
 //
 //   one-way   the master sends N small messages {seq, usersCount: 625} to one worker as fast as

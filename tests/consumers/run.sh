@@ -19,7 +19,7 @@ all=(add_subdirectory fetch_content find_package meson_subproject pkg_config)
 run_timeout=60
 
 for tool in cmake ninja meson pkg-config make timeout; do
-  command -v "$tool" >/dev/null || { echo "consumers: $tool is not installed (tests/deps.sh)" >&2; exit 1; }
+  command -v "$tool" >/dev/null || { echo "consumers: $tool is not installed (tests/deps.sh --tests)" >&2; exit 1; }
 done
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/prefork-consumers.XXXXXX")

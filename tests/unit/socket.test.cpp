@@ -233,10 +233,32 @@ TEST_CASE("Binding a unix path that exists throws and leaves the file alone", "[
 }
 
 TEST_CASE("listen_on with reuse_port lets two sockets bind the same port", "[socket]") {
-  UniqueFd first = listen_on("127.0.0.1:0", 16, true);
-  const std::string spec = "127.0.0.1:" + std::to_string(port_of(local_address(first.get())));
-  UniqueFd second = listen_on(spec, 16, true);
-  CHECK(port_of(local_address(second.get())) == port_of(local_address(first.get())));
+  using prefork::detail::ReusePortRole;
+  for (auto role : {ReusePortRole::lead, ReusePortRole::join}) {
+    UniqueFd first = listen_on("127.0.0.1:0", 16, role);
+    const std::string spec = "127.0.0.1:" + std::to_string(port_of(local_address(first.get())));
+    UniqueFd second = listen_on(spec, 16, ReusePortRole::join);
+    CHECK(port_of(local_address(second.get())) == port_of(local_address(first.get())));
+  }
+}
+
+TEST_CASE("A reuse-port lead socket refuses an address a SO_REUSEPORT socket holds", "[socket]") {
+  using prefork::detail::ReusePortRole;
+  const auto fds_before = count_open_fds();
+  {
+    UniqueFd other = listen_on("127.0.0.1:0", 16, ReusePortRole::join);  // another server's
+    const std::string spec = "127.0.0.1:" + std::to_string(port_of(local_address(other.get())));
+    for (auto role : {ReusePortRole::lead, ReusePortRole::none}) {
+      try {
+        (void)listen_on(spec, 16, role);
+        FAIL("a second group leader bound " << spec);
+      } catch (const std::system_error& e) {
+        CHECK(e.code() == std::errc::address_in_use);
+        CHECK(std::string(e.what()) == "prefork: bind " + spec + ": Address already in use");
+      }
+    }
+  }
+  CHECK(count_open_fds() == fds_before);
 }
 
 TEST_CASE("listen_on throws for a bad address and names the address in the message",

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <optional>
 
+#include <prefork/version.hpp>
 #include <prefork/balance/policy.hpp>
 
 namespace prefork {

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <optional>
 
+#include <prefork/version.hpp>
 #include <prefork/balance/policy.hpp>
 
 namespace prefork {

@@ -11,6 +11,7 @@
 #include <span>
 #include <string_view>
 
+#include <prefork/version.hpp>
 #include <prefork/detail/socket.hpp>
 
 namespace prefork {

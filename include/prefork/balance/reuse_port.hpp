@@ -5,6 +5,7 @@
 #ifndef PREFORK_BALANCE_REUSE_PORT_HPP
 #define PREFORK_BALANCE_REUSE_PORT_HPP
 
+#include <prefork/version.hpp>
 #include <prefork/balance/policy.hpp>
 
 namespace prefork {

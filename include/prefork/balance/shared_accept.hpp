@@ -4,6 +4,7 @@
 #ifndef PREFORK_BALANCE_SHARED_ACCEPT_HPP
 #define PREFORK_BALANCE_SHARED_ACCEPT_HPP
 
+#include <prefork/version.hpp>
 #include <prefork/balance/policy.hpp>
 
 namespace prefork {

@@ -31,6 +31,7 @@
 #include <string_view>
 #include <unordered_map>
 
+#include <prefork/version.hpp>
 #include <prefork/balance/policy.hpp>
 #include <prefork/balance/round_robin.hpp>
 

@@ -137,13 +137,26 @@ inline void unlink_unix_socket(std::string_view address) noexcept {
   ::unlink(path.c_str());
 }
 
+/// How a TCP listening socket takes part in a SO_REUSEPORT group (Unix sockets: ignored).
+enum class ReusePortRole {
+  none,  ///< no SO_REUSEPORT: the address is this socket's alone
+  /// The first socket of a group that only this process may grow: bound without SO_REUSEPORT,
+  /// so that the bind fails if any socket holds the address (SO_REUSEPORT or not, any user:
+  /// the kernel lets a socket share a port only if both it and every holder set the option),
+  /// and given SO_REUSEPORT after the bind, before listen(), when the kernel forms the group.
+  /// Without this a second server of the same user with SO_REUSEPORT joins the group silently
+  /// and takes its share of the connections (socket(7): sharing needs only the same uid).
+  lead,
+  join,  ///< SO_REUSEPORT before bind: joins the group that a `lead` socket started
+};
+
 /// Creates a non-blocking, close-on-exec listening socket. Throws std::system_error whose
 /// message names the operation and the address ("prefork: bind 127.0.0.1:8080: Address
 /// already in use"). A stale Unix socket file (nobody accepting) is replaced. defer_accept_s
 /// > 0 sets TCP_DEFER_ACCEPT on TCP sockets: accept wakes when the client's first data arrives
 /// (or, at the latest, about that many seconds after the handshake).
-inline UniqueFd listen_on(const std::string& spec, int backlog, bool reuse_port = false,
-                          int defer_accept_s = 0) {
+inline UniqueFd listen_on(const std::string& spec, int backlog,
+                          ReusePortRole reuse_port = ReusePortRole::none, int defer_accept_s = 0) {
   SocketAddress a;
   if (auto ec = parse_address(spec, a))
     throw std::system_error(ec, "prefork: bad listen address '" + spec +
@@ -155,7 +168,8 @@ inline UniqueFd listen_on(const std::string& spec, int backlog, bool reuse_port 
     // SO_REUSEADDR lets a restarted master bind while old connections sit in TIME_WAIT.
     ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (a.family() == AF_INET6) ::setsockopt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
-    if (reuse_port && ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0)
+    if (reuse_port == ReusePortRole::join &&
+        ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0)
       throw_errno("setsockopt SO_REUSEPORT " + spec);
     if (defer_accept_s > 0 && ::setsockopt(fd.get(), IPPROTO_TCP, TCP_DEFER_ACCEPT,
                                            &defer_accept_s, sizeof defer_accept_s) != 0)
@@ -166,6 +180,9 @@ inline UniqueFd listen_on(const std::string& spec, int backlog, bool reuse_port 
       throw_errno("bind " + spec);
     if (::bind(fd.get(), a.get(), a.length) != 0) throw_errno("bind " + spec);
   }
+  if (reuse_port == ReusePortRole::lead && a.family() != AF_UNIX &&
+      ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0)
+    throw_errno("setsockopt SO_REUSEPORT " + spec);
   if (::listen(fd.get(), backlog) != 0) throw_errno("listen " + spec);
   return fd;
 }

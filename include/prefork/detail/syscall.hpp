@@ -31,6 +31,19 @@ inline std::error_code errno_code() noexcept { return {errno, std::system_catego
   throw std::system_error(errno, std::system_category(), "prefork: " + what);
 }
 
+/// A set-up failure stated in a whole sentence: what() is the sentence alone, without the
+/// ": <strerror>" that std::system_error appends, where that text would contradict it ("held by
+/// a running master: Resource temporarily unavailable"); code() still carries the cause.
+class StatedError : public std::system_error {
+ public:
+  StatedError(std::error_code ec, const std::string& sentence)
+      : std::system_error(ec, sentence), sentence_(sentence) {}
+  const char* what() const noexcept override { return sentence_.c_str(); }
+
+ private:
+  std::string sentence_;
+};
+
 /// write(2) that never raises SIGPIPE, whatever the process's disposition: the library must
 /// not change it (it is the application's), so SIGPIPE is blocked in the calling thread around
 /// the write, and one the write raised is taken back with sigtimedwait before the old mask

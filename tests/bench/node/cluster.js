@@ -1,5 +1,5 @@
 // Seed experiment: cluster of server.js, with restart-on-crash and SIGUSR2 rolling restart.
-// Copy of /work/shared/anchors/node/cluster.js for tests/bench, unchanged.
+// The seed's cluster.js as measured in tests/bench/RESULTS.md, unchanged.
 const cluster = require('cluster');
 const os = require('os');
 if (cluster.isPrimary) {

@@ -1,5 +1,5 @@
 // Seed experiment: one HTTP server with simulated CPU work (1e7 loop).
-// Copy of /work/shared/anchors/node/server.js for tests/bench. One change: an optional HOST (unset:
+// The seed's server.js as measured in tests/bench/RESULTS.md. One change: an optional HOST (unset:
 // all interfaces, as in the seed) so that the benchmark binds to 127.0.0.1 only.
 const http = require('http');
 const pid = process.pid;
