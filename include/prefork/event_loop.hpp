@@ -84,7 +84,10 @@ class EventLoop {
       detail::throw_errno("epoll_ctl ADD fd " + std::to_string(fd));
     if (static_cast<std::size_t>(fd) >= watches_.size())
       watches_.resize(static_cast<std::size_t>(fd) + 1);
-    if (keeps_alive) ++alive_;
+    if (keeps_alive) {
+      ++alive_;
+      ++alive_watches_;
+    }
     watches_[static_cast<std::size_t>(fd)] = std::move(w);
   }
 
@@ -108,7 +111,10 @@ class EventLoop {
     Watch* w = find(fd);
     if (!w) return;
     ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
-    if (w->keeps_alive) --alive_;
+    if (w->keeps_alive) {
+      --alive_;
+      --alive_watches_;
+    }
     graveyard_.push_back(std::move(watches_[static_cast<std::size_t>(fd)]));
   }
 
@@ -202,6 +208,10 @@ class EventLoop {
   /// True while a watch, timer or posted callback that keeps the loop alive exists (Node's
   /// "the event loop has something to do", used by a draining worker to know when to exit).
   bool alive() const noexcept { return alive_ > 0 || !posted_.empty(); }
+  /// True while a watch that keeps the loop alive exists (a connection, say), whatever the
+  /// timers: what a draining worker waits for before it closes its channel (Node's server.close
+  /// waits for connections, not for timers).
+  bool watches_alive() const noexcept { return alive_watches_ > 0; }
 
   /// Where exceptions thrown by callbacks go. By default the first one of a round propagates
   /// out of run_once() once the round is over (so timers, posted callbacks and signals of that
@@ -369,6 +379,7 @@ class EventLoop {
   TimerId firing_ = 0;
   bool firing_cancelled_ = false;
   std::size_t alive_ = 0;
+  std::size_t alive_watches_ = 0;  // the watches among alive_
   bool stopped_ = false;
 };
 

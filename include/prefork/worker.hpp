@@ -241,7 +241,10 @@ class WorkerContext {
     // Judged before each wait, not after: a drain that began before the first round (a Server
     // constructor that calls disconnect()) ends now, instead of when something next wakes an
     // idle loop (a heartbeat, or nothing at all without listeners and watchdog).
-    while (!done_ && !(draining_ && !loop_.alive())) loop_.run_once(-1);
+    while (!done_ && !(draining_ && !loop_.alive())) {
+      if (draining_) close_channel_if_drained();
+      loop_.run_once(-1);
+    }
     server.reset();
     on_connection_ = nullptr;
     on_message_ = nullptr;
@@ -456,6 +459,22 @@ class WorkerContext {
     listeners_.clear();
     if (tell_master && channel_) channel_->send(FrameKind::disconnect, {});
     if (on_drain_) on_drain_();
+  }
+
+  // Node's worker, once its servers have closed and their connections ended, closes its IPC
+  // channel (child.js _disconnect), and the primary emits 'disconnect' then; the process exits
+  // when nothing else keeps it alive, maybe much later (a timer). The same here: a draining
+  // worker whose loop is kept alive only by timers (no watched descriptor: the Server's
+  // connections are done), with no request or store operation waiting for the master and no
+  // connection still to hand over, closes its channel, after flushing what it sent; the master
+  // reports the disconnect at once and the exit when it comes (drain_timeout still applies).
+  void close_channel_if_drained() {
+    if (!channel_ || !channel_->is_open() || loop_.watches_alive() || outgoing_.size() ||
+        store_.pending() || unacked_ || !arrived_.empty())
+      return;
+    channel_->flush_blocking(1000);
+    channel_->close();
+    link_->channel = nullptr;
   }
 
   void report(const std::string& what) { log(LogLevel::warning, what); }

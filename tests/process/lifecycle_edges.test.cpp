@@ -1,7 +1,8 @@
 // Lifecycle edges of real forked workers (issue 13, "Sound under stress"): a worker that dies
 // right after 'listening' is a crash loop to back off, not a healthy worker to replace at once;
 // a disconnect() in the Server's constructor is acted on before the loop first blocks; a
-// shutdown() before run() makes run() return without forking.
+// shutdown() before run() makes run() return without forking; 'disconnect' comes when a
+// draining worker has closed its channel, 'exit' when it exits (Node's order and timing).
 //
 // The master runs in the test process; fork-mode workers never return into Catch2 (the library
 // ends them in _exit). Callbacks only record; the checks run after run() has returned.
@@ -11,6 +12,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -207,5 +209,56 @@ TEST_CASE("shutdown before run makes run return 0 at once without forking a work
   CHECK(rc == 0);
   CHECK(forks == 0);
   CHECK(dir.names().empty());
+  CHECK(count_open_fds() == fds_before);
+}
+
+TEST_CASE("A disconnected worker that keeps a timer alive reports disconnect at once and exit "
+          "when it exits",
+          "[lifecycle][disconnect]") {
+  // Node (test-cluster-worker-disconnect.js, child.js _disconnect): the worker closes its
+  // servers, then its IPC channel, and the primary emits 'disconnect'; 'exit' follows when the
+  // process ends. Puppet's "hold" keeps a timer alive for an hour, so here the worker lives on
+  // until drain_timeout sends SIGTERM.
+  std::size_t fds_before = count_open_fds();
+  bool timed_out = false;
+  std::vector<std::string> events;
+  bool running_at_disconnect = false, connected_at_disconnect = true;
+  std::string reason_at_disconnect = "not called";
+  std::optional<ExitInfo> exit;
+  int rc = -1;
+  {
+    Options opts{.workers = 1, .listen = {"127.0.0.1:0"}, .handle_signals = false};
+    opts.drain_timeout = std::chrono::seconds(3);
+    prefork::Cluster<Puppet, prefork::RoundRobin, prefork::RestartOnCrash> cluster(opts);
+    cluster.on_listening([&](WorkerT& w) { w.send("hold"); });
+    cluster.on_message([&](WorkerT& w, const std::string& m) {
+      if (m == "holding") w.disconnect();
+    });
+    cluster.on_disconnect([&](WorkerT& w) {
+      events.push_back("disconnect");
+      running_at_disconnect = !w.is_dead() && !process_gone(w.pid());
+      connected_at_disconnect = w.is_connected();
+      // Empty until the master escalates: a disconnect reported only at the exit that
+      // drain_timeout forced would carry "drain timeout: ...".
+      reason_at_disconnect = w.exit_info().reason;
+    });
+    cluster.on_exit([&](WorkerT&, const ExitInfo& e) {
+      events.push_back("exit");
+      exit = e;
+      cluster.shutdown();
+    });
+    arm_watchdog(cluster, timed_out);
+    rc = cluster.run();
+  }
+  CHECK_FALSE(timed_out);
+  CHECK(rc == 0);
+  CHECK(events == std::vector<std::string>{"disconnect", "exit"});
+  CHECK(reason_at_disconnect.empty());
+  CHECK(running_at_disconnect);
+  CHECK_FALSE(connected_at_disconnect);
+  REQUIRE(exit.has_value());
+  CHECK(exit->exited_after_disconnect);
+  CHECK(exit->signal == SIGTERM);  // the hour-long timer outlived drain_timeout
+  CHECK(exit->reason == "drain timeout: SIGTERM after 3000 ms");
   CHECK(count_open_fds() == fds_before);
 }
