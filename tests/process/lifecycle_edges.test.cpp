@@ -72,10 +72,12 @@ TEST_CASE("A worker that dies right after listening without serving backs off un
   int rc = -1;
   {
     using Policy = prefork::Backoff<prefork::RestartOnCrash>;
-    // Short delays so that the slot is errored quickly; the count is what matters.
+    // Short delays so that the slot is errored quickly; the count is what matters. An hour's
+    // healthy_after: a loaded machine's slow start-up must not pass for a healthy uptime.
     Policy policy({.initial_delay = std::chrono::milliseconds(1),
                    .factor = 1.0,
                    .max_delay = std::chrono::milliseconds(1),
+                   .healthy_after = std::chrono::hours(1),
                    .max_restarts = 4});
     prefork::Cluster<ExitOnListening, prefork::RoundRobin, Policy> cluster(
         Options{.workers = 1, .listen = {"127.0.0.1:0"}, .handle_signals = false}, policy);
