@@ -82,6 +82,7 @@ bool connect_and_reset(int port) {
 TEST_CASE("A worker keeps SIG_IGN for SIGPIPE from main(): a write to a reset client fails "
           "with EPIPE",
           "[signals]") {
+  FdLeakCheck fds;
   Pipe report;
   REQUIRE(report.read >= 0);
   pid_t master = fork_harness([&] {
@@ -143,6 +144,7 @@ TEST_CASE("A worker keeps SIG_IGN for SIGPIPE from main(): a write to a reset cl
 
 TEST_CASE("A master whose stderr has lost its reader keeps supervising, not killed by SIGPIPE",
           "[signals]") {
+  FdLeakCheck fds;
   Pipe report;
   REQUIRE(report.read >= 0);
   pid_t master = fork_harness([&] {
@@ -191,6 +193,7 @@ TEST_CASE("A master whose stderr has lost its reader keeps supervising, not kill
 
 TEST_CASE("hello keeps serving once the reader of its stdout and stderr has exited",
           "[signals]") {
+  FdLeakCheck fds;
   // `hello 2>&1 | head -3`: the reader goes away after the start lines.
   HelloProcess hello({"--workers", "2", "--port", "0", "--work", "0", "--faults", "--control",
                       "off"});
@@ -219,6 +222,7 @@ TEST_CASE("hello keeps serving once the reader of its stdout and stderr has exit
 TEST_CASE("An exception from a master callback drains and reaps every worker, then run() "
           "rethrows it",
           "[signals]") {
+  FdLeakCheck fds;
   // Where the exception comes from: a timer (after, every), on_exit, on_message.
   const std::string where = GENERATE(as<std::string>{}, "after", "every", "on_exit",
                                      "on_message");

@@ -102,7 +102,8 @@ TEST_CASE("The default sink drops lines while stderr is full and reports how man
   CHECK(WEXITSTATUS(*status) == 0);
 }
 
-TEST_CASE("The default sink never raises SIGPIPE when stderr's reader is gone; it counts the lines",
+TEST_CASE("The default sink never raises SIGPIPE when stderr's reader is gone, and counts the "
+          "lines",
           "[log]") {
   prefork_test::FdLeakCheck fds;
   // `prog 2>&1 | head -1`: stderr is a pipe whose reader has exited, or a socket (a journal
