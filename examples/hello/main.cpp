@@ -4,7 +4,8 @@
 // master itself (a new master from the binary on disk takes over the listening socket), and
 // SIGTERM or SIGINT stops everything gracefully (exit status 0; a second signal: at once).
 //
-//   hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]
+//   hello [--host ADDR] [--port N] [--listen ADDR]... [--workers N] [--work ITERATIONS]
+//         [--spawn fork|exec]
 //         [--balance round-robin|least-connections|ip-hash|cookie|shared|reuse-port]
 //         [--crash-ms MS] [--faults] [--watchdog-ms MS] [--max-requests N]
 //         [--max-lifetime-ms MS] [--max-rss-mb N] [--pid-file PATH] [--user NAME] [--group NAME]
@@ -13,6 +14,10 @@
 //         defaults: 127.0.0.1, 8080, one worker per CPU, 10000000 iterations, fork, round-robin,
 //         watchdog 30000 ms (0: off), no recycling, control socket hello-<port>.sock in the
 //         user's runtime directory ($XDG_RUNTIME_DIR/prefork, else /tmp/prefork-<uid>)
+//   --host ADDR:   a numeric address or a host name: a name listens on every address it
+//                  resolves to, all on one port (`--host localhost`: 127.0.0.1 and ::1).
+//   --listen ADDR: one more address, repeatable: HOST:PORT, [IPV6]:PORT or unix:PATH. Given
+//                  without --host and --port, hello listens on the --listen addresses only.
 //   --balance cookie: a request whose cookie `sid` names a slot ("sid=s1", or "sid=s1~token")
 //                  goes to that slot's worker, and to its replacement after a crash; any other
 //                  goes round-robin (prefork::StickyCookie).
@@ -89,6 +94,8 @@ namespace {
 struct Config {
   std::string host = "127.0.0.1";
   unsigned port = 8080;
+  bool host_or_port = false;        // --host or --port given
+  std::vector<std::string> listen;  // --listen, in order
   unsigned workers = prefork::cpu_count();
   unsigned long long work = 10'000'000;
   prefork::SpawnMode spawn = prefork::SpawnMode::fork;
@@ -170,7 +177,8 @@ template <class Balance>
 using HelloCluster = prefork::Cluster<Hello, Balance>;
 
 constexpr const char* kUsage =
-    "usage: hello [--host ADDR] [--port N] [--workers N] [--work ITERATIONS] [--spawn fork|exec]\n"
+    "usage: hello [--host ADDR] [--port N] [--listen ADDR]... [--workers N] [--work ITERATIONS]\n"
+    "             [--spawn fork|exec]\n"
     "             [--balance round-robin|least-connections|ip-hash|cookie|shared|reuse-port]\n"
     "             [--crash-ms MS] [--faults] [--watchdog-ms MS] [--max-requests N]\n"
     "             [--max-lifetime-ms MS] [--max-rss-mb N] [--pid-file PATH]\n"
@@ -182,7 +190,8 @@ const cli::Parser args("hello", kUsage);
 Config parse_args(int argc, char** argv) {
   Config c;
   args.parse(argc, argv,
-             {"--host", "--port", "--workers", "--work", "--spawn", "--balance", "--crash-ms",
+             {"--host", "--port", "--listen", "--workers", "--work", "--spawn", "--balance",
+              "--crash-ms",
               "--watchdog-ms", "--max-requests", "--max-lifetime-ms", "--max-rss-mb",
               "--pid-file", "--user", "--group", "--control"},
              {"--faults"}, [&c](std::string_view flag, std::string_view value) {
@@ -190,8 +199,12 @@ Config parse_args(int argc, char** argv) {
       c.faults = true;
     } else if (flag == "--host") {
       c.host = args.text(flag, value);
+      c.host_or_port = true;
     } else if (flag == "--port") {
       c.port = args.number<unsigned>(flag, value, 0, 65535);
+      c.host_or_port = true;
+    } else if (flag == "--listen") {
+      c.listen.push_back(args.text(flag, value));
     } else if (flag == "--workers") {
       c.workers = args.number<unsigned>(flag, value, 1, 4096);
     } else if (flag == "--work") {
@@ -228,12 +241,22 @@ Config parse_args(int argc, char** argv) {
   return c;
 }
 
+// The control socket's default name: after the port of the first TCP address, so that hellos
+// on different ports (port 0 included) never share one and `hello ctl --port N` finds it; for
+// Unix addresses only, after the first socket's file name.
+std::string control_name(const std::vector<std::string>& bound) {
+  for (auto& a : bound)
+    if (!a.starts_with("unix:")) return "hello-" + a.substr(a.rfind(':') + 1);
+  const std::string& path = bound.front();
+  return "hello-" + path.substr(path.rfind('/') + 1);
+}
+
 template <class Balance>
-int serve(const std::string& address) {
+int serve(const std::vector<std::string>& addresses) {
   using Cluster = HelloCluster<Balance>;
   Cluster cluster(prefork::Options{
       .workers = config.workers,
-      .listen = {address},
+      .listen = addresses,
       .defer_accept = std::chrono::seconds(1),  // HTTP: the client speaks first
       .spawn = config.spawn,
       .watchdog_timeout = std::chrono::milliseconds(config.watchdog_ms),
@@ -249,18 +272,13 @@ int serve(const std::string& address) {
     // lines that announce readiness: a script that waits for "Listening on" must never see it
     // from a hello that is about to refuse to start.
     cluster.bind();  // now, so that a port-0 address can be printed before workers start
-    if (config.control != "off") {
-      // Named after the port bound, so that hellos on different ports (port 0 included)
-      // never share one, and `hello ctl --port N` finds it.
-      const std::string bound = cluster.addresses().front();
-      cluster.listen_control(
-          config.control.empty()
-              ? prefork::default_control_path("hello-" + bound.substr(bound.rfind(':') + 1))
-              : config.control);
-    }
+    if (config.control != "off")
+      cluster.listen_control(config.control.empty()
+                                 ? prefork::default_control_path(control_name(cluster.addresses()))
+                                 : config.control);
     std::printf("Master PID: %d\n", static_cast<int>(::getpid()));
     if (pid_t old = cluster.upgraded_from()) std::printf("Upgraded from master %d\n", static_cast<int>(old));
-    std::printf("Listening on %s\n", cluster.addresses().front().c_str());
+    for (auto& a : cluster.addresses()) std::printf("Listening on %s\n", a.c_str());
     std::fflush(stdout);
     master_lines::print_crashes(cluster);
     cluster.on_errored([](std::size_t slot, const prefork::ExitInfo&) {
@@ -315,15 +333,18 @@ int main(int argc, char** argv) {
   // printf lines then go nowhere, as console.log's do in Node.
   std::signal(SIGPIPE, SIG_IGN);
   config = parse_args(argc, argv);
-  const std::string address = cli::listen_address(config.host, config.port);
+  std::vector<std::string> addresses;  // --host/--port unless only --listen was given
+  if (config.host_or_port || config.listen.empty())
+    addresses.push_back(cli::listen_address(config.host, config.port));
+  addresses.insert(addresses.end(), config.listen.begin(), config.listen.end());
   try {
     const std::string& b = config.balance;
-    if (b == "least-connections") return serve<prefork::LeastConnections>(address);
-    if (b == "ip-hash") return serve<prefork::IpHash>(address);
-    if (b == "cookie") return serve<prefork::StickyCookie>(address);
-    if (b == "shared") return serve<prefork::SharedAccept>(address);
-    if (b == "reuse-port") return serve<prefork::ReusePort>(address);
-    return serve<prefork::RoundRobin>(address);
+    if (b == "least-connections") return serve<prefork::LeastConnections>(addresses);
+    if (b == "ip-hash") return serve<prefork::IpHash>(addresses);
+    if (b == "cookie") return serve<prefork::StickyCookie>(addresses);
+    if (b == "shared") return serve<prefork::SharedAccept>(addresses);
+    if (b == "reuse-port") return serve<prefork::ReusePort>(addresses);
+    return serve<prefork::RoundRobin>(addresses);
   } catch (const std::invalid_argument& e) {  // Options the library refuses, e.g. --host x
     args.fail(e.what());
   } catch (const std::exception& e) {  // set-up failures, e.g. the port is in use

@@ -117,11 +117,8 @@ inline void validate(const Options& o) {
   if (o.max_message_size == 0 || o.max_message_size > 0xffffffffu)
     bad("max_message_size must be between 1 byte and 4 GiB - 1");
   if (o.max_queued_bytes == 0) bad("max_queued_bytes must be positive");
-  for (auto& l : o.listen) {
-    SocketAddress a;
-    if (parse_address(l, a))
-      bad("listen: '" + l + "' is not HOST:PORT, [IPV6]:PORT or unix:PATH");
-  }
+  for (auto& l : o.listen)
+    if (std::string why = address_problem(l); !why.empty()) bad("listen: '" + l + "': " + why);
   if (!o.pid_file.empty() && (o.pid_file.back() == '/' || o.pid_file.find('\0') != std::string::npos))
     bad("pid_file: '" + o.pid_file + "' is not a file name");
   for (auto* id : {&o.user, &o.group})
@@ -253,7 +250,19 @@ class Master {
     try {
       const long first_slot = WantsReusePort<Balance> ? 0 : -1;
       const bool adopting = adopts_sockets();
-      for (auto& spec : opts_.listen) {
+      // A host name stands for every address it resolves to (nginx's rule), all on one port:
+      // for port 0, the one the kernel chose for its first address.
+      std::vector<std::pair<std::string, bool>> wanted;  // a spec; shares its predecessor's port
+      for (auto& entry : opts_.listen) {
+        std::vector<std::string> resolved = detail::resolve_listen_address(entry);
+        for (std::size_t k = 0; k < resolved.size(); ++k) wanted.emplace_back(resolved[k], k > 0);
+      }
+      std::string previous;  // where the previous wanted spec was bound, if it was
+      for (auto& [wanted_spec, same_port] : wanted) {
+        const std::string spec = same_port && !previous.empty()
+                                     ? detail::same_port_as(wanted_spec, previous)
+                                     : wanted_spec;
+        previous.clear();
         std::string as = spec;
         UniqueFd fd = take_inherited(spec, first_slot);
         if (!fd && adopting) {
@@ -276,6 +285,7 @@ class Master {
         if (fresh) created.push_back(names.back());
         fds.push_back(std::move(fd));
         specs.push_back(std::move(as));
+        previous = names.back();
       }
       if (adopting) adopt_remaining(fds, names, specs, first_slot);
       activated_.clear();  // what is left is no listener: closed

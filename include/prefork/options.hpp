@@ -92,7 +92,8 @@ struct UpgradeReport {
 struct Options {
   /// Worker processes to keep running; one per CPU by default.
   unsigned workers = cpu_count();
-  /// Addresses to listen on: "127.0.0.1:8080", "0.0.0.0:0", "[::1]:8080", "unix:/path".
+  /// Addresses to listen on: "127.0.0.1:8080", "0.0.0.0:0", "[::1]:8080", "unix:/path", or a
+  /// host name ("localhost:8080"), resolved at bind time: every address it resolves to.
   std::vector<std::string> listen{};
   /// listen(2) backlog for each listening socket.
   int backlog = 511;

@@ -18,6 +18,7 @@
 #include <string>
 #include <system_error>
 #include <utility>
+#include <vector>
 
 #include "prefork/connection.hpp"
 
@@ -328,4 +329,35 @@ TEST_CASE("A Connection from an unnamed unix peer prints unix:", "[socket]") {
   REQUIRE(::getpeername(sv[0], peer.get(), &peer.length) == 0);
   prefork::Connection c{UniqueFd(sv[0]), peer};
   CHECK(c.peer() == "unix:");
+}
+
+TEST_CASE("address_problem names the rule a listen address breaks and accepts host names",
+          "[socket]") {
+  using prefork::detail::address_problem;
+  for (const char* ok : {"127.0.0.1:0", ":8080", "[::1]:80", "localhost:8080", "a-b.example:1",
+                         "unix:/run/app.sock"})
+    CHECK(address_problem(ok).empty());
+  const std::string long_path = "unix:/" + std::string(107, 'p');  // 108 bytes
+  CHECK(address_problem(long_path) == "the path is 108 bytes, longer than 107 (the size of a "
+                                      "Unix socket address)");
+  CHECK(address_problem("unix:/" + std::string(106, 'p')).empty());  // 107: the longest
+  CHECK(address_problem("unix:") == "no path after 'unix:'");
+  CHECK(address_problem("127.0.0.1").starts_with("no port"));
+  CHECK(address_problem("h:65536") == "the port '65536' is not a number from 0 to 65535");
+  CHECK(address_problem("1.2.3.999:80") == "'1.2.3.999' is not a numeric IPv4 address");
+  CHECK(address_problem("[::g]:80") == "'::g' is not a numeric IPv6 address");
+  CHECK(address_problem("::1:80") == "an IPv6 address goes in brackets: [::1]:80");
+  CHECK(address_problem("-bad-:80").find("is neither a numeric address nor a host name") !=
+        std::string::npos);
+}
+
+TEST_CASE("resolve_listen_address keeps numeric addresses and resolves localhost", "[socket]") {
+  using prefork::detail::resolve_listen_address;
+  CHECK(resolve_listen_address("127.0.0.1:0") == std::vector<std::string>{"127.0.0.1:0"});
+  CHECK(resolve_listen_address("unix:/x.sock") == std::vector<std::string>{"unix:/x.sock"});
+  std::vector<std::string> local = resolve_listen_address("localhost:8080");
+  REQUIRE_FALSE(local.empty());
+  for (auto& a : local) CHECK((a == "127.0.0.1:8080" || a == "[::1]:8080"));
+  CHECK(prefork::detail::same_port_as("[::1]:0", "127.0.0.1:4321") == "[::1]:4321");
+  CHECK(prefork::detail::same_port_as("[::1]:80", "127.0.0.1:4321") == "[::1]:80");
 }

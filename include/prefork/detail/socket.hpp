@@ -4,6 +4,7 @@
 #define PREFORK_DETAIL_SOCKET_HPP
 
 #include <arpa/inet.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
@@ -19,6 +20,7 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <vector>
 
 #include <prefork/detail/syscall.hpp>
 #include <prefork/detail/unique_fd.hpp>
@@ -79,6 +81,73 @@ inline std::error_code parse_address(std::string_view spec, SocketAddress& out) 
   return {};
 }
 
+/// A host name as RFC 1123 allows one: dot-separated labels of 1 to 63 letters, digits and
+/// '-', not starting or ending with '-', 253 bytes at most.
+inline bool is_host_name(std::string_view host) noexcept {
+  if (host.empty() || host.size() > 253) return false;
+  std::size_t label = 0;
+  char previous = '.';
+  for (char c : host) {
+    bool alnum = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+    if (c == '.') {
+      if (label == 0 || previous == '-') return false;
+      label = 0;
+    } else if (alnum || (c == '-' && label > 0)) {
+      if (++label > 63) return false;
+    } else {
+      return false;
+    }
+    previous = c;
+  }
+  return label > 0 && previous != '-';
+}
+
+/// Why `spec` is not a listen address, as the rule it breaks ("the path is 120 bytes, longer
+/// than 107"); empty if it is one: what parse_address() takes, or HOST:PORT with a host name,
+/// which resolve_listen_address() resolves when the master binds.
+inline std::string address_problem(std::string_view spec) {
+  constexpr std::string_view kForms = "HOST:PORT, [IPV6]:PORT or unix:PATH";
+  if (spec.starts_with("unix:")) {
+    std::string_view path = spec.substr(5);
+    constexpr std::size_t kMaxPath = sizeof(sockaddr_un{}.sun_path) - 1;  // and its NUL
+    if (path.empty()) return "no path after 'unix:'";
+    if (path.find('\0') != std::string_view::npos) return "the path holds a NUL byte";
+    if (path.size() > kMaxPath)
+      return "the path is " + std::to_string(path.size()) + " bytes, longer than " +
+             std::to_string(kMaxPath) + " (the size of a Unix socket address)";
+    return {};
+  }
+  auto colon = spec.rfind(':');
+  if (colon == std::string_view::npos) return "no port (want " + std::string(kForms) + ")";
+  std::string host(spec.substr(0, colon));
+  std::string_view port_text = spec.substr(colon + 1);
+  unsigned port = 0;
+  auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
+  if (port_text.empty() || ec != std::errc{} || end != port_text.data() + port_text.size() ||
+      port > 65535)
+    return "the port '" + std::string(port_text) + "' is not a number from 0 to 65535";
+  in6_addr v6{};
+  in_addr v4{};
+  if (host.starts_with('[')) {
+    if (host.size() < 2 || !host.ends_with(']')) return "'" + host + "' has no closing ']'";
+    if (::inet_pton(AF_INET6, host.substr(1, host.size() - 2).c_str(), &v6) != 1)
+      return "'" + host.substr(1, host.size() - 2) + "' is not a numeric IPv6 address";
+    return {};
+  }
+  if (host.find(':') != std::string::npos)
+    return "an IPv6 address goes in brackets: [" + host + "]:" + std::string(port_text);
+  if (host.empty()) return {};
+  if (host.find_first_not_of("0123456789.") == std::string::npos) {
+    if (::inet_pton(AF_INET, host.c_str(), &v4) != 1)
+      return "'" + host + "' is not a numeric IPv4 address";
+    return {};
+  }
+  if (!is_host_name(host))
+    return "'" + host + "' is neither a numeric address nor a host name (letters, digits, '-' "
+           "and '.')";
+  return {};
+}
+
 /// "127.0.0.1:8080", "[::1]:8080" or "unix:/path".
 inline std::string to_string(const SocketAddress& a) {
   char buf[INET6_ADDRSTRLEN] = {};
@@ -135,6 +204,61 @@ inline void unlink_unix_socket(std::string_view address) noexcept {
   if (!address.starts_with("unix:")) return;
   std::string path(address.substr(5));
   ::unlink(path.c_str());
+}
+
+/// The numeric listen addresses `spec` stands for: itself when parse_address() takes it; for a
+/// host name, every IPv4 and IPv6 address getaddrinfo(3) returns for it, in its order (IPv4
+/// first for "localhost" under the default /etc/gai.conf), each once (AI_ADDRCONFIG), nginx's
+/// rule for `listen NAME:PORT`. Throws std::system_error naming the address and the resolver's reason
+/// when the name does not resolve. Master, at bind time.
+inline std::vector<std::string> resolve_listen_address(const std::string& spec) {
+  SocketAddress a;
+  if (!parse_address(spec, a)) return {spec};
+  auto colon = spec.rfind(':');
+  const std::string host = spec.substr(0, colon), port = spec.substr(colon + 1);
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  // AI_ADDRCONFIG: IPv6 addresses only where the machine has IPv6 configured, so that "::1
+  // localhost" in /etc/hosts does not make a bind fail on a machine without IPv6.
+  hints.ai_flags = AI_NUMERICSERV | AI_ADDRCONFIG;
+  addrinfo* list = nullptr;
+  const auto unresolved = std::make_error_code(std::errc::address_not_available);
+  if (int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &list); rc != 0)
+    throw StatedError(unresolved, "prefork: listen address '" + spec + "': cannot resolve '" +
+                                      host + "': " + ::gai_strerror(rc));
+  std::vector<std::string> out;
+  for (addrinfo* p = list; p; p = p->ai_next) {
+    if ((p->ai_family != AF_INET && p->ai_family != AF_INET6) ||
+        p->ai_addrlen > sizeof a.storage)
+      continue;
+    SocketAddress r;
+    std::memcpy(&r.storage, p->ai_addr, p->ai_addrlen);
+    r.length = p->ai_addrlen;
+    std::string s = to_string(r);
+    if (std::find(out.begin(), out.end(), s) == out.end()) out.push_back(std::move(s));
+  }
+  ::freeaddrinfo(list);
+  if (out.empty())
+    throw StatedError(unresolved, "prefork: listen address '" + spec + "': '" + host +
+                                      "' resolves to no IPv4 or IPv6 address");
+  return out;
+}
+
+/// Numeric TCP `spec` with port 0 replaced by the port of `bound`: the addresses of one host
+/// name share the port the kernel chose for the first. Any other `spec` is returned as it is.
+inline std::string same_port_as(const std::string& spec, const std::string& bound) {
+  SocketAddress s, b;
+  if (parse_address(spec, s) || parse_address(bound, b) || s.family() == AF_UNIX ||
+      b.family() == AF_UNIX)
+    return spec;
+  auto port_ref = [](SocketAddress& x) -> in_port_t& {
+    return x.family() == AF_INET ? reinterpret_cast<sockaddr_in*>(&x.storage)->sin_port
+                                 : reinterpret_cast<sockaddr_in6*>(&x.storage)->sin6_port;
+  };
+  if (port_ref(s) != 0) return spec;
+  port_ref(s) = port_ref(b);
+  return to_string(s);
 }
 
 /// How a TCP listening socket takes part in a SO_REUSEPORT group (Unix sockets: ignored).
