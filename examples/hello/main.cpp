@@ -248,7 +248,9 @@ std::string control_name(const std::vector<std::string>& bound) {
   for (auto& a : bound)
     if (!a.starts_with("unix:")) return "hello-" + a.substr(a.rfind(':') + 1);
   const std::string& path = bound.front();
-  return "hello-" + path.substr(path.rfind('/') + 1);
+  std::string file = path.substr(path.rfind('/') + 1);
+  if (file.ends_with(".sock")) file.resize(file.size() - 5);  // "hello-app.sock", not ".sock.sock"
+  return "hello-" + file;
 }
 
 template <class Balance>
