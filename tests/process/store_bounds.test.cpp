@@ -227,7 +227,11 @@ int counter_master(const std::string& dir) {
   Options opts{.workers = 2};
   opts.store_snapshot = dir + "/store.snapshot";
   opts.drain_timeout = std::chrono::seconds(5);
-  opts.log = [](const prefork::LogRecord&) {};
+  opts.log = [](const prefork::LogRecord& r) {  // what went wrong, for a failing run's output
+    if (r.level != prefork::LogLevel::info)
+      std::fprintf(stderr, "master %d: %.*s\n", static_cast<int>(r.pid),
+                   static_cast<int>(r.message.size()), r.message.data());
+  };
   const int events = ::open((dir + "/events").c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
   CounterCluster cluster(std::move(opts));
   cluster.on_upgrade_done([&](const prefork::UpgradeReport& u) {
@@ -352,10 +356,10 @@ TEST_CASE("No acknowledged store write is lost or handed out twice across master
     ok = ok && writing(masters.back());
   }
   CHECK(ok);
-  ::kill(masters.back(), ok ? SIGTERM : SIGKILL);
   // Oldest first: a master that handed over exits once its workers have, and its successor is
-  // then our child.
+  // then our child (the last one is stopped only then: a parent still alive would reap it).
   for (pid_t m : masters) {
+    if (m == masters.back()) ::kill(m, ok ? SIGTERM : SIGKILL);
     std::optional<int> status = wait_child(m, Clock::now() + kDeadline);
     if (!status) kill_and_reap(m);
     INFO("master " << m << " wait status " << status.value_or(-1));
