@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include "support/descriptors.hpp"
+#include "support/heap.hpp"
 #include "support/loop.hpp"
 
 #include <fcntl.h>
@@ -32,19 +33,6 @@
 #include "prefork/error.hpp"
 #include "prefork/event_loop.hpp"
 
-// Under a sanitizer, its allocator says how much heap is in use (heap_in_use below).
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define PREFORK_TEST_SANITIZER_HEAP 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define PREFORK_TEST_SANITIZER_HEAP 1
-#endif
-#endif
-#ifdef PREFORK_TEST_SANITIZER_HEAP
-// From the sanitizer runtime (sanitizer/allocator_interface.h, which g++ 12 does not install).
-extern "C" std::size_t __sanitizer_get_current_allocated_bytes();
-#endif
-
 using namespace std::chrono_literals;
 using prefork::Channel;
 using prefork::ChannelLimits;
@@ -57,6 +45,7 @@ using prefork::UniqueFd;
 
 using prefork_test::count_open_fds;
 using prefork_test::FdLeakCheck;
+using prefork_test::heap_in_use;
 
 using prefork_test::run_until;
 
@@ -1089,17 +1078,6 @@ TEST_CASE("flush_blocking writes the whole queue while the peer reads", "[channe
 // ------------------------------------------------------------------------------------------
 
 namespace {
-
-// Heap bytes this process holds now: the sanitizer's allocator when one is linked in, else
-// glibc's main arena plus its mmapped blocks (the test is single-threaded).
-std::size_t heap_in_use() {
-#ifdef PREFORK_TEST_SANITIZER_HEAP
-  return __sanitizer_get_current_allocated_bytes();
-#else
-  struct mallinfo2 m = ::mallinfo2();
-  return m.uordblks + m.hblkhd;
-#endif
-}
 
 void set_buffer(int fd, int option, int bytes) {
   REQUIRE(::setsockopt(fd, SOL_SOCKET, option, &bytes, sizeof bytes) == 0);
