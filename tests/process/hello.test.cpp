@@ -29,6 +29,7 @@
 #include "harness.hpp"
 #include "hello_process.hpp"
 #include "http_client.hpp"
+#include "support/subreaper.hpp"
 
 using namespace prefork_test;
 
@@ -40,14 +41,6 @@ std::string exe_of(pid_t pid) {
   ssize_t n = ::readlink(link.c_str(), buf, sizeof buf - 1);
   return n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string();
 }
-
-/// Makes this process the subreaper of its descendants for the scope, so that the workers of a
-/// killed hello master are reparented here and reaped by the test.
-struct Subreaper {
-  Subreaper() { ok = ::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0; }
-  ~Subreaper() { ::prctl(PR_SET_CHILD_SUBREAPER, 0); }
-  bool ok;
-};
 
 }  // namespace
 

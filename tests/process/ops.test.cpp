@@ -30,6 +30,7 @@
 #include "hello_process.hpp"
 #include "http_client.hpp"
 #include "support/temp_dir.hpp"
+#include "support/subreaper.hpp"
 
 using namespace prefork_test;
 
@@ -101,16 +102,6 @@ std::optional<Nobody> nobody_for(const char* needs) {
   }
   return nobody;
 }
-
-/// Makes this process the subreaper of its descendants for the scope: the new master of an
-/// upgrade, orphaned when the old master (hello, our child) exits, becomes our child.
-struct Subreaper {
-  Subreaper() { ok = ::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0; }
-  ~Subreaper() { ::prctl(PR_SET_CHILD_SUBREAPER, 0); }
-  Subreaper(const Subreaper&) = delete;
-  Subreaper& operator=(const Subreaper&) = delete;
-  bool ok;
-};
 
 /// A process this test adopted as subreaper: SIGKILLed and reaped at the end of the scope
 /// unless waited for. Declared before the HelloProcess whose new master it will hold.

@@ -23,6 +23,7 @@
 #include "harness.hpp"
 #include "support/heap.hpp"
 #include "support/temp_dir.hpp"
+#include "support/subreaper.hpp"
 
 using namespace prefork_test;
 using prefork::Options;
@@ -276,16 +277,6 @@ const bool kUpgradedMaster = [] {
   }
   return false;
 }();
-
-/// Makes this process the subreaper of its descendants for the scope: a new master, orphaned
-/// when the old one exits, becomes our child, so that the test reaps it.
-struct Subreaper {
-  Subreaper() { ok = ::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0; }
-  ~Subreaper() { ::prctl(PR_SET_CHILD_SUBREAPER, 0); }
-  Subreaper(const Subreaper&) = delete;
-  Subreaper& operator=(const Subreaper&) = delete;
-  bool ok;
-};
 
 
 }  // namespace

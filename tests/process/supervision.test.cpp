@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "harness.hpp"
+#include "support/subreaper.hpp"
 
 using namespace prefork_test;
 using prefork::ExitInfo;
@@ -35,14 +36,6 @@ namespace {
 Options listening_options(unsigned workers) {
   return Options{.workers = workers, .listen = {"127.0.0.1:0"}, .handle_signals = false};
 }
-
-/// Makes this process the subreaper of its descendants for the scope: orphaned workers are
-/// reparented to it, so that it can reap them (and no zombie outlives the test).
-struct Subreaper {
-  Subreaper() { ok = ::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0; }
-  ~Subreaper() { ::prctl(PR_SET_CHILD_SUBREAPER, 0); }
-  bool ok;
-};
 
 }  // namespace
 

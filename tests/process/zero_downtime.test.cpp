@@ -42,6 +42,7 @@
 #include "hello_process.hpp"
 #include "http_client.hpp"
 #include "remote_master.hpp"
+#include "support/subreaper.hpp"
 
 using namespace prefork_test;
 using prefork::ExitInfo;
@@ -788,16 +789,6 @@ std::map<long, int> drain_servers_answering(const std::string& address, int n,
   }
   return by_pid;
 }
-
-/// Makes this process the subreaper of its descendants for the scope: the new master of an
-/// upgrade, orphaned when the old master (hello, our child) exits, becomes our child.
-struct Subreaper {
-  Subreaper() { ok = ::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0; }
-  ~Subreaper() { ::prctl(PR_SET_CHILD_SUBREAPER, 0); }
-  Subreaper(const Subreaper&) = delete;
-  Subreaper& operator=(const Subreaper&) = delete;
-  bool ok;
-};
 
 /// A process this test adopted as subreaper (an upgrade's new master): SIGKILLed and reaped
 /// when the scope ends unless the test has waited for it. Declare it before the HelloProcess
