@@ -50,6 +50,9 @@
 #include <prefork/store_client.hpp>
 #include <prefork/worker.hpp>
 #include <prefork/worker_handle.hpp>
+#include <prefork/master/log.hpp>
+#include <prefork/master/worker_record.hpp>
+#include <prefork/master/worker_table.hpp>
 
 extern char** environ;
 
@@ -134,6 +137,7 @@ template <MessageCodec Codec, class Restart, class Balance>
 class Master {
  public:
   using WorkerT = Worker<Codec>;
+  using Record = detail::WorkerRecord<Codec>;
   using message_type = typename Codec::message_type;
   /// What a forked child runs (fork mode); returns the worker's exit status.
   using ChildMain = std::function<int(const detail::WorkerBoot&)>;
@@ -159,7 +163,7 @@ class Master {
       if (!activation_error.empty()) throw std::runtime_error("prefork: " + activation_error);
       notifier_ = detail::Notifier::take_from_environment();
     }
-    slots_.resize(opts_.workers);
+    table_.resize_slots(opts_.workers);
     credentials_ = detail::resolve_credentials(opts_.user, opts_.group);
     store_ = std::make_unique<detail::StoreHostOf<MemoryStore<>>>(MemoryStore<>(opts_.store_limits));
     loop_.on_exception([this](std::exception_ptr e) { callback_failed(e); });
@@ -292,7 +296,7 @@ class Master {
       specs_ = specs;
       if constexpr (WantsReusePort<Balance>) {
         sets.push_back(std::move(fds));
-        for (std::size_t s = 1; s < slots_.size(); ++s)
+        for (std::size_t s = 1; s < table_.slot_count(); ++s)
           sets.push_back(bind_set(names, &sets[0], s));
       }
     } catch (...) {
@@ -316,22 +320,18 @@ class Master {
   const std::vector<std::string>& addresses() const noexcept { return addresses_; }
 
   /// Live workers (not yet exited), in id order.
-  std::vector<WorkerT*> workers() const {
-    std::vector<WorkerT*> v;
-    for (auto& [id, w] : workers_) v.push_back(w.get());
-    return v;
-  }
+  std::vector<WorkerT*> workers() const { return table_.handles(); }
   WorkerT* worker(unsigned id) const {
-    auto it = workers_.find(id);
-    return it == workers_.end() ? nullptr : it->second.get();
+    Record* r = record(id);
+    return r ? &r->handle : nullptr;
   }
 
   /// Adds a slot and forks a worker into it (Node's cluster.fork()). Returns nullptr if fork
   /// failed (logged; retried from a timer) or the master is shutting down.
   WorkerT* fork() {
     if (shutting_down_) return nullptr;
-    slots_.emplace_back();
-    return spawn(slots_.size() - 1);
+    Record* r = spawn(table_.add_slot());
+    return r ? &r->handle : nullptr;
   }
 
   /// The balance policy object, e.g. to configure a stateful one.
@@ -347,8 +347,8 @@ class Master {
   std::size_t broadcast(const message_type& m) {
     std::string bytes = codec_.encode(m);
     std::size_t n = 0;
-    for (auto& [id, w] : workers_)
-      if (w->is_connected() && !w->channel_->send(FrameKind::user, bytes)) ++n;
+    for (auto& [id, w] : table_.live())
+      if (w->is_connected() && !w->channel->send(FrameKind::user, bytes)) ++n;
     return n;
   }
 
@@ -369,7 +369,7 @@ class Master {
     if (!again || fast)
       log(LogLevel::info, "shutdown",
           std::string(again || fast ? "fast: SIGTERM to " : "graceful: draining ") +
-              std::to_string(workers_.size()) + (workers_.size() == 1 ? " worker" : " workers"));
+              std::to_string(table_.size()) + (table_.size() == 1 ? " worker" : " workers"));
     if (!again) {
       notify_stopping();
       finish_reload(false, "the master is shutting down");
@@ -379,20 +379,20 @@ class Master {
         dispatch_pending();
       }
       shutting_down_ = true;
-      for (auto& s : slots_) cancel_restart(s);
+      for (auto& s : table_.slots()) cancel_restart(s);
       for (auto& l : listeners_) loop_.unwatch(l.get());
       listeners_.clear();
       slot_listeners_.clear();
       flush_pending();
-      for (auto& [id, w] : workers_) w->disconnect();
+      for (auto& [id, w] : table_.live()) w->disconnect();
     }
     if (again || fast) {
-      for (auto& [id, w] : workers_) {
-        w->exited_after_disconnect_ = true;
+      for (auto& [id, w] : table_.live()) {
+        w->exited_after_disconnect = true;
         w->signal(SIGTERM);
       }
     }
-    if (workers_.empty()) loop_.stop();
+    if (table_.empty()) loop_.stop();
   }
   bool shutting_down() const noexcept { return shutting_down_; }
 
@@ -410,8 +410,8 @@ class Master {
     reload_ = ReloadState{};
     reload_.active = true;
     reload_.started = Clock::now();
-    for (auto& [id, w] : workers_)
-      if (!w->exited_after_disconnect_ && owns_slot(*w))
+    for (auto& [id, w] : table_.live())
+      if (!w->exited_after_disconnect && owns_slot(*w))
         reload_.queue.push_back(id);
     notifier_.notify("RELOADING=1\nMONOTONIC_USEC=" + std::to_string(detail::monotonic_usec()) +
                      "\nSTATUS=rolling restart: replacing " +
@@ -514,28 +514,28 @@ class Master {
     ClusterStatus st;
     st.pid = ::getpid();
     st.uptime = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started_);
-    st.workers_wanted = slots_.size();
+    st.workers_wanted = table_.slot_count();
     st.addresses = addresses_;
     st.reloading = reload_.active;
     st.upgrading = successor_.waiting();
     st.shutting_down = shutting_down_;
-    for (std::size_t i = 0; i < slots_.size(); ++i) {
-      st.restarts += slots_[i].restarts;
-      if (slots_[i].errored) st.errored_slots.push_back(i);
+    for (std::size_t i = 0; i < table_.slot_count(); ++i) {
+      st.restarts += table_.slot(i).restarts;
+      if (table_.slot(i).errored) st.errored_slots.push_back(i);
     }
-    for (auto& [id, w] : workers_) {
+    for (auto& [id, w] : table_.live()) {
       WorkerStatus ws;
       ws.id = id;
-      ws.slot = w->slot_;
-      ws.pid = w->pid_;
-      ws.state = w->state_;
-      ws.draining = w->exited_after_disconnect_ || w->hung_;
-      ws.uptime = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - w->started_);
-      ws.restarts = w->restarts_;
-      ws.connections = w->reported_connections_;
-      ws.connections_total = w->counters_.connections_total;
-      ws.requests = w->counters_.requests;
-      ws.rss = detail::resident_bytes(w->pid_);
+      ws.slot = w->slot;
+      ws.pid = w->pid;
+      ws.state = w->state;
+      ws.draining = w->exited_after_disconnect || w->hung;
+      ws.uptime = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - w->started);
+      ws.restarts = w->restarts;
+      ws.connections = w->reported_connections;
+      ws.connections_total = w->counters.connections_total;
+      ws.requests = w->counters.requests;
+      ws.rss = detail::resident_bytes(w->pid);
       st.workers.push_back(ws);
     }
     return st;
@@ -548,8 +548,8 @@ class Master {
                     Clock::duration timeout = std::chrono::seconds(1)) {
     auto q = std::make_shared<StatusQuery>();
     q->done = std::move(cb);
-    for (auto& [id, w] : workers_)
-      if (w->is_connected() && !w->channel_->send(FrameKind::stats, {})) q->waiting.push_back(id);
+    for (auto& [id, w] : table_.live())
+      if (w->is_connected() && !w->channel->send(FrameKind::stats, {})) q->waiting.push_back(id);
     status_queries_.push_back(q);
     q->timer = loop_.after(timeout, [this, q] {
       q->timer = 0;
@@ -566,25 +566,25 @@ class Master {
   std::error_code scale(std::size_t n) {
     if (n == 0 || n > 4096) return std::make_error_code(std::errc::invalid_argument);
     if (shutting_down_) return std::make_error_code(std::errc::operation_canceled);
-    std::size_t was = slots_.size();
+    std::size_t was = table_.slot_count();
     if (n == was) return {};
     log(LogLevel::info, "scale", "from " + std::to_string(was) + " to " + std::to_string(n) +
                                      (n == 1 ? " worker" : " workers"));
     if (n > was) {
-      slots_.resize(n);
+      table_.resize_slots(n);
       for (std::size_t slot = was; slot < n; ++slot) {
         if constexpr (requires(Restart& r) { r.reset(slot); }) restart_.reset(slot);
         if (running_) spawn(slot);  // before run(), run() forks them
       }
       return {};
     }
-    for (std::size_t slot = n; slot < was; ++slot) cancel_restart(slots_[slot]);
-    slots_.resize(n);
+    for (std::size_t slot = n; slot < was; ++slot) cancel_restart(table_.slot(slot));
+    table_.resize_slots(n);
     if constexpr (WantsReusePort<Balance>) {
       if (slot_listeners_.size() > n) slot_listeners_.resize(n);  // stop routing to them
     }
-    for (auto& [id, w] : workers_)
-      if (w->slot_ >= n) w->disconnect();
+    for (auto& [id, w] : table_.live())
+      if (w->slot >= n) w->disconnect();
     if constexpr (MasterDispatch<Balance>) dispatch_pending();
     notify_ready();
     return {};
@@ -616,18 +616,18 @@ class Master {
       // here), TTIN and TTOU add and remove a worker.
       loop_.on_signal(SIGHUP, [this](const signalfd_siginfo&) { reload(); });
       loop_.on_signal(SIGQUIT, [this](const signalfd_siginfo&) { shutdown(); });
-      loop_.on_signal(SIGTTIN, [this](const signalfd_siginfo&) { scale(slots_.size() + 1); });
+      loop_.on_signal(SIGTTIN, [this](const signalfd_siginfo&) { scale(table_.slot_count() + 1); });
       loop_.on_signal(SIGTTOU, [this](const signalfd_siginfo&) {
-        if (slots_.size() > 1) scale(slots_.size() - 1);
+        if (table_.slot_count() > 1) scale(table_.slot_count() - 1);
       });
     }
     running_ = true;
     std::string on;
     for (auto& a : addresses_) on += (on.empty() ? " on " : ", ") + a;
     log(LogLevel::info, "serving", "pid " + std::to_string(::getpid()) + ", " +
-                                       std::to_string(slots_.size()) + " workers" + on);
-    for (std::size_t s = 0; s < slots_.size(); ++s)
-      if (!slots_[s].worker_id) spawn(s);
+                                       std::to_string(table_.slot_count()) + " workers" + on);
+    for (std::size_t s = 0; s < table_.slot_count(); ++s)
+      if (!table_.slot(s).worker_id) spawn(s);
     if constexpr (MasterDispatch<Balance>) resume_accepting();
     start_supervision();
     start_systemd_watchdog();
@@ -638,6 +638,8 @@ class Master {
   }
 
  private:
+  Record* record(unsigned id) const { return table_.find(id); }
+
   // The end of run(): socket files, the control socket, the store snapshot (if `save`), the
   // pid file. 0, or 1 if the snapshot could not be saved.
   int release(bool save) {
@@ -656,13 +658,7 @@ class Master {
     return saved ? 0 : 1;
   }
 
-  struct Slot {
-    unsigned worker_id = 0;  // the worker that owns the slot now, 0 if none
-    EventLoop::TimerId restart_timer = 0;
-    bool errored = false;
-    unsigned restarts = 0;  // workers started in the slot after its first
-    bool used = false;      // a worker was ever started in it
-  };
+
 
   // ReusePort: each slot its own SO_REUSEPORT socket per listen address, bound to what the
   // first bind resolved (so port 0 means one port for all). A Unix socket cannot be balanced
@@ -749,17 +745,17 @@ class Master {
   }
 
   void log(LogLevel level, std::string_view event, const std::string& msg,
-           const WorkerT* w = nullptr) {
-    detail::emit_log(opts_.log, level, "master", w ? w->id_ : 0, w ? w->pid_ : 0, event, msg);
+           const Record* w = nullptr) const {
+    log_(level, event, msg, w);
   }
 
   // One line per exit: a crash is a warning, a planned exit (disconnect, kill, shutdown) not.
-  void log_exit(const WorkerT& w, const ExitInfo& e) {
+  void log_exit(const Record& w, const ExitInfo& e) {
     std::string how = e.signal ? "killed by signal " + std::to_string(e.signal)
                                : "exited with code " + std::to_string(e.exit_code);
     bool planned = e.exited_after_disconnect && (e.exit_code == 0 || e.signal);
     log(planned || !e.crashed() ? LogLevel::info : LogLevel::warning, "exit",
-        "pid " + std::to_string(w.pid_) + " " + how + " after " +
+        "pid " + std::to_string(w.pid) + " " + how + " after " +
             std::to_string(e.uptime.count()) + " ms" +
             (e.exited_after_disconnect ? " (planned)" : "") +
             (e.reason.empty() ? std::string() : ": " + e.reason),
@@ -767,15 +763,11 @@ class Master {
   }
 
   // The worker is its slot's current one (not a replaced one, nor in a slot scaled away).
-  bool owns_slot(const WorkerT& w) const noexcept {
-    return w.slot_ < slots_.size() && slots_[w.slot_].worker_id == w.id_;
-  }
+  bool owns_slot(const Record& w) const noexcept { return table_.owns_slot(w); }
 
-  static std::string describe(const WorkerT& w) {
-    return "worker " + std::to_string(w.id_) + " (pid " + std::to_string(w.pid_) + ")";
-  }
+  static std::string describe(const Record& w) { return detail::MasterLog::describe(w); }
 
-  void cancel_restart(Slot& s) {
+  void cancel_restart(detail::Slot& s) {
     if (s.restart_timer) loop_.cancel(s.restart_timer);
     s.restart_timer = 0;
   }
@@ -795,16 +787,16 @@ class Master {
     if (pid_file_.held()) fds.push_back(pid_file_.native_handle());  // or a child keeps the lock
     control_.descriptors(fds);  // or a child keeps the socket live, and a client's EOF away
     successor_.descriptors(fds);
-    for (auto& [id, w] : workers_) {
-      for (auto& h : w->in_flight_) fds.push_back(h.fd.get());
-      if (w->channel_ && w->channel_->is_open()) fds.push_back(w->channel_->native_handle());
-      if (w->pidfd_) fds.push_back(w->pidfd_.get());
+    for (auto& [id, w] : table_.live()) {
+      for (auto& h : w->in_flight) fds.push_back(h.fd.get());
+      if (w->channel && w->channel->is_open()) fds.push_back(w->channel->native_handle());
+      if (w->pidfd) fds.push_back(w->pidfd.get());
     }
     return fds;
   }
 
-  WorkerT* spawn(std::size_t slot) {
-    Slot& s = slots_[slot];
+  Record* spawn(std::size_t slot) {
+    detail::Slot& s = table_.slot(slot);
     cancel_restart(s);
     s.errored = false;
     if constexpr (WantsReusePort<Balance>) {
@@ -817,7 +809,7 @@ class Master {
       return retry_spawn(slot, e.what());
     }
     auto& [mine, theirs] = pair;
-    unsigned id = next_id_ + 1;
+    unsigned id = table_.next_id();
     detail::WorkerBoot boot{id, slot, theirs.get(),
                             {opts_.max_message_size, opts_.max_queued_bytes}};
     if (opts_.watchdog_timeout.count() > 0)
@@ -849,18 +841,18 @@ class Master {
       if (pid == 0) child(boot, parent, close_in_child, argv, envp);
     }
     if (pid < 0) return retry_spawn(slot, std::string("fork: ") + std::strerror(errno));
-    next_id_ = id;
+    table_.use_id(id);
     theirs.reset();
 
-    auto owned = std::unique_ptr<WorkerT>(new WorkerT(loop_, opts_, id, slot));
-    WorkerT& w = *owned;
-    w.pid_ = pid;
+    auto owned = std::make_unique<Record>(loop_, opts_, id, slot);
+    Record& w = *owned;
+    w.pid = pid;
     if (opts_.max_lifetime.count() > 0)  // up to 10% more, so that workers started together
-      w.lifetime_ = opts_.max_lifetime +  // do not all come due together
+      w.lifetime = opts_.max_lifetime +  // do not all come due together
                     std::chrono::milliseconds(jitter(static_cast<std::uint64_t>(
                         opts_.max_lifetime.count() / 10)));
-    w.pidfd_.reset(detail::pidfd_open(pid));
-    if (!w.pidfd_) {
+    w.pidfd.reset(detail::pidfd_open(pid));
+    if (!w.pidfd) {
       // Without a pidfd we cannot reap this child safely; it is ours, so kill and reap it.
       log(LogLevel::warning, "fork",
           "pidfd_open failed for pid " + std::to_string(pid) + ": " + std::strerror(errno));
@@ -868,25 +860,25 @@ class Master {
       ::waitpid(pid, nullptr, 0);
       return retry_spawn(slot, "pidfd_open failed");
     }
-    w.channel_ = std::make_unique<Channel>(
+    w.channel = std::make_unique<Channel>(
         loop_, std::move(mine), ChannelLimits{opts_.max_message_size, opts_.max_queued_bytes});
     // Store and request answers count against max_queued_bytes like everything else: a
     // worker that does not read them is not read either until it has (issue 13).
-    w.channel_->pause_reading_while_full(true);
-    w.channel_->on_frame([this, &w](Frame&& f) { on_frame(w, std::move(f)); });
-    w.link_->channel = w.channel_.get();
-    w.channel_->on_close([this, &w](std::error_code ec) { on_channel_closed(w, ec); });
-    loop_.watch(w.pidfd_.get(), EventLoop::readable, [this, &w](std::uint32_t) { on_pidfd(w); });
+    w.channel->pause_reading_while_full(true);
+    w.channel->on_frame([this, &w](Frame&& f) { on_frame(w, std::move(f)); });
+    w.link->channel = w.channel.get();
+    w.channel->on_close([this, &w](std::error_code ec) { on_channel_closed(w, ec); });
+    loop_.watch(w.pidfd.get(), EventLoop::readable, [this, &w](std::uint32_t) { on_pidfd(w); });
     s.worker_id = id;
     if (s.used) ++s.restarts;
     s.used = true;
-    w.restarts_ = s.restarts;
-    workers_.emplace(id, std::move(owned));
+    w.restarts = s.restarts;
+    table_.insert(std::move(owned));
     if (bound_ && listens() && !shutting_down_) hand_listeners(w);
     log(LogLevel::info, "fork", "pid " + std::to_string(pid) + ", slot " + std::to_string(slot) +
         (s.restarts ? ", restart " + std::to_string(s.restarts) + " of the slot" : std::string()),
         &w);
-    emit(on_fork_, w);
+    emit(on_fork_, w.handle);
     return &w;
   }
 
@@ -927,13 +919,13 @@ class Master {
     ::_exit(code);
   }
 
-  WorkerT* retry_spawn(std::size_t slot, const std::string& why) {
+  Record* retry_spawn(std::size_t slot, const std::string& why) {
     log(LogLevel::warning, "fork",
         "cannot start a worker for slot " + std::to_string(slot) + ": " + why +
         "; retrying in 1 s");
-    Slot& s = slots_[slot];
+    detail::Slot& s = table_.slot(slot);
     s.restart_timer = loop_.after(std::chrono::seconds(1), [this, slot] {
-      slots_[slot].restart_timer = 0;
+      table_.slot(slot).restart_timer = 0;
       if (!shutting_down_) spawn(slot);
     }, false);
     return nullptr;
@@ -941,10 +933,10 @@ class Master {
 
   // Kernel dispatch: the worker gets its own copies of the listening sockets. Master dispatch:
   // an empty handles frame, which tells the worker to expect connections over the channel.
-  void hand_listeners(WorkerT& w) {
+  void hand_listeners(Record& w) {
     std::vector<UniqueFd> dups;
     const std::vector<UniqueFd>* source = &listeners_;
-    if constexpr (WantsReusePort<Balance>) source = &slot_listeners_.at(w.slot_);
+    if constexpr (WantsReusePort<Balance>) source = &slot_listeners_.at(w.slot);
     if constexpr (KernelDispatch<Balance>) for (auto& l : *source) {
       int d = ::fcntl(l.get(), F_DUPFD_CLOEXEC, 0);
       if (d < 0) {
@@ -954,21 +946,21 @@ class Master {
       }
       dups.emplace_back(d);
     }
-    w.channel_->send(FrameKind::handles, {}, 0, std::move(dups));
+    w.channel->send(FrameKind::handles, {}, 0, std::move(dups));
   }
 
-  void protocol_error(WorkerT& w, std::error_code ec) {
+  void protocol_error(Record& w, std::error_code ec) {
     if (on_error_) {
-      emit(on_error_, w, ec);
+      emit(on_error_, w.handle, ec);
     } else {
       log(LogLevel::warning, "protocol", describe(w) + ": " + ec.message() + "; killing it", &w);
     }
-    if (w.exit_.reason.empty()) w.exit_.reason = "protocol error: " + ec.message();
+    if (w.exit.reason.empty()) w.exit.reason = "protocol error: " + ec.message();
     w.signal(SIGKILL);
   }
 
-  void on_frame(WorkerT& w, Frame&& f) {
-    w.last_heard_ = Clock::now();
+  void on_frame(Record& w, Frame&& f) {
+    w.last_heard = Clock::now();
     switch (f.kind) {
       case FrameKind::user: {
         std::error_code ec;
@@ -978,32 +970,32 @@ class Master {
           mark_disconnected(w);
           return;
         }
-        emit(on_message_, w, *m);
+        emit(on_message_, w.handle, *m);
         return;
       }
       case FrameKind::online:
-        if (w.state_ != WorkerState::none) break;
-        w.state_ = WorkerState::online;
-        log(LogLevel::info, "online", "pid " + std::to_string(w.pid_), &w);
-        emit(on_online_, w);
+        if (w.state != WorkerState::none) break;
+        w.state = WorkerState::online;
+        log(LogLevel::info, "online", "pid " + std::to_string(w.pid), &w);
+        emit(on_online_, w.handle);
         return;
       case FrameKind::started:
         // Nothing to listen on: a built Server is as ready as the worker gets. (With listen
         // addresses, 'listening' comes later and means the same.)
-        if (w.state_ != WorkerState::online || listens() || w.listened_) return;
-        w.listened_ = true;
+        if (w.state != WorkerState::online || listens() || w.listened) return;
+        w.listened = true;
         reload_ready(w);
         tell_old_master_if_ready();
         notify_ready();
         return;
       case FrameKind::listening:
-        if (w.state_ != WorkerState::online) break;
-        w.state_ = WorkerState::listening;
-        w.listened_ = true;
+        if (w.state != WorkerState::online) break;
+        w.state = WorkerState::listening;
+        w.listened = true;
         if constexpr (requires(Restart& r) { r.on_listening(std::size_t{}); })
-          restart_.on_listening(w.slot_);
-        log(LogLevel::info, "listening", "pid " + std::to_string(w.pid_), &w);
-        emit(on_listening_, w);
+          restart_.on_listening(w.slot);
+        log(LogLevel::info, "listening", "pid " + std::to_string(w.pid), &w);
+        emit(on_listening_, w.handle);
         if constexpr (MasterDispatch<Balance>) resume_accepting();
         reload_ready(w);
         tell_old_master_if_ready();
@@ -1011,19 +1003,19 @@ class Master {
         return;
       case FrameKind::disconnect:
         // The worker is draining on its own initiative (Node: worker.disconnect() in a worker).
-        w.exited_after_disconnect_ = true;
+        w.exited_after_disconnect = true;
         w.arm_escalation();
         return;
       case FrameKind::stats:
-        w.reported_connections_ = static_cast<std::size_t>(f.tag);
-        detail::decode_counters(f.payload, w.counters_);
-        return status_answered(w.id_);
+        w.reported_connections = static_cast<std::size_t>(f.tag);
+        detail::decode_counters(f.payload, w.counters);
+        return status_answered(w.id);
       case FrameKind::accepted: {
-        std::size_t n = std::min<std::size_t>(static_cast<std::size_t>(f.tag), w.in_flight_.size());
-        w.in_flight_.erase(w.in_flight_.begin(), w.in_flight_.begin() + static_cast<std::ptrdiff_t>(n));
-        w.unacked_since_ = Clock::now();  // its loop turns: the rest count from now
-        if (n > 0 && w.out_of_fds_) {
-          w.out_of_fds_ = false;
+        std::size_t n = std::min<std::size_t>(static_cast<std::size_t>(f.tag), w.in_flight.size());
+        w.in_flight.erase(w.in_flight.begin(), w.in_flight.begin() + static_cast<std::ptrdiff_t>(n));
+        w.unacked_since = Clock::now();  // its loop turns: the rest count from now
+        if (n > 0 && w.out_of_fds) {
+          w.out_of_fds = false;
           log(LogLevel::info, "dispatch", "takes connections again", &w);
         }
         if constexpr (MasterDispatch<Balance>) resume_accepting();
@@ -1033,13 +1025,13 @@ class Master {
         if constexpr (MasterDispatch<Balance>) declined(w, static_cast<std::size_t>(f.tag));
         return;
       case FrameKind::request:
-        detail::answer(w.link_, codec_, f, static_cast<bool>(on_request_),
+        detail::answer(w.link, codec_, f, static_cast<bool>(on_request_),
                        [this, &w](const message_type& m, Reply<Codec> r) {
-                         on_request_(w, m, std::move(r));
+                         on_request_(w.handle, m, std::move(r));
                        });
         return;
-      case FrameKind::reply: return w.outgoing_.on_reply(f.tag, f.payload);
-      case FrameKind::failure: return w.outgoing_.on_failure(f.tag, f.payload);
+      case FrameKind::reply: return w.outgoing.on_reply(f.tag, f.payload);
+      case FrameKind::failure: return w.outgoing.on_failure(f.tag, f.payload);
       case FrameKind::store: return serve_store(w, f);
       case FrameKind::heartbeat: return;
       case FrameKind::retire:
@@ -1049,7 +1041,7 @@ class Master {
       case FrameKind::bind:
         // A session key for this worker's slot; a policy that routes by key keeps it, any
         // other ignores it, so a Server may bind whatever the cluster balances with.
-        if constexpr (BindsKeys<Balance>) balance_.bind(std::string_view(f.payload), w.slot_);
+        if constexpr (BindsKeys<Balance>) balance_.bind(std::string_view(f.payload), w.slot);
         return;
       default: break;
     }
@@ -1060,15 +1052,15 @@ class Master {
   // One operation on the shared store for `w`. Always answered (a store_reply frame goes out
   // even when the channel's queue is full), with the store's error if it failed; during an
   // upgrade, once the store has been handed over (see store_state_).
-  void serve_store(WorkerT& w, const Frame& f) {
+  void serve_store(Record& w, const Frame& f) {
     if (store_state_ == StoreState::held) {
-      held_store_.push_back({w.id_, f.tag, f.payload});
+      held_store_.push_back({w.id, f.tag, f.payload});
       return;
     }
     answer_store(w, f.tag, f.payload);
   }
 
-  void answer_store(WorkerT& w, std::uint64_t tag, std::string_view payload) {
+  void answer_store(Record& w, std::uint64_t tag, std::string_view payload) {
     std::error_code ec;
     std::optional<StoreRequest> request = decode_request(payload, ec);
     StoreReply reply;
@@ -1090,7 +1082,7 @@ class Master {
                       " bytes exceeds max_message_size; ask for fewer keys";
       bytes = encode(reply);
     }
-    if (w.is_connected()) w.channel_->send(FrameKind::store_reply, std::move(bytes), tag);
+    if (w.is_connected()) w.channel->send(FrameKind::store_reply, std::move(bytes), tag);
   }
 
   // The end of an upgrade's hold on the store (store_state_): the operations held are applied
@@ -1101,7 +1093,7 @@ class Master {
     if (store_state_ != StoreState::held) return;
     store_state_ = handed_over ? StoreState::handed_over : StoreState::serving;
     for (auto& op : std::exchange(held_store_, {}))
-      if (WorkerT* w = worker(op.worker)) answer_store(*w, op.tag, op.payload);
+      if (Record* w = record(op.worker)) answer_store(*w, op.tag, op.payload);
   }
 
   // What must stop a master before it binds (run() and bind() call it; it runs once): workers
@@ -1143,7 +1135,7 @@ class Master {
       auto it = r.fields.find("fast");
       bool fast = it != r.fields.end() && it->second.type == detail::JsonScalar::Type::boolean &&
                   it->second.text == "true";
-      reply.ok("\"stopping\":true,\"workers\":" + std::to_string(workers_.size()));
+      reply.ok("\"stopping\":true,\"workers\":" + std::to_string(table_.size()));
       shutdown(fast);
     } else if (r.command == "upgrade") {
       if (!upgrade()) return reply.fail("upgrade refused: " + upgrade_refusal_);
@@ -1232,7 +1224,7 @@ class Master {
     return false;
   }
 
-  void on_channel_closed(WorkerT& w, std::error_code ec) {
+  void on_channel_closed(Record& w, std::error_code ec) {
     if (ec != errc::channel_closed) protocol_error(w, ec);
     // A worker that closed its channel but keeps running is unsupervisable: give it the drain
     // deadline to exit, then escalate, as for a disconnect.
@@ -1240,84 +1232,83 @@ class Master {
     mark_disconnected(w);
   }
 
-  void mark_disconnected(WorkerT& w) {
-    if (w.state_ == WorkerState::disconnected || w.state_ == WorkerState::dead) return;
-    status_answered(w.id_);  // it never will
-    if (w.channel_) w.channel_->close();
-    w.link_->channel = nullptr;
-    w.state_ = WorkerState::disconnected;
+  void mark_disconnected(Record& w) {
+    if (w.state == WorkerState::disconnected || w.state == WorkerState::dead) return;
+    status_answered(w.id);  // it never will
+    if (w.channel) w.channel->close();
+    w.link->channel = nullptr;
+    w.state = WorkerState::disconnected;
     recover_in_flight(w);
-    w.outgoing_.fail_all(make_error_code(errc::peer_gone));
-    log(LogLevel::info, "disconnect", "pid " + std::to_string(w.pid_), &w);
-    emit(on_disconnect_, w);
+    w.outgoing.fail_all(make_error_code(errc::peer_gone));
+    log(LogLevel::info, "disconnect", "pid " + std::to_string(w.pid), &w);
+    emit(on_disconnect_, w.handle);
   }
 
   // Connections handed to a worker that never acknowledged them (its channel closed with the
   // frames unread) are still open in the master: they go to another worker, first in line.
-  void recover_in_flight(WorkerT& w) {
-    if (w.in_flight_.empty()) return;
-    pending_.insert(pending_.begin(), std::make_move_iterator(w.in_flight_.begin()),
-                    std::make_move_iterator(w.in_flight_.end()));
-    w.in_flight_.clear();
+  void recover_in_flight(Record& w) {
+    if (w.in_flight.empty()) return;
+    pending_.insert(pending_.begin(), std::make_move_iterator(w.in_flight.begin()),
+                    std::make_move_iterator(w.in_flight.end()));
+    w.in_flight.clear();
     if constexpr (MasterDispatch<Balance>) loop_.post([this] { resume_accepting(); });
   }
 
-  void on_pidfd(WorkerT& w) {
+  void on_pidfd(Record& w) {
     // The worker has exited but is not reaped yet, so its pid (its process group's id) cannot
     // have been reused: what is left of its group is its own children, stopped with it.
-    ::kill(-w.pid_, SIGKILL);
-    detail::Reaped r = detail::reap(w.pidfd_.get());
+    ::kill(-w.pid, SIGKILL);
+    detail::Reaped r = detail::reap(w.pidfd.get());
     if (!r.done) return;
-    loop_.unwatch(w.pidfd_.get());
-    w.pidfd_.reset();  // or a worker forked from an exit callback would inherit it
+    loop_.unwatch(w.pidfd.get());
+    w.pidfd.reset();  // or a worker forked from an exit callback would inherit it
     // Deliver what the worker sent before it died, then 'disconnect' before 'exit' (Node).
-    if (w.channel_ && w.channel_->is_open()) w.channel_->read_all_pending();
+    if (w.channel && w.channel->is_open()) w.channel->read_all_pending();
     mark_disconnected(w);
     w.cancel_timers();
-    w.state_ = WorkerState::dead;
-    w.exit_.exit_code = r.exit_code;
-    w.exit_.signal = r.signal;
-    w.exit_.exited_after_disconnect = w.exited_after_disconnect_;
-    w.exit_.reached_listening = w.listened_;
-    w.exit_.served = w.counters_.connections_total > 0 || w.counters_.requests > 0;
-    w.exit_.uptime =
-        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - w.started_);
+    w.state = WorkerState::dead;
+    w.exit.exit_code = r.exit_code;
+    w.exit.signal = r.signal;
+    w.exit.exited_after_disconnect = w.exited_after_disconnect;
+    w.exit.reached_listening = w.listened;
+    w.exit.served = w.counters.connections_total > 0 || w.counters.requests > 0;
+    w.exit.uptime =
+        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - w.started);
 
     // Removed from the live list before 'exit' is emitted, as Node does; destroyed after.
-    auto node = workers_.extract(w.id_);
-    std::unique_ptr<WorkerT> owned = std::move(node.mapped());
-    ExitInfo info = w.exit_;
+    std::unique_ptr<Record> owned = table_.extract(w.id);
+    ExitInfo info = w.exit;
     log_exit(w, info);
-    emit(on_exit_, w, info);
+    emit(on_exit_, w.handle, info);
     after_exit(w, info);
-    if (shutting_down_ && workers_.empty()) loop_.stop();
+    if (shutting_down_ && table_.empty()) loop_.stop();
   }
 
-  void after_exit(WorkerT& w, const ExitInfo& info) {
+  void after_exit(Record& w, const ExitInfo& info) {
     reload_exited(w, info);
     if (!owns_slot(w)) return;  // replaced already (rolling restart), or its slot scaled away
-    Slot& s = slots_[w.slot_];
+    detail::Slot& s = table_.slot(w.slot);
     s.worker_id = 0;
     if (shutting_down_) return;
-    RestartDecision d = restart_.on_exit(w.slot_, info);
+    RestartDecision d = restart_.on_exit(w.slot, info);
     using A = RestartDecision::Action;
     if constexpr (WantsReusePort<Balance>) {
-      if (d.action != A::restart && w.slot_ < slot_listeners_.size())
-        slot_listeners_[w.slot_].clear();  // nobody will accept there: stop the kernel routing to it
+      if (d.action != A::restart && w.slot < slot_listeners_.size())
+        slot_listeners_[w.slot].clear();  // nobody will accept there: stop the kernel routing to it
     }
     if (d.action == A::give_up) {
       s.errored = true;
       log(LogLevel::error, "errored",
-          "slot " + std::to_string(w.slot_) + " is errored: its workers keep exiting (last: " +
+          "slot " + std::to_string(w.slot) + " is errored: its workers keep exiting (last: " +
           describe(w) + ")", &w);
-      emit(on_errored_, w.slot_, info);
+      emit(on_errored_, w.slot, info);
     } else if (d.action == A::restart) {
-      std::size_t slot = w.slot_;
+      std::size_t slot = w.slot;
       if (d.delay.count() <= 0) {
         spawn(slot);
       } else {
         s.restart_timer = loop_.after(d.delay, [this, slot] {
-          slots_[slot].restart_timer = 0;
+          table_.slot(slot).restart_timer = 0;
           if (!shutting_down_) spawn(slot);
         }, false);
       }
@@ -1344,10 +1335,10 @@ class Master {
   static constexpr std::size_t kMaxUnacked = 128;
   static constexpr std::chrono::milliseconds kAckBound{100};
 
-  static bool takes_connections(const WorkerT& w, Clock::time_point now) {
-    if (now < w.declined_until_) return false;
-    return w.in_flight_.empty() ||
-           (w.in_flight_.size() < kMaxUnacked && now - w.unacked_since_ < kAckBound);
+  static bool takes_connections(const Record& w, Clock::time_point now) {
+    if (now < w.declined_until) return false;
+    return w.in_flight.empty() ||
+           (w.in_flight.size() < kMaxUnacked && now - w.unacked_since < kAckBound);
   }
 
   // The worker could not take its next `n` connections: it is at its descriptor limit (the
@@ -1359,19 +1350,19 @@ class Master {
   // decline after the worker last took a connection.
   static constexpr std::chrono::milliseconds kSaturatedPause{100};
 
-  void declined(WorkerT& w, std::size_t n) {
-    n = std::min(n, w.in_flight_.size());
-    pending_.insert(pending_.begin(), std::make_move_iterator(w.in_flight_.begin()),
-                    std::make_move_iterator(w.in_flight_.begin() + static_cast<std::ptrdiff_t>(n)));
-    w.in_flight_.erase(w.in_flight_.begin(), w.in_flight_.begin() + static_cast<std::ptrdiff_t>(n));
-    w.unacked_since_ = Clock::now();
-    w.declined_until_ = w.unacked_since_ + kSaturatedPause;
-    if (!w.out_of_fds_)
+  void declined(Record& w, std::size_t n) {
+    n = std::min(n, w.in_flight.size());
+    pending_.insert(pending_.begin(), std::make_move_iterator(w.in_flight.begin()),
+                    std::make_move_iterator(w.in_flight.begin() + static_cast<std::ptrdiff_t>(n)));
+    w.in_flight.erase(w.in_flight.begin(), w.in_flight.begin() + static_cast<std::ptrdiff_t>(n));
+    w.unacked_since = Clock::now();
+    w.declined_until = w.unacked_since + kSaturatedPause;
+    if (!w.out_of_fds)
       log(LogLevel::warning, "dispatch",
-          "pid " + std::to_string(w.pid_) + " is out of descriptors (EMFILE) and declines "
+          "pid " + std::to_string(w.pid) + " is out of descriptors (EMFILE) and declines "
           "connections; they wait for a worker with room",
           &w);
-    w.out_of_fds_ = true;
+    w.out_of_fds = true;
     stop_accepting();
     loop_.after(kSaturatedPause, [this] { resume_accepting(); }, false);
     resume_accepting();
@@ -1398,10 +1389,10 @@ class Master {
     ready_.clear();
     ready_workers_.clear();
     const Clock::time_point now = Clock::now();
-    for (auto& [id, w] : workers_) {
-      if (w->state_ == WorkerState::listening && !w->exited_after_disconnect_ && !w->hung_ &&
+    for (auto& [id, w] : table_.live()) {
+      if (w->state == WorkerState::listening && !w->exited_after_disconnect && !w->hung &&
           w->is_connected() && takes_connections(*w, now)) {
-        ready_.push_back({w->slot_, w->reported_connections_ + w->in_flight_.size()});
+        ready_.push_back({w->slot, w->reported_connections + w->in_flight.size()});
         ready_workers_.push_back(w.get());
       }
     }
@@ -1409,13 +1400,13 @@ class Master {
 
   // Sends one connection to `w` and keeps the master's copy in its in-flight list; false (the
   // connection still in `h`) if its channel cannot take it now.
-  bool hand_to(WorkerT& w, detail::Handoff& h) {
-    if (!w.channel_->has_room(h.peer.length)) return false;
+  bool hand_to(Record& w, detail::Handoff& h) {
+    if (!w.channel->has_room(h.peer.length)) return false;
     std::string address(reinterpret_cast<const char*>(&h.peer.storage), h.peer.length);
-    if (w.channel_->send_borrowed(FrameKind::connection, std::move(address), 0, h.fd.get()))
+    if (w.channel->send_borrowed(FrameKind::connection, std::move(address), 0, h.fd.get()))
       return false;
-    if (w.in_flight_.empty()) w.unacked_since_ = Clock::now();
-    w.in_flight_.push_back(std::move(h));
+    if (w.in_flight.empty()) w.unacked_since = Clock::now();
+    w.in_flight.push_back(std::move(h));
     return true;
   }
 
@@ -1430,12 +1421,12 @@ class Master {
       bytes = head ? *head : peek_head(h.fd.get(), closed);
     }
     std::optional<std::size_t> pick =
-        balance_.pick(PickContext{h.peer, ready_, slots_.size(), bytes});
+        balance_.pick(PickContext{h.peer, ready_, table_.slot_count(), bytes});
     std::size_t first = pick && *pick < ready_.size() ? *pick : 0;
     for (std::size_t k = 0; k < ready_workers_.size(); ++k) {
       std::size_t i = (first + k) % ready_workers_.size();
-      WorkerT* w = ready_workers_[i];
-      if (w->in_flight_.size() >= kMaxUnacked || !hand_to(*w, h)) continue;
+      Record* w = ready_workers_[i];
+      if (w->in_flight.size() >= kMaxUnacked || !hand_to(*w, h)) continue;
       ++ready_[i].connections;
       return true;
     }
@@ -1456,8 +1447,8 @@ class Master {
     while (!pending_.empty()) {
       detail::Handoff& h = pending_.front();
       bool sent = false;
-      for (auto& [id, w] : workers_)
-        if (w->state_ == WorkerState::listening && !w->hung_ && w->is_connected() &&
+      for (auto& [id, w] : table_.live())
+        if (w->state == WorkerState::listening && !w->hung && w->is_connected() &&
             hand_to(*w, h)) {
           sent = true;
           break;
@@ -1630,23 +1621,23 @@ class Master {
     while (reload_.active && !busy() && !reload_.queue.empty()) {
       unsigned old_id = reload_.queue.front();
       reload_.queue.pop_front();
-      WorkerT* old = worker(old_id);
-      if (!old || old->exited_after_disconnect_ || old->hung_) continue;
-      std::size_t slot = old->slot_;
-      WorkerT* fresh = spawn(slot);
+      Record* old = record(old_id);
+      if (!old || old->exited_after_disconnect || old->hung) continue;
+      std::size_t slot = old->slot;
+      Record* fresh = spawn(slot);
       if (!fresh) {
-        cancel_restart(slots_[slot]);
-        slots_[slot].worker_id = old_id;
+        cancel_restart(table_.slot(slot));
+        table_.slot(slot).worker_id = old_id;
         return finish_reload(false, "could not fork a replacement for " + describe(*old));
       }
-      unsigned fresh_id = fresh->id_;
+      unsigned fresh_id = fresh->id;
       reload_.starting[fresh_id] = old_id;
       reload_.deadlines[fresh_id] = loop_.after(opts_.reload_timeout, [this, fresh_id] {
         reload_.deadlines.erase(fresh_id);
-        WorkerT* late = worker(fresh_id);
+        Record* late = record(fresh_id);
         std::string why = "not ready after " + std::to_string(opts_.reload_timeout.count()) +
                           " ms (reload_timeout)";
-        if (late) late->exit_.reason = "rolling restart: " + why + "; SIGKILL";
+        if (late) late->exit.reason = "rolling restart: " + why + "; SIGKILL";
         finish_reload(false, "replacement " +
                                  (late ? describe(*late) : "worker " + std::to_string(fresh_id)) +
                                  " " + why);
@@ -1658,18 +1649,18 @@ class Master {
   }
 
   // A worker became ready (listening, or online without listeners).
-  void reload_ready(WorkerT& w) {
+  void reload_ready(Record& w) {
     if (!reload_.active) return;
-    auto it = reload_.starting.find(w.id_);
+    auto it = reload_.starting.find(w.id);
     if (it == reload_.starting.end()) return;
     unsigned old_id = it->second;
     reload_.starting.erase(it);
-    if (auto t = reload_.deadlines.find(w.id_); t != reload_.deadlines.end()) {
+    if (auto t = reload_.deadlines.find(w.id); t != reload_.deadlines.end()) {
       loop_.cancel(t->second);
       reload_.deadlines.erase(t);
     }
-    if (WorkerT* old = worker(old_id)) {
-      if (!old->recycle_reason_.empty()) old->exit_.reason = "recycled: " + old->recycle_reason_;
+    if (Record* old = record(old_id)) {
+      if (!old->recycle_reason.empty()) old->exit.reason = "recycled: " + old->recycle_reason;
       old->disconnect();
       reload_.draining.push_back(old_id);
     }
@@ -1677,22 +1668,22 @@ class Master {
     reload_pump();
   }
 
-  void reload_exited(WorkerT& w, const ExitInfo& info) {
+  void reload_exited(Record& w, const ExitInfo& info) {
     if (!reload_.active) return;
-    if (reload_.starting.count(w.id_) && w.slot_ >= slots_.size()) {  // scaled away: not a failure
-      reload_.starting.erase(w.id_);
-      if (auto t = reload_.deadlines.find(w.id_); t != reload_.deadlines.end()) {
+    if (reload_.starting.count(w.id) && w.slot >= table_.slot_count()) {  // scaled away: not a failure
+      reload_.starting.erase(w.id);
+      if (auto t = reload_.deadlines.find(w.id); t != reload_.deadlines.end()) {
         loop_.cancel(t->second);
         reload_.deadlines.erase(t);
       }
       return reload_pump();
     }
-    if (reload_.starting.count(w.id_)) {
+    if (reload_.starting.count(w.id)) {
       std::string how = info.signal ? "was killed by signal " + std::to_string(info.signal)
                                     : "exited with code " + std::to_string(info.exit_code);
       return finish_reload(false, "replacement " + describe(w) + " " + how + " before it was ready");
     }
-    auto d = std::find(reload_.draining.begin(), reload_.draining.end(), w.id_);
+    auto d = std::find(reload_.draining.begin(), reload_.draining.end(), w.id);
     if (d == reload_.draining.end()) return;
     reload_.draining.erase(d);
     reload_pump();
@@ -1708,14 +1699,14 @@ class Master {
     reload_ = ReloadState{};
     for (auto& [id, timer] : r.deadlines) loop_.cancel(timer);
     for (auto& [fresh_id, old_id] : r.starting) {
-      WorkerT* fresh = worker(fresh_id);
-      WorkerT* old = worker(old_id);
-      if (old && !old->exited_after_disconnect_ && fresh && fresh->state_ != WorkerState::dead) {
-        if (fresh->slot_ < slots_.size()) slots_[fresh->slot_].worker_id = old_id;
+      Record* fresh = record(fresh_id);
+      Record* old = record(old_id);
+      if (old && !old->exited_after_disconnect && fresh && fresh->state != WorkerState::dead) {
+        if (fresh->slot < table_.slot_count()) table_.slot(fresh->slot).worker_id = old_id;
         fresh->kill(SIGKILL);
-      } else if (old && !old->exited_after_disconnect_) {
-        if (old->slot_ < slots_.size()) slots_[old->slot_].worker_id = old_id;
-      } else if (fresh && fresh->state_ != WorkerState::dead) {
+      } else if (old && !old->exited_after_disconnect) {
+        if (old->slot < table_.slot_count()) table_.slot(old->slot).worker_id = old_id;
+      } else if (fresh && fresh->state != WorkerState::dead) {
         fresh->signal(SIGKILL);
       }
     }
@@ -1744,13 +1735,13 @@ class Master {
   // Recycling: one worker replaced the way a rolling restart replaces it (replacement first,
   // drain after), through the same machinery, one at a time: a recycling pass of its own, or
   // one more worker in the pass that runs.
-  void recycle(WorkerT& w, const std::string& why) {
-    if (shutting_down_ || w.exited_after_disconnect_ || w.hung_ || !w.recycle_reason_.empty())
+  void recycle(Record& w, const std::string& why) {
+    if (shutting_down_ || w.exited_after_disconnect || w.hung || !w.recycle_reason.empty())
       return;
-    w.recycle_reason_ = why;
+    w.recycle_reason = why;
     log(LogLevel::info, "recycle", "recycling " + describe(w) + ": " + why, &w);
     if (reload_.active) {
-      reload_.queue.push_back(w.id_);
+      reload_.queue.push_back(w.id);
       if (!reload_.requested) reload_pump();
       return;
     }
@@ -1758,20 +1749,20 @@ class Master {
     reload_.active = true;
     reload_.requested = false;
     reload_.started = Clock::now();
-    reload_.queue.push_back(w.id_);
+    reload_.queue.push_back(w.id);
     reload_pump();
   }
 
   // The watchdog's verdict: no new connections (collect_ready skips it), a replacement in its
   // slot now, and SIGTERM, then SIGKILL. Not a planned exit: ExitInfo says why.
-  void hung(WorkerT& w, Clock::duration silent) {
-    w.hung_ = true;
+  void hung(Record& w, Clock::duration silent) {
+    w.hung = true;
     auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(silent).count();
-    w.exit_.reason = "watchdog: no heartbeat for " + std::to_string(ms) + " ms (watchdog_timeout " +
+    w.exit.reason = "watchdog: no heartbeat for " + std::to_string(ms) + " ms (watchdog_timeout " +
                      std::to_string(opts_.watchdog_timeout.count()) + " ms)";
     log(LogLevel::warning, "hung",
-        describe(w) + " is hung (" + w.exit_.reason + "); replacing it and sending SIGTERM", &w);
-    if (owns_slot(w) && !shutting_down_) spawn(w.slot_);
+        describe(w) + " is hung (" + w.exit.reason + "); replacing it and sending SIGTERM", &w);
+    if (owns_slot(w) && !shutting_down_) spawn(w.slot);
     w.terminate();
   }
 
@@ -1790,25 +1781,25 @@ class Master {
   void supervise() {
     if (shutting_down_) return;
     auto now = Clock::now();
-    std::vector<WorkerT*> all = workers();  // hung() and recycle() may fork into workers_
-    for (WorkerT* w : all) {
+    std::vector<Record*> all = table_.records();  // hung() and recycle() may fork into the table
+    for (Record* w : all) {
       if (!supervised(*w)) continue;
-      if (!w->listened_) {
-        if (opts_.start_timeout.count() > 0 && now - w->started_ > opts_.start_timeout)
+      if (!w->listened) {
+        if (opts_.start_timeout.count() > 0 && now - w->started > opts_.start_timeout)
           start_timed_out(*w);
         continue;
       }
-      if (opts_.watchdog_timeout.count() > 0 && now - w->last_heard_ > opts_.watchdog_timeout) {
-        if (read_pending(*w) && Clock::now() - w->last_heard_ > opts_.watchdog_timeout)
-          hung(*w, Clock::now() - w->last_heard_);
+      if (opts_.watchdog_timeout.count() > 0 && now - w->last_heard > opts_.watchdog_timeout) {
+        if (read_pending(*w) && Clock::now() - w->last_heard > opts_.watchdog_timeout)
+          hung(*w, Clock::now() - w->last_heard);
         continue;
       }
-      if (w->lifetime_.count() > 0 && now - w->started_ > w->lifetime_) {
+      if (w->lifetime.count() > 0 && now - w->started > w->lifetime) {
         recycle(*w, "max_lifetime " + std::to_string(opts_.max_lifetime.count()) + " ms reached");
         continue;
       }
       if (opts_.max_rss > 0) {
-        std::size_t rss = detail::resident_bytes(w->pid_);
+        std::size_t rss = detail::resident_bytes(w->pid);
         if (rss > opts_.max_rss)
           recycle(*w, "resident memory " + std::to_string(rss >> 20) + " MiB above max_rss " +
                           std::to_string(opts_.max_rss >> 20) + " MiB");
@@ -1817,27 +1808,27 @@ class Master {
   }
 
   // A worker the supervision tick still judges: alive, not on its way out.
-  bool supervised(const WorkerT& w) const noexcept {
-    return !w.exited_after_disconnect_ && !w.hung_ && !w.start_timed_out_ &&
-           w.state_ != WorkerState::dead && w.state_ != WorkerState::disconnected;
+  bool supervised(const Record& w) const noexcept {
+    return !w.exited_after_disconnect && !w.hung && !w.start_timed_out &&
+           w.state != WorkerState::dead && w.state != WorkerState::disconnected;
   }
 
   // Frames may be waiting unread: the master's own loop may have stood still (a slow fork, a
   // SIGSTOP, swap) and the tick come due before the channels were read. A worker is judged by
   // what it has sent, not by when the master last looked. False if that ended its supervision.
-  bool read_pending(WorkerT& w) {
-    if (w.channel_ && w.channel_->is_open()) w.channel_->read_all_pending();
+  bool read_pending(Record& w) {
+    if (w.channel && w.channel->is_open()) w.channel->read_all_pending();
     return supervised(w);
   }
 
-  void start_timed_out(WorkerT& w) {
-    if (!read_pending(w) || w.listened_) return;
-    w.start_timed_out_ = true;
-    w.exit_.start_timed_out = true;
-    w.exit_.reason = "start timeout: not " +
+  void start_timed_out(Record& w) {
+    if (!read_pending(w) || w.listened) return;
+    w.start_timed_out = true;
+    w.exit.start_timed_out = true;
+    w.exit.reason = "start timeout: not " +
                      std::string(listens() ? "listening" : "started") + " after " +
                      std::to_string(opts_.start_timeout.count()) + " ms";
-    log(LogLevel::warning, "start-timeout", describe(w) + ": " + w.exit_.reason + "; SIGKILL", &w);
+    log(LogLevel::warning, "start-timeout", describe(w) + ": " + w.exit.reason + "; SIGKILL", &w);
     w.signal(SIGKILL);
   }
 
@@ -1872,10 +1863,10 @@ class Master {
   // old master, which then drains and exits.
   void tell_old_master_if_ready() {
     if (!upgrade_boot_ || !upgrade_boot_->notify) return;
-    for (auto& s : slots_) {
-      WorkerT* w = s.worker_id ? worker(s.worker_id) : nullptr;
+    for (auto& s : table_.slots()) {
+      Record* w = table_.owner(s);
       if (!w) return;
-      if (!w->listened_ || w->state_ == WorkerState::disconnected) return;
+      if (!w->listened || w->state == WorkerState::disconnected) return;
     }
     if (pid_file_handover_) {  // before "ready": the old master must find it taken when it exits
       pid_file_handover_ = false;
@@ -1954,9 +1945,9 @@ class Master {
   // The STATUS= line systemctl status shows: "2 workers listening on 127.0.0.1:8080".
   std::string systemd_status() const {
     std::size_t n = 0;
-    for (auto& [id, w] : workers_)
-      if (w->listened_ && !w->exited_after_disconnect_ && w->state_ != WorkerState::disconnected &&
-          w->state_ != WorkerState::dead)
+    for (auto& [id, w] : table_.live())
+      if (w->listened && !w->exited_after_disconnect && w->state != WorkerState::disconnected &&
+          w->state != WorkerState::dead)
         ++n;
     std::string s = std::to_string(n) + (n == 1 ? " worker " : " workers ") +
                     (listens() ? "listening" : "running");
@@ -1974,9 +1965,9 @@ class Master {
       if (!reload_.active) notifier_.notify("STATUS=" + systemd_status());
       return;
     }
-    for (auto& s : slots_) {
-      WorkerT* w = s.worker_id ? worker(s.worker_id) : nullptr;
-      if (!w || !w->listened_ || w->state_ == WorkerState::disconnected) return;
+    for (auto& s : table_.slots()) {
+      Record* w = table_.owner(s);
+      if (!w || !w->listened || w->state == WorkerState::disconnected) return;
     }
     ready_notified_ = true;
     std::string msg = upgrade_boot_ ? "MAINPID=" + std::to_string(::getpid()) + "\n" : "";
@@ -1996,7 +1987,7 @@ class Master {
   void notify_stopping() {
     if (!notifier_.enabled() || stopping_notified_ || handed_over_) return;
     stopping_notified_ = true;
-    notifier_.notify("STOPPING=1\nSTATUS=stopping: draining " + std::to_string(workers_.size()) +
+    notifier_.notify("STOPPING=1\nSTATUS=stopping: draining " + std::to_string(table_.size()) +
                      " workers");
   }
 
@@ -2059,6 +2050,7 @@ class Master {
   }
 
   Options opts_;
+  detail::MasterLog log_{opts_};
   [[no_unique_address]] Restart restart_;
   [[no_unique_address]] Codec codec_;
   [[no_unique_address]] Balance balance_;
@@ -2088,13 +2080,11 @@ class Master {
   std::vector<UniqueFd> listeners_;
   std::vector<std::string> addresses_;
   bool bound_ = false;
-  std::map<unsigned, std::unique_ptr<WorkerT>> workers_;
-  std::vector<Slot> slots_;
-  unsigned next_id_ = 0;
+  detail::WorkerTable<Codec> table_;
   bool accept_paused_ = false;
   Clock::time_point accept_failed_at_{};  // the last EMFILE (ENFILE...) from accept
   std::vector<WorkerLoad> ready_;        // workers taking connections (scratch, reused)
-  std::vector<WorkerT*> ready_workers_;  // the same, as records
+  std::vector<Record*> ready_workers_;  // the same, as records
   std::deque<detail::Handoff> pending_;  // accepted, not handed to any worker yet
   struct Peeking {
     detail::Handoff h;
