@@ -51,6 +51,7 @@
 #include <prefork/worker.hpp>
 #include <prefork/worker_handle.hpp>
 #include <prefork/master/log.hpp>
+#include <prefork/master/phase.hpp>
 #include <prefork/master/worker_record.hpp>
 #include <prefork/master/worker_table.hpp>
 
@@ -329,7 +330,7 @@ class Master {
   /// Adds a slot and forks a worker into it (Node's cluster.fork()). Returns nullptr if fork
   /// failed (logged; retried from a timer) or the master is shutting down.
   WorkerT* fork() {
-    if (shutting_down_) return nullptr;
+    if (shutting_down()) return nullptr;
     Record* r = spawn(table_.add_slot());
     return r ? &r->handle : nullptr;
   }
@@ -365,7 +366,7 @@ class Master {
   /// drains and exits); run() returns 0 once all have exited. Called again (or with fast), it
   /// sends SIGTERM to every worker at once.
   void shutdown(bool fast = false) {
-    bool again = shutting_down_;
+    bool again = shutting_down();
     if (!again || fast)
       log(LogLevel::info, "shutdown",
           std::string(again || fast ? "fast: SIGTERM to " : "graceful: draining ") +
@@ -378,7 +379,7 @@ class Master {
         stop_accepting();
         dispatch_pending();
       }
-      shutting_down_ = true;
+      phase_ = detail::shut_down(phase_);
       for (auto& s : table_.slots()) cancel_restart(s);
       for (auto& l : listeners_) loop_.unwatch(l.get());
       listeners_.clear();
@@ -388,13 +389,13 @@ class Master {
     }
     if (again || fast) {
       for (auto& [id, w] : table_.live()) {
-        w->exited_after_disconnect = true;
+        w->plan_exit();
         w->signal(SIGTERM);
       }
     }
     if (table_.empty()) loop_.stop();
   }
-  bool shutting_down() const noexcept { return shutting_down_; }
+  bool shutting_down() const noexcept { return detail::stopping(phase_); }
 
   /// Rolling restart: for each worker, fork its replacement into the same slot, and once the
   /// replacement is listening (online, if the cluster does not listen), disconnect the old one.
@@ -402,7 +403,7 @@ class Master {
   /// Options::reload_timeout stops the restart; the old workers keep serving. A request while
   /// one runs is coalesced into one more pass after it.
   void reload() {
-    if (shutting_down_) return;
+    if (shutting_down()) return;
     if (reload_.active) {
       reload_.again = true;
       return;
@@ -411,7 +412,7 @@ class Master {
     reload_.active = true;
     reload_.started = Clock::now();
     for (auto& [id, w] : table_.live())
-      if (!w->exited_after_disconnect && owns_slot(*w))
+      if (!w->planned() && owns_slot(*w))
         reload_.queue.push_back(id);
     notifier_.notify("RELOADING=1\nMONOTONIC_USEC=" + std::to_string(detail::monotonic_usec()) +
                      "\nSTATUS=rolling restart: replacing " +
@@ -427,7 +428,7 @@ class Master {
   /// master exits first or misses Options::upgrade_timeout, it is killed and this master keeps
   /// serving. One upgrade at a time: false (logged) if one runs, or before run() has bound.
   bool upgrade() {
-    if (shutting_down_) return refuse_upgrade("the master is shutting down");
+    if (shutting_down()) return refuse_upgrade("the master is shutting down");
     if (successor_.running())
       return refuse_upgrade("one is already running (new master pid " +
                             std::to_string(successor_.pid()) + ")");
@@ -458,8 +459,8 @@ class Master {
         opts_.upgrade_timeout, [this] { upgrade_succeeded(); },
         [this](const std::string& why) {
           log(LogLevel::warning, "upgrade", "upgrade failed: " + why +
-              (shutting_down_ ? std::string() : "; this master keeps serving"));
-          if (!shutting_down_) notifier_.notify("STATUS=upgrade failed; " + systemd_status());
+              (shutting_down() ? std::string() : "; this master keeps serving"));
+          if (!shutting_down()) notifier_.notify("STATUS=upgrade failed; " + systemd_status());
           reclaim_pid_file();
           release_store(false);
           UpgradeReport report{false, successor_.pid(), why};
@@ -518,7 +519,7 @@ class Master {
     st.addresses = addresses_;
     st.reloading = reload_.active;
     st.upgrading = successor_.waiting();
-    st.shutting_down = shutting_down_;
+    st.shutting_down = shutting_down();
     for (std::size_t i = 0; i < table_.slot_count(); ++i) {
       st.restarts += table_.slot(i).restarts;
       if (table_.slot(i).errored) st.errored_slots.push_back(i);
@@ -529,7 +530,7 @@ class Master {
       ws.slot = w->slot;
       ws.pid = w->pid;
       ws.state = w->state;
-      ws.draining = w->exited_after_disconnect || w->hung;
+      ws.draining = w->leaving();
       ws.uptime = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - w->started);
       ws.restarts = w->restarts;
       ws.connections = w->reported_connections;
@@ -565,7 +566,7 @@ class Master {
   /// shutting down.
   std::error_code scale(std::size_t n) {
     if (n == 0 || n > 4096) return std::make_error_code(std::errc::invalid_argument);
-    if (shutting_down_) return std::make_error_code(std::errc::operation_canceled);
+    if (shutting_down()) return std::make_error_code(std::errc::operation_canceled);
     std::size_t was = table_.slot_count();
     if (n == was) return {};
     log(LogLevel::info, "scale", "from " + std::to_string(was) + " to " + std::to_string(n) +
@@ -574,7 +575,7 @@ class Master {
       table_.resize_slots(n);
       for (std::size_t slot = was; slot < n; ++slot) {
         if constexpr (requires(Restart& r) { r.reset(slot); }) restart_.reset(slot);
-        if (running_) spawn(slot);  // before run(), run() forks them
+        if (phase_ == detail::Phase::serving) spawn(slot);  // before run(), run() forks them
       }
       return {};
     }
@@ -602,7 +603,7 @@ class Master {
   /// that escapes a master callback (a timer, on_exit, on_message...) is logged and starts a
   /// graceful shutdown; once every worker has exited, run() rethrows it.
   int run() {
-    if (shutting_down_) return release(false);
+    if (shutting_down()) return release(false);
     prepare_to_serve();
     load_store();
     bind();
@@ -621,7 +622,7 @@ class Master {
         if (table_.slot_count() > 1) scale(table_.slot_count() - 1);
       });
     }
-    running_ = true;
+    phase_ = detail::Phase::serving;
     std::string on;
     for (auto& a : addresses_) on += (on.empty() ? " on " : ", ") + a;
     log(LogLevel::info, "serving", "pid " + std::to_string(::getpid()) + ", " +
@@ -639,20 +640,21 @@ class Master {
 
  private:
   Record* record(unsigned id) const { return table_.find(id); }
+  bool handed_over() const noexcept { return detail::handed_over(phase_); }
 
   // The end of run(): socket files, the control socket, the store snapshot (if `save`), the
   // pid file. 0, or 1 if the snapshot could not be saved.
   int release(bool save) {
     // After an upgrade the new master serves on the Unix socket files: they stay.
-    if (!handed_over_)
+    if (!handed_over())
       for (std::size_t i = 0; i < addresses_.size(); ++i)
         if (i >= specs_.size() || !specs_[i].starts_with(detail::kActivatedSpec))  // systemd's
           detail::unlink_unix_socket(addresses_[i]);
     control_.close();
-    if (control_owned_ && !handed_over_) control_.unlink();
+    if (control_owned_ && !handed_over()) control_.unlink();
     // Not after a hand-over: the file is the new master's now (it may have saved it for an
     // upgrade of its own), and this store stopped changing when it was saved for the upgrade.
-    bool saved = !save || handed_over_ || save_store();
+    bool saved = !save || handed_over() || save_store();
     pid_file_.remove();  // only now: a master started after this must find the store saved
     if (failure_) std::rethrow_exception(std::exchange(failure_, nullptr));
     return saved ? 0 : 1;
@@ -728,7 +730,7 @@ class Master {
     failure_ = e;
     log(LogLevel::error, "exception",
         "exception in a master callback: " + what + "; shutting down, run() rethrows it");
-    if (!shutting_down_) shutdown();
+    if (!shutting_down()) shutdown();
   }
 
   // Runs an application callback, if set. An exception from it goes to callback_failed() here,
@@ -874,7 +876,7 @@ class Master {
     s.used = true;
     w.restarts = s.restarts;
     table_.insert(std::move(owned));
-    if (bound_ && listens() && !shutting_down_) hand_listeners(w);
+    if (bound_ && listens() && !shutting_down()) hand_listeners(w);
     log(LogLevel::info, "fork", "pid " + std::to_string(pid) + ", slot " + std::to_string(slot) +
         (s.restarts ? ", restart " + std::to_string(s.restarts) + " of the slot" : std::string()),
         &w);
@@ -926,7 +928,7 @@ class Master {
     detail::Slot& s = table_.slot(slot);
     s.restart_timer = loop_.after(std::chrono::seconds(1), [this, slot] {
       table_.slot(slot).restart_timer = 0;
-      if (!shutting_down_) spawn(slot);
+      if (!shutting_down()) spawn(slot);
     }, false);
     return nullptr;
   }
@@ -982,8 +984,8 @@ class Master {
       case FrameKind::started:
         // Nothing to listen on: a built Server is as ready as the worker gets. (With listen
         // addresses, 'listening' comes later and means the same.)
-        if (w.state != WorkerState::online || listens() || w.listened) return;
-        w.listened = true;
+        if (w.state != WorkerState::online || listens() || w.was_ready()) return;
+        w.became_ready();
         reload_ready(w);
         tell_old_master_if_ready();
         notify_ready();
@@ -991,7 +993,7 @@ class Master {
       case FrameKind::listening:
         if (w.state != WorkerState::online) break;
         w.state = WorkerState::listening;
-        w.listened = true;
+        w.became_ready();
         if constexpr (requires(Restart& r) { r.on_listening(std::size_t{}); })
           restart_.on_listening(w.slot);
         log(LogLevel::info, "listening", "pid " + std::to_string(w.pid), &w);
@@ -1003,7 +1005,7 @@ class Master {
         return;
       case FrameKind::disconnect:
         // The worker is draining on its own initiative (Node: worker.disconnect() in a worker).
-        w.exited_after_disconnect = true;
+        w.plan_exit();
         w.arm_escalation();
         return;
       case FrameKind::stats:
@@ -1119,7 +1121,7 @@ class Master {
         reply.ok(json.substr(1, json.size() - 2));  // its fields beside "ok"
       });
     } else if (r.command == "reload") {
-      if (shutting_down_) return reply.fail("the master is shutting down");
+      if (shutting_down()) return reply.fail("the master is shutting down");
       // A pass that runs now was asked for before this request: this one waits for the next.
       (reload_.active ? reload_waiters_next_ : reload_waiters_).push_back(std::move(reply));
       reload();
@@ -1233,11 +1235,11 @@ class Master {
   }
 
   void mark_disconnected(Record& w) {
-    if (w.state == WorkerState::disconnected || w.state == WorkerState::dead) return;
+    if (w.gone()) return;
     status_answered(w.id);  // it never will
     if (w.channel) w.channel->close();
     w.link->channel = nullptr;
-    w.state = WorkerState::disconnected;
+    w.became_disconnected();
     recover_in_flight(w);
     w.outgoing.fail_all(make_error_code(errc::peer_gone));
     log(LogLevel::info, "disconnect", "pid " + std::to_string(w.pid), &w);
@@ -1266,11 +1268,9 @@ class Master {
     if (w.channel && w.channel->is_open()) w.channel->read_all_pending();
     mark_disconnected(w);
     w.cancel_timers();
-    w.state = WorkerState::dead;
+    w.became_dead();
     w.exit.exit_code = r.exit_code;
     w.exit.signal = r.signal;
-    w.exit.exited_after_disconnect = w.exited_after_disconnect;
-    w.exit.reached_listening = w.listened;
     w.exit.served = w.counters.connections_total > 0 || w.counters.requests > 0;
     w.exit.uptime =
         std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - w.started);
@@ -1281,7 +1281,7 @@ class Master {
     log_exit(w, info);
     emit(on_exit_, w.handle, info);
     after_exit(w, info);
-    if (shutting_down_ && table_.empty()) loop_.stop();
+    if (shutting_down() && table_.empty()) loop_.stop();
   }
 
   void after_exit(Record& w, const ExitInfo& info) {
@@ -1289,7 +1289,7 @@ class Master {
     if (!owns_slot(w)) return;  // replaced already (rolling restart), or its slot scaled away
     detail::Slot& s = table_.slot(w.slot);
     s.worker_id = 0;
-    if (shutting_down_) return;
+    if (shutting_down()) return;
     RestartDecision d = restart_.on_exit(w.slot, info);
     using A = RestartDecision::Action;
     if constexpr (WantsReusePort<Balance>) {
@@ -1309,7 +1309,7 @@ class Master {
       } else {
         s.restart_timer = loop_.after(d.delay, [this, slot] {
           table_.slot(slot).restart_timer = 0;
-          if (!shutting_down_) spawn(slot);
+          if (!shutting_down()) spawn(slot);
         }, false);
       }
     }
@@ -1335,7 +1335,7 @@ class Master {
   static constexpr std::size_t kMaxUnacked = 128;
   static constexpr std::chrono::milliseconds kAckBound{100};
 
-  static bool takes_connections(const Record& w, Clock::time_point now) {
+  static bool window_open(const Record& w, Clock::time_point now) {
     if (now < w.declined_until) return false;
     return w.in_flight.empty() ||
            (w.in_flight.size() < kMaxUnacked && now - w.unacked_since < kAckBound);
@@ -1369,7 +1369,7 @@ class Master {
   }
 
   void resume_accepting() {
-    if (shutting_down_) return flush_pending();
+    if (shutting_down()) return flush_pending();
     if (accept_paused_) return;
     dispatch_pending();
     if (!pending_.empty()) return;
@@ -1390,8 +1390,7 @@ class Master {
     ready_workers_.clear();
     const Clock::time_point now = Clock::now();
     for (auto& [id, w] : table_.live()) {
-      if (w->state == WorkerState::listening && !w->exited_after_disconnect && !w->hung &&
-          w->is_connected() && takes_connections(*w, now)) {
+      if (w->takes_connections() && window_open(*w, now)) {
         ready_.push_back({w->slot, w->reported_connections + w->in_flight.size()});
         ready_workers_.push_back(w.get());
       }
@@ -1448,8 +1447,7 @@ class Master {
       detail::Handoff& h = pending_.front();
       bool sent = false;
       for (auto& [id, w] : table_.live())
-        if (w->state == WorkerState::listening && !w->hung && w->is_connected() &&
-            hand_to(*w, h)) {
+        if (w->accepts_handoffs() && hand_to(*w, h)) {
           sent = true;
           break;
         }
@@ -1622,7 +1620,7 @@ class Master {
       unsigned old_id = reload_.queue.front();
       reload_.queue.pop_front();
       Record* old = record(old_id);
-      if (!old || old->exited_after_disconnect || old->hung) continue;
+      if (!old || old->leaving()) continue;
       std::size_t slot = old->slot;
       Record* fresh = spawn(slot);
       if (!fresh) {
@@ -1701,12 +1699,12 @@ class Master {
     for (auto& [fresh_id, old_id] : r.starting) {
       Record* fresh = record(fresh_id);
       Record* old = record(old_id);
-      if (old && !old->exited_after_disconnect && fresh && fresh->state != WorkerState::dead) {
+      if (old && !old->planned() && fresh && !fresh->is_dead()) {
         if (fresh->slot < table_.slot_count()) table_.slot(fresh->slot).worker_id = old_id;
         fresh->kill(SIGKILL);
-      } else if (old && !old->exited_after_disconnect) {
+      } else if (old && !old->planned()) {
         if (old->slot < table_.slot_count()) table_.slot(old->slot).worker_id = old_id;
-      } else if (fresh && fresh->state != WorkerState::dead) {
+      } else if (fresh && !fresh->is_dead()) {
         fresh->signal(SIGKILL);
       }
     }
@@ -1726,8 +1724,8 @@ class Master {
     }
     if (r.requested) notify_reloaded(report);
     // A reload asked for during a recycling pass runs whatever became of that pass.
-    bool again = r.again && (ok || !r.requested) && !shutting_down_;
-    if (r.requested || again || shutting_down_) answer_reload_waiters(report, again);
+    bool again = r.again && (ok || !r.requested) && !shutting_down();
+    if (r.requested || again || shutting_down()) answer_reload_waiters(report, again);
     if (r.requested && on_reload_done_) on_reload_done_(report);
     if (again) reload();
   }
@@ -1736,7 +1734,7 @@ class Master {
   // drain after), through the same machinery, one at a time: a recycling pass of its own, or
   // one more worker in the pass that runs.
   void recycle(Record& w, const std::string& why) {
-    if (shutting_down_ || w.exited_after_disconnect || w.hung || !w.recycle_reason.empty())
+    if (shutting_down() || w.leaving() || w.recycling())
       return;
     w.recycle_reason = why;
     log(LogLevel::info, "recycle", "recycling " + describe(w) + ": " + why, &w);
@@ -1756,13 +1754,13 @@ class Master {
   // The watchdog's verdict: no new connections (collect_ready skips it), a replacement in its
   // slot now, and SIGTERM, then SIGKILL. Not a planned exit: ExitInfo says why.
   void hung(Record& w, Clock::duration silent) {
-    w.hung = true;
+    w.condemn();
     auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(silent).count();
     w.exit.reason = "watchdog: no heartbeat for " + std::to_string(ms) + " ms (watchdog_timeout " +
                      std::to_string(opts_.watchdog_timeout.count()) + " ms)";
     log(LogLevel::warning, "hung",
         describe(w) + " is hung (" + w.exit.reason + "); replacing it and sending SIGTERM", &w);
-    if (owns_slot(w) && !shutting_down_) spawn(w.slot);
+    if (owns_slot(w) && !shutting_down()) spawn(w.slot);
     w.terminate();
   }
 
@@ -1779,12 +1777,12 @@ class Master {
   }
 
   void supervise() {
-    if (shutting_down_) return;
+    if (shutting_down()) return;
     auto now = Clock::now();
     std::vector<Record*> all = table_.records();  // hung() and recycle() may fork into the table
     for (Record* w : all) {
-      if (!supervised(*w)) continue;
-      if (!w->listened) {
+      if (!w->supervised()) continue;
+      if (!w->was_ready()) {
         if (opts_.start_timeout.count() > 0 && now - w->started > opts_.start_timeout)
           start_timed_out(*w);
         continue;
@@ -1807,23 +1805,17 @@ class Master {
     }
   }
 
-  // A worker the supervision tick still judges: alive, not on its way out.
-  bool supervised(const Record& w) const noexcept {
-    return !w.exited_after_disconnect && !w.hung && !w.start_timed_out &&
-           w.state != WorkerState::dead && w.state != WorkerState::disconnected;
-  }
-
   // Frames may be waiting unread: the master's own loop may have stood still (a slow fork, a
   // SIGSTOP, swap) and the tick come due before the channels were read. A worker is judged by
   // what it has sent, not by when the master last looked. False if that ended its supervision.
   bool read_pending(Record& w) {
     if (w.channel && w.channel->is_open()) w.channel->read_all_pending();
-    return supervised(w);
+    return w.supervised();
   }
 
   void start_timed_out(Record& w) {
-    if (!read_pending(w) || w.listened) return;
-    w.start_timed_out = true;
+    if (!read_pending(w) || w.was_ready()) return;
+    w.condemn();
     w.exit.start_timed_out = true;
     w.exit.reason = "start timeout: not " +
                      std::string(listens() ? "listening" : "started") + " after " +
@@ -1866,7 +1858,7 @@ class Master {
     for (auto& s : table_.slots()) {
       Record* w = table_.owner(s);
       if (!w) return;
-      if (!w->listened || w->state == WorkerState::disconnected) return;
+      if (!w->ready()) return;
     }
     if (pid_file_handover_) {  // before "ready": the old master must find it taken when it exits
       pid_file_handover_ = false;
@@ -1946,8 +1938,7 @@ class Master {
   std::string systemd_status() const {
     std::size_t n = 0;
     for (auto& [id, w] : table_.live())
-      if (w->listened && !w->exited_after_disconnect && w->state != WorkerState::disconnected &&
-          w->state != WorkerState::dead)
+      if (w->ready() && !w->planned())
         ++n;
     std::string s = std::to_string(n) + (n == 1 ? " worker " : " workers ") +
                     (listens() ? "listening" : "running");
@@ -1960,14 +1951,14 @@ class Master {
   // process now). Later, a STATUS= update whenever a worker starts listening outside a
   // rolling restart (a crashed one replaced), which ends with READY=1 of its own.
   void notify_ready() {
-    if (!notifier_.enabled() || shutting_down_) return;
+    if (!notifier_.enabled() || shutting_down()) return;
     if (ready_notified_) {
       if (!reload_.active) notifier_.notify("STATUS=" + systemd_status());
       return;
     }
     for (auto& s : table_.slots()) {
       Record* w = table_.owner(s);
-      if (!w || !w->listened || w->state == WorkerState::disconnected) return;
+      if (!w || !w->ready()) return;
     }
     ready_notified_ = true;
     std::string msg = upgrade_boot_ ? "MAINPID=" + std::to_string(::getpid()) + "\n" : "";
@@ -1985,7 +1976,7 @@ class Master {
 
   // Not after a handed-over upgrade: the service goes on in the new master.
   void notify_stopping() {
-    if (!notifier_.enabled() || stopping_notified_ || handed_over_) return;
+    if (!notifier_.enabled() || stopping_notified_ || handed_over()) return;
     stopping_notified_ = true;
     notifier_.notify("STOPPING=1\nSTATUS=stopping: draining " + std::to_string(table_.size()) +
                      " workers");
@@ -2034,7 +2025,7 @@ class Master {
   }
 
   void upgrade_succeeded() {
-    handed_over_ = true;
+    phase_ = detail::Phase::handed_over;
     release_store(true);
     // From the main process, so that NotifyAccess=main takes it too; the new master says it
     // again itself with READY=1 (NotifyAccess=all). systemd follows the new pid from now on.
@@ -2051,6 +2042,7 @@ class Master {
 
   Options opts_;
   detail::MasterLog log_{opts_};
+  detail::Phase phase_ = detail::Phase::starting;
   [[no_unique_address]] Restart restart_;
   [[no_unique_address]] Codec codec_;
   [[no_unique_address]] Balance balance_;
@@ -2060,7 +2052,6 @@ class Master {
   std::vector<std::string> master_argv_;  // what an upgrade executes
   std::string master_path_;
   std::optional<detail::UpgradeBoot> upgrade_boot_;  // set in a master started by an upgrade
-  bool handed_over_ = false;  // an upgrade succeeded: the new master owns the sockets
   std::vector<std::string> specs_;  // per listener: its listen entry, or kActivatedSpec + ...
   std::vector<detail::ActivatedSocket> activated_;  // passed by systemd, not adopted yet
   detail::Notifier notifier_;  // disabled unless NOTIFY_SOCKET was set
@@ -2093,7 +2084,6 @@ class Master {
   std::map<int, Peeking> peeking_;  // PeeksFirstBytes: accepted, waiting for the first bytes
   std::string peek_buf_;            // PeeksFirstBytes: scratch for MSG_PEEK
   std::vector<std::vector<UniqueFd>> slot_listeners_;  // ReusePort: per slot
-  bool shutting_down_ = false;
   ReloadState reload_;
   std::unique_ptr<detail::StoreHost> store_;
   // From the snapshot an upgrade's new master loads until the upgrade ends, store
@@ -2108,7 +2098,6 @@ class Master {
   std::vector<HeldStoreOp> held_store_;
   std::vector<std::shared_ptr<StatusQuery>> status_queries_;
   Clock::time_point started_ = Clock::now();
-  bool running_ = false;  // run() has forked the first workers
   std::exception_ptr failure_;  // the first exception a callback let escape: run() rethrows it
   std::mt19937_64 rng_{std::random_device{}()};
 

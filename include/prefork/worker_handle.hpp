@@ -48,7 +48,7 @@ class Worker {
   bool is_dead() const noexcept { return r_.is_dead(); }
   /// The exit is planned: disconnect() or kill() was called, the worker disconnected itself, or
   /// the master is shutting down (Node's worker.exitedAfterDisconnect).
-  bool exited_after_disconnect() const noexcept { return r_.exited_after_disconnect; }
+  bool exited_after_disconnect() const noexcept { return r_.planned(); }
   Clock::time_point started_at() const noexcept { return r_.started; }
   /// Workers its slot had before this one (crash restarts, rolling restarts, recycling).
   unsigned restarts() const noexcept { return r_.restarts; }
