@@ -75,7 +75,7 @@ template <class Server, BalancePolicy Balance = RoundRobin,
           RestartPolicy Restart = Backoff<RestartOnCrash>, MessageCodec Codec = StringCodec>
 class Cluster {
  public:
-  using MasterT = Master<Codec, Restart, Balance>;
+  using MasterT = Master<Balance, Restart, Codec>;
   using WorkerT = Worker<Codec>;
   using Context = WorkerContext<Codec>;
   using message_type = typename Codec::message_type;

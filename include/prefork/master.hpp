@@ -130,7 +130,7 @@ inline void validate(const Options& o) {
 
 /// The master: every member runs in the master process, on the thread that calls run().
 /// fork mode requires that thread to be the only one in the process when a worker is forked.
-template <MessageCodec Codec, class Restart, class Balance>
+template <class Balance, class Restart, MessageCodec Codec>
 class Master {
  public:
   using WorkerT = Worker<Codec>;

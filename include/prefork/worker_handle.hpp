@@ -34,7 +34,7 @@ struct Handoff {
 };
 }  // namespace detail
 
-template <MessageCodec Codec, class Restart, class Balance>
+template <class Balance, class Restart, MessageCodec Codec>
 class Master;
 
 /// One worker as the master sees it. Every member runs in the master process. A Worker& given
@@ -117,7 +117,7 @@ class Worker {
   }
 
  private:
-  template <MessageCodec, class, class>
+  template <class, class, MessageCodec>
   friend class Master;
 
   Worker(EventLoop& loop, const Options& opts, unsigned id, std::size_t slot)
