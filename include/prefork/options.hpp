@@ -16,8 +16,8 @@
 
 #include <prefork/version.hpp>
 #include <prefork/clock.hpp>
-#include <prefork/detail/store_memory.hpp>
 #include <prefork/log.hpp>
+#include <prefork/store/memory_store.hpp>
 
 namespace prefork {
 
