@@ -4,9 +4,9 @@
 #ifndef PREFORK_CLUSTER_HPP
 #define PREFORK_CLUSTER_HPP
 
+#include <fcntl.h>
 #include <sys/stat.h>
 
-#include <charconv>
 #include <cstdlib>
 #include <optional>
 #include <stdexcept>
@@ -19,6 +19,8 @@
 #include <prefork/balance/round_robin.hpp>
 #include <prefork/balance/shared_accept.hpp>
 #include <prefork/codec.hpp>
+#include <prefork/detail/boot.hpp>
+#include <prefork/detail/process.hpp>
 #include <prefork/master.hpp>
 #include <prefork/options.hpp>
 #include <prefork/restart.hpp>
@@ -35,28 +37,13 @@ inline std::optional<WorkerBoot> take_exec_boot() noexcept {
   if (!raw) return std::nullopt;
   std::string value(raw);
   ::unsetenv(kWorkerEnv);
-  constexpr std::size_t kFields = 8;
-  std::string_view parts[kFields];
-  std::size_t n = 0, start = 0;
-  for (std::size_t i = 0; i <= value.size() && n < kFields; ++i) {
-    if (i == value.size() || value[i] == ',') {
-      parts[n++] = std::string_view(value).substr(start, i - start);
-      start = i + 1;
-    }
-  }
-  WorkerBoot b;
+  std::optional<WorkerBoot> b = decode_boot(value);
   struct stat st {};
-  if (n != kFields || start <= value.size() || !parse_number(parts[0], b.id) ||
-      !parse_number(parts[1], b.slot) || !parse_number(parts[2], b.channel_fd) ||
-      !parse_number(parts[3], b.limits.max_message_size) ||
-      !parse_number(parts[4], b.limits.max_queued_bytes) ||
-      !parse_number(parts[5], b.heartbeat_ms) || !parse_number(parts[6], b.max_connections) ||
-      !parse_number(parts[7], b.max_requests) || ::fstat(b.channel_fd, &st) != 0 ||
-      !S_ISSOCK(st.st_mode)) {
+  if (!b || ::fstat(b->channel_fd, &st) != 0 || !S_ISSOCK(st.st_mode)) {
     child_error("ignoring a malformed PREFORK_WORKER environment variable");
     return std::nullopt;
   }
-  ::fcntl(b.channel_fd, F_SETFD, FD_CLOEXEC);
+  ::fcntl(b->channel_fd, F_SETFD, FD_CLOEXEC);
   is_worker_process() = true;
   return b;
 }
@@ -75,7 +62,7 @@ template <class Server, BalancePolicy Balance = RoundRobin,
           RestartPolicy Restart = Backoff<RestartOnCrash>, MessageCodec Codec = StringCodec>
 class Cluster {
  public:
-  using MasterT = Master<Codec, Restart, Balance>;
+  using MasterT = Master<Balance, Restart, Codec>;
   using WorkerT = Worker<Codec>;
   using Context = WorkerContext<Codec>;
   using message_type = typename Codec::message_type;

@@ -35,8 +35,10 @@
 #include <prefork/balance/policy.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
+#include <prefork/detail/boot.hpp>
 #include <prefork/detail/control.hpp>
 #include <prefork/detail/pid_file.hpp>
+#include <prefork/detail/number.hpp>
 #include <prefork/detail/privileges.hpp>
 #include <prefork/detail/process.hpp>
 #include <prefork/detail/socket.hpp>
@@ -60,16 +62,6 @@ extern char** environ;
 namespace prefork {
 
 namespace detail {
-
-/// `text` as a whole decimal number, nothing before or after it.
-template <class T>
-bool parse_number(std::string_view text, T& out) noexcept {
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), out);
-  return ec == std::errc{} && end == text.data() + text.size();
-}
-
-/// The environment variable that tells an exec'd worker who it is: "id,slot,fd,max,queued".
-inline constexpr const char* kWorkerEnv = "PREFORK_WORKER";
 
 /// This program's argv, from /proc/self/cmdline (the Cluster is not handed argv).
 inline std::vector<std::string> own_argv() {
@@ -134,7 +126,7 @@ inline void validate(const Options& o) {
 
 /// The master: every member runs in the master process, on the thread that calls run().
 /// fork mode requires that thread to be the only one in the process when a worker is forked.
-template <MessageCodec Codec, class Restart, class Balance>
+template <class Balance, class Restart, MessageCodec Codec>
 class Master {
  public:
   using WorkerT = Worker<Codec>;

@@ -1,13 +1,14 @@
-// The master-hosted shared store: the Store concept, MemoryStore (the default backend, with
-// TTLs, a size limit and crash-safe snapshots), its error codes, and the request/reply wire
-// format a worker uses to reach it over the channel.
+// The master-hosted shared store: the Store concept (store/concept.hpp), MemoryStore (the
+// default backend, with TTLs, a size limit and crash-safe snapshots), its error codes, and the
+// request/reply wire format a worker uses to reach it over the channel.
 #ifndef PREFORK_STORE_HPP
 #define PREFORK_STORE_HPP
 
 #include "prefork/version.hpp"
-#include "prefork/detail/store_error.hpp"
-#include "prefork/detail/store_memory.hpp"
 #include "prefork/detail/store_snapshot.hpp"
 #include "prefork/detail/store_wire.hpp"
+#include "prefork/store/concept.hpp"
+#include "prefork/store/error.hpp"
+#include "prefork/store/memory_store.hpp"
 
 #endif  // PREFORK_STORE_HPP

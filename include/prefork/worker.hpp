@@ -25,60 +25,18 @@
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
 #include <prefork/connection.hpp>
+#include <prefork/detail/boot.hpp>
 #include <prefork/detail/process.hpp>
 #include <prefork/detail/socket.hpp>
 #include <prefork/detail/syscall.hpp>
 #include <prefork/event_loop.hpp>
+#include <prefork/log.hpp>
 #include <prefork/request.hpp>
 #include <prefork/store_client.hpp>
 
 namespace prefork {
 
 namespace detail {
-
-/// What a worker has done so far, for the master's status: sent in a stats frame's payload.
-struct WorkerCounters {
-  std::uint64_t connections_total = 0;  ///< connections it has taken, ever
-  std::uint64_t requests = 0;           ///< WorkerContext::request_done() calls
-};
-
-inline std::string encode_counters(const WorkerCounters& c) {
-  std::string out(16, '\0');
-  std::memcpy(out.data(), &c.connections_total, 8);
-  std::memcpy(out.data() + 8, &c.requests, 8);
-  return out;
-}
-
-/// False (and `c` unchanged) unless `payload` is exactly what encode_counters() makes.
-inline bool decode_counters(std::string_view payload, WorkerCounters& c) noexcept {
-  if (payload.size() != 16) return false;
-  std::memcpy(&c.connections_total, payload.data(), 8);
-  std::memcpy(&c.requests, payload.data() + 8, 8);
-  return true;
-}
-
-/// What a worker needs to know about itself, from fork() or from the exec environment.
-struct WorkerBoot {
-  unsigned id = 0;
-  std::size_t slot = 0;
-  int channel_fd = -1;
-  ChannelLimits limits;
-  std::uint64_t heartbeat_ms = 0;     ///< 0: no heartbeats (no watchdog)
-  std::uint64_t max_connections = 0;  ///< ask to be recycled after this many (0: never)
-  std::uint64_t max_requests = 0;     ///< ... or after this many request_done() calls
-};
-
-/// PREFORK_WORKER's value for an exec'd worker (take_exec_boot() in cluster.hpp reads it).
-inline std::string encode_boot(const WorkerBoot& b) {
-  std::string v;
-  for (std::uint64_t x : {std::uint64_t{b.id}, std::uint64_t{b.slot},
-                          static_cast<std::uint64_t>(b.channel_fd),
-                          std::uint64_t{b.limits.max_message_size},
-                          std::uint64_t{b.limits.max_queued_bytes}, b.heartbeat_ms,
-                          b.max_connections, b.max_requests})
-    v += (v.empty() ? "" : ",") + std::to_string(x);
-  return v;
-}
 
 /// The process-wide role; set before any user code of a worker runs.
 inline bool& is_worker_process() noexcept {

@@ -20,9 +20,9 @@
 #include <vector>
 
 #include "prefork/detail/store_bytes.hpp"
-#include "prefork/detail/store_error.hpp"
 #include "prefork/detail/syscall.hpp"
 #include "prefork/detail/unique_fd.hpp"
+#include "prefork/store/error.hpp"
 
 namespace prefork::detail {
 

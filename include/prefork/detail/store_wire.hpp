@@ -18,8 +18,8 @@
 #include <vector>
 
 #include "prefork/detail/store_bytes.hpp"
-#include "prefork/detail/store_error.hpp"
-#include "prefork/detail/store_memory.hpp"
+#include "prefork/store/concept.hpp"
+#include "prefork/store/error.hpp"
 
 namespace prefork {
 

@@ -1,16 +1,18 @@
 // The shared store's error codes (category "prefork.store"), kept apart from prefork::errc: they
 // describe a store operation's outcome, which travels back to a worker as a value in a reply.
-#ifndef PREFORK_DETAIL_STORE_ERROR_HPP
-#define PREFORK_DETAIL_STORE_ERROR_HPP
+#ifndef PREFORK_STORE_ERROR_HPP
+#define PREFORK_STORE_ERROR_HPP
 
 #include <string>
 #include <system_error>
 #include <type_traits>
 
+#include <prefork/version.hpp>
+
 namespace prefork {
 
 /// Why a store operation failed. Zero is never used, so a reply's error field may hold 0 for
-/// success. The values are part of the wire format (store_wire.hpp): append, never renumber.
+/// success. The values are part of the wire format (detail/store_wire.hpp): append, never renumber.
 enum class store_errc {
   full = 1,          ///< the write would take the store past StoreLimits::max_bytes
   conflict,          ///< compare_and_set: the current value is not the expected one
@@ -69,4 +71,4 @@ inline std::error_code make_error_code(store_errc e) noexcept {
 template <>
 struct std::is_error_code_enum<prefork::store_errc> : std::true_type {};
 
-#endif  // PREFORK_DETAIL_STORE_ERROR_HPP
+#endif  // PREFORK_STORE_ERROR_HPP

@@ -1,9 +1,8 @@
-// The Store concept (what the master's shared store must offer, so another backend can replace
-// it) and MemoryStore, the default backend: an ordered map with byte accounting, lazy expiry,
+// MemoryStore, the default Store backend: an ordered map with byte accounting, lazy expiry,
 // an expiry index for bounded sweeps, and crash-safe snapshots. Runs in the master only; its
 // operations are synchronous and single-threaded, so each one is linearizable.
-#ifndef PREFORK_DETAIL_STORE_MEMORY_HPP
-#define PREFORK_DETAIL_STORE_MEMORY_HPP
+#ifndef PREFORK_STORE_MEMORY_STORE_HPP
+#define PREFORK_STORE_MEMORY_STORE_HPP
 
 #include <charconv>
 #include <chrono>
@@ -22,63 +21,12 @@
 #include <utility>
 #include <vector>
 
-#include "prefork/detail/store_error.hpp"
+#include "prefork/version.hpp"
 #include "prefork/detail/store_snapshot.hpp"
+#include "prefork/store/concept.hpp"
+#include "prefork/store/error.hpp"
 
 namespace prefork {
-
-/// A value or the error that prevented it; `value` is meaningful only when ok().
-template <class T>
-struct StoreResult {
-  T value{};
-  std::error_code error{};
-  bool ok() const noexcept { return !error; }
-};
-
-// The Store concept, one requirement per operation. Keys and values are arbitrary bytes; a ttl
-// of zero means "never expires". Expired keys are invisible to every operation.
-//
-// Optional members, used when present:
-//   std::size_t sweep(std::size_t max_entries)  reclaims expired entries (the master's timer)
-//   std::string describe(std::error_code) const  a message with the store's numbers in it
-
-template <class S>
-concept GetsValues = requires(S& s, std::string_view key) {
-  { s.get(key) } -> std::same_as<std::optional<std::string>>;
-};
-
-template <class S>
-concept SetsValues =
-    requires(S& s, std::string_view key, std::string_view value, std::chrono::milliseconds ttl) {
-      { s.set(key, value, ttl) } -> std::same_as<std::error_code>;
-    };
-
-template <class S>
-concept ErasesKeys = requires(S& s, std::string_view key) {
-  { s.erase(key) } -> std::same_as<bool>;
-};
-
-template <class S>
-concept IncrementsValues =
-    requires(S& s, std::string_view key, std::int64_t delta, std::chrono::milliseconds ttl) {
-      { s.increment(key, delta, ttl) } -> std::same_as<StoreResult<std::int64_t>>;
-    };
-
-template <class S>
-concept ComparesAndSets = requires(S& s, std::string_view key,
-                                   std::optional<std::string_view> expected,
-                                   std::string_view value, std::chrono::milliseconds ttl) {
-  { s.compare_and_set(key, expected, value, ttl) } -> std::same_as<std::error_code>;
-};
-
-template <class S>
-concept ListsKeys = requires(S& s, std::string_view prefix, std::size_t limit) {
-  { s.keys(prefix, limit) } -> std::same_as<std::vector<std::string>>;
-};
-
-template <class S>
-concept Store = GetsValues<S> && SetsValues<S> && ErasesKeys<S> && IncrementsValues<S> &&
-                ComparesAndSets<S> && ListsKeys<S>;
 
 /// What MemoryStore needs of a clock: std::chrono::steady_clock, or a test's fake clock.
 template <class C>
@@ -498,4 +446,4 @@ static_assert(Store<MemoryStore<>>);
 
 }  // namespace prefork
 
-#endif  // PREFORK_DETAIL_STORE_MEMORY_HPP
+#endif  // PREFORK_STORE_MEMORY_STORE_HPP
