@@ -30,9 +30,9 @@
 #include <vector>
 
 #include <prefork/version.hpp>
+#include <prefork/clock.hpp>
 #include <prefork/detail/syscall.hpp>
 #include <prefork/detail/unique_fd.hpp>
-#include <prefork/options.hpp>
 
 namespace prefork {
 

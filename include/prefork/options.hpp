@@ -15,12 +15,11 @@
 #include <vector>
 
 #include <prefork/version.hpp>
+#include <prefork/clock.hpp>
 #include <prefork/detail/store_memory.hpp>
 #include <prefork/log.hpp>
 
 namespace prefork {
-
-using Clock = std::chrono::steady_clock;
 
 /// The number of CPUs this process may run on (sched_getaffinity), at least 1.
 inline unsigned cpu_count() noexcept {

@@ -29,6 +29,7 @@
 #include <prefork/detail/socket.hpp>
 #include <prefork/detail/syscall.hpp>
 #include <prefork/event_loop.hpp>
+#include <prefork/log.hpp>
 #include <prefork/request.hpp>
 #include <prefork/store_client.hpp>
 
