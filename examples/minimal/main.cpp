@@ -42,7 +42,7 @@ int main() {
       .workers = workers ? unsigned(std::atoi(workers)) : prefork::cpu_count(),
       .listen = {std::string("127.0.0.1:") + (port ? port : "8080")}});
   if (cluster.is_master()) {
-    long users = 5;  // the article's stand-in for a database query
+    long users = 5;  // stands in for the article's count of users in a database
     cluster.on_online([&](auto& worker) { worker.send(std::to_string(users)); });
     cluster.every(std::chrono::seconds(10), [&] { cluster.broadcast(std::to_string(++users)); });
     cluster.bind();
