@@ -1,8 +1,12 @@
 # Compiles the first ```cpp block of README.md as a reader would copy it, with our warnings as
 # errors: the test fails when the README's opening example stops compiling (it once called a
 # count() that nothing declared). The block is written to OUTPUT so that a failure can be read.
+# Then each block announced by `<!-- verbatim: PATH -->` on the line before it must appear, as
+# it is, in PATH (relative to the README): a listing of an example cannot drift from the code
+# that the build compiles and the tests run.
 #
 # cmake -DCOMPILER=<c++> -DINCLUDE_DIR=<dir> -DREADME=<README.md> -DOUTPUT=<file.cpp> -P readme_block.cmake
+cmake_minimum_required(VERSION 3.20)  # a script has no project: without it, while(TRUE) is old-style
 foreach(_var COMPILER INCLUDE_DIR README OUTPUT)
   if(NOT DEFINED ${_var} OR "${${_var}}" STREQUAL "")
     message(FATAL_ERROR "readme_block.cmake: -D${_var}=... is required")
@@ -36,3 +40,38 @@ if(NOT _result EQUAL 0)
   message(FATAL_ERROR "the first ${_fence}cpp block of ${README} (written to ${OUTPUT}) does not compile")
 endif()
 message(STATUS "the first ${_fence}cpp block of ${README} compiles (${OUTPUT})")
+
+get_filename_component(_readme_dir "${README}" DIRECTORY)
+set(_marker "<!-- verbatim: ")
+set(_text "${_readme}")
+set(_listings 0)
+while(TRUE)
+  string(FIND "${_text}" "${_marker}" _at)
+  if(_at EQUAL -1)
+    break()
+  endif()
+  string(LENGTH "${_marker}" _skip)
+  math(EXPR _at "${_at} + ${_skip}")
+  string(SUBSTRING "${_text}" ${_at} -1 _text)
+  string(FIND "${_text}" " -->\n${_fence}cpp\n" _end)
+  if(_end EQUAL -1)
+    message(FATAL_ERROR "${README}: a `${_marker}PATH -->` line must come right before a ${_fence}cpp block")
+  endif()
+  string(SUBSTRING "${_text}" 0 ${_end} _path)
+  math(EXPR _end "${_end} + 11")
+  string(SUBSTRING "${_text}" ${_end} -1 _text)
+  string(FIND "${_text}" "\n${_fence}" _length)
+  math(EXPR _length "${_length} + 1")
+  string(SUBSTRING "${_text}" 0 ${_length} _listing)
+  if(NOT EXISTS "${_readme_dir}/${_path}")
+    message(FATAL_ERROR "${README}: `${_marker}${_path} -->` names a file that does not exist")
+  endif()
+  file(READ "${_readme_dir}/${_path}" _source)
+  string(FIND "${_source}" "${_listing}" _found)
+  if(_found EQUAL -1)
+    message("${_listing}")
+    message(FATAL_ERROR "${README}: the listing above is not in ${_path} as it is: copy it again")
+  endif()
+  math(EXPR _listings "${_listings} + 1")
+endwhile()
+message(STATUS "${_listings} verbatim listing(s) of ${README} match their files")
