@@ -459,6 +459,8 @@ void AsioHello::on_drain() {
   pump();
 }
 
+static_assert(prefork::Server<AsioHello>);
+
 // The library's defaults are Node's: the master accepts and deals connections out round-robin,
 // crashed workers are restarted (with backoff), messages are strings.
 using AsioCluster = prefork::Cluster<AsioHello>;

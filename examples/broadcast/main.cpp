@@ -151,6 +151,8 @@ struct UsersServer {
   http::Server http_;
 };
 
+static_assert(prefork::Server<UsersServer, CountCodec>);
+
 using UsersCluster = prefork::Cluster<UsersServer, prefork::RoundRobin,
                                       prefork::Backoff<prefork::RestartOnCrash>, CountCodec>;
 

@@ -170,6 +170,8 @@ struct Hello {
   http::Server http_;
 };
 
+static_assert(prefork::Server<Hello>);
+
 // The library's defaults are Node's: the master accepts and deals connections out round-robin,
 // crashed workers are restarted (with backoff), messages are strings. --balance picks another
 // BalancePolicy, which is one template argument: prefork::Cluster<Hello, prefork::IpHash>.

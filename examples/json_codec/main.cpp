@@ -83,6 +83,8 @@ struct Acknowledger {
   prefork::WorkerContext<JsonCodec>& ctx_;
 };
 
+static_assert(prefork::Server<Acknowledger, JsonCodec>);
+
 using JsonCluster = prefork::Cluster<Acknowledger, prefork::RoundRobin,
                                      prefork::Backoff<prefork::RestartOnCrash>, JsonCodec>;
 

@@ -359,6 +359,8 @@ struct Sessions {
   http::Server http_;
 };
 
+static_assert(prefork::Server<Sessions>);
+
 template <class Balance>
 using SessionsCluster = prefork::Cluster<Sessions, Balance>;
 

@@ -24,6 +24,7 @@
 #include <prefork/master.hpp>
 #include <prefork/options.hpp>
 #include <prefork/restart.hpp>
+#include <prefork/server.hpp>
 #include <prefork/worker.hpp>
 
 namespace prefork {
@@ -56,11 +57,14 @@ inline const std::optional<WorkerBoot> exec_boot = take_exec_boot();
 /// A cluster of worker processes, each running a Server.
 ///
 /// Server: built in each worker after it starts, from WorkerContext<Codec>& (or default);
-/// optional members on_connection(Connection), on_message(const message_type&), on_drain().
+/// optional hooks on_connection, on_message, on_request, on_drain, on_listening (the Server
+/// concept, server.hpp: a hook with the wrong signature stops the build, naming the hook).
 /// The master-side members (callbacks, send, broadcast, timers...) do nothing in a worker.
 template <class Server, BalancePolicy Balance = RoundRobin,
           RestartPolicy Restart = Backoff<RestartOnCrash>, MessageCodec Codec = StringCodec>
 class Cluster {
+  static_assert(detail::check_server<Server, Codec>());
+
  public:
   using MasterT = Master<Balance, Restart, Codec>;
   using WorkerT = Worker<Codec>;

@@ -42,6 +42,7 @@
 #include <prefork/detail/privileges.hpp>
 #include <prefork/detail/process.hpp>
 #include <prefork/detail/socket.hpp>
+#include <prefork/detail/store_host.hpp>
 #include <prefork/detail/systemd.hpp>
 #include <prefork/detail/syscall.hpp>
 #include <prefork/detail/upgrade.hpp>

@@ -1,7 +1,7 @@
-// The shared store seen from both sides of the channel: the master holds one backend (any
-// Store, MemoryStore by default) behind StoreHost and answers `store` frames with it; a worker
-// reaches it through StoreClient, asynchronously, with a callback on its own loop. One store
-// in one single-threaded master makes every operation on a key linearizable.
+// The shared store seen from a worker: StoreClient reaches the master's store (any Store,
+// MemoryStore by default, behind detail::StoreHost in store_host.hpp) asynchronously, with a
+// callback on its own loop. One store in one single-threaded master makes every operation on a
+// key linearizable. No backend here, so Server code does not compile MemoryStore.
 #ifndef PREFORK_STORE_CLIENT_HPP
 #define PREFORK_STORE_CLIENT_HPP
 
@@ -21,55 +21,10 @@
 #include <prefork/codec.hpp>
 #include <prefork/event_loop.hpp>
 #include <prefork/request.hpp>
-#include <prefork/store.hpp>
+#include <prefork/store/error.hpp>
+#include <prefork/detail/store_wire.hpp>
 
 namespace prefork {
-
-namespace detail {
-
-// The master's store, whatever its type: the Store operations through the wire format, plus
-// the optional sweep and snapshot members when the backend has them.
-class StoreHost {
- public:
-  virtual ~StoreHost() = default;
-  virtual StoreReply apply(const StoreRequest& r) = 0;
-  virtual void sweep() = 0;
-  /// std::errc::operation_not_supported if the backend has no snapshot.
-  virtual std::error_code save(const std::string& path) = 0;
-  virtual std::error_code load(const std::string& path) = 0;
-};
-
-template <Store S>
-class StoreHostOf final : public StoreHost {
- public:
-  explicit StoreHostOf(S s) : store_(std::move(s)) {}
-  S& store() noexcept { return store_; }
-
-  StoreReply apply(const StoreRequest& r) override { return prefork::apply(store_, r); }
-  // Bounded, so that a store full of expired keys cannot stall the master's loop for long.
-  void sweep() override {
-    if constexpr (requires(S& s) { s.sweep(std::size_t{}); }) store_.sweep(4096);
-  }
-  std::error_code save(const std::string& path) override {
-    if constexpr (requires(S& s) {
-                    { s.save(path) } -> std::same_as<std::error_code>;
-                  })
-      return store_.save(path);
-    return std::make_error_code(std::errc::operation_not_supported);
-  }
-  std::error_code load(const std::string& path) override {
-    if constexpr (requires(S& s) {
-                    { s.load(path) } -> std::same_as<std::error_code>;
-                  })
-      return store_.load(path);
-    return std::make_error_code(std::errc::operation_not_supported);
-  }
-
- private:
-  S store_;
-};
-
-}  // namespace detail
 
 /// A worker's handle on the master's shared store (WorkerContext::store()). Every operation
 /// is one round trip to the master; its callback runs exactly once on this worker's loop,

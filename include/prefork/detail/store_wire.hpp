@@ -1,5 +1,6 @@
-// The store's wire format: a request a worker sends to the master, the reply it gets back, and
-// apply(), which runs one request against any Store. The bytes come from another process, so
+// The store's wire format: a request a worker sends to the master and the reply it gets back
+// (apply(), which runs one against any Store, is the master's: store_host.hpp). The bytes come
+// from another process, so
 // the decoders treat them as untrusted: every length is checked against the input that remains
 // before anything is copied or allocated, and the encoding is canonical (a decoded message
 // encodes back to the same bytes).
@@ -18,7 +19,6 @@
 #include <vector>
 
 #include "prefork/detail/store_bytes.hpp"
-#include "prefork/store/concept.hpp"
 #include "prefork/store/error.hpp"
 
 namespace prefork {
@@ -177,61 +177,6 @@ inline std::optional<StoreReply> decode_reply(std::string_view bytes, std::error
   if (!in.at_end()) return detail::store_decode_failed<StoreReply>(ec, store_errc::bad_reply);
   ec.clear();
   return r;
-}
-
-/// Runs one request against `store` and returns its reply; runs in the master, on its loop.
-/// An unknown op gives bad_request. An error outside store_category (a foreign backend's) is
-/// reported as backend_error with its message, and so is an exception the store throws: a
-/// worker's request never brings the master down.
-template <Store S>
-StoreReply apply(S& store, const StoreRequest& request) {
-  StoreReply reply;
-  std::error_code ec;
-  try {
-    const std::chrono::milliseconds ttl(request.ttl_ms);
-    switch (request.op) {
-      case StoreOp::get: reply.value = store.get(request.key); break;
-      case StoreOp::set: ec = store.set(request.key, request.value, ttl); break;
-      case StoreOp::erase: reply.number = store.erase(request.key) ? 1 : 0; break;
-      case StoreOp::increment: {
-        StoreResult<std::int64_t> r = store.increment(request.key, request.delta, ttl);
-        ec = r.error;
-        if (r.ok()) reply.number = r.value;
-        break;
-      }
-      case StoreOp::compare_and_set: {
-        std::optional<std::string_view> expected;
-        if (request.expected) expected = *request.expected;
-        ec = store.compare_and_set(request.key, expected, request.value, ttl);
-        break;
-      }
-      case StoreOp::keys: {
-        constexpr auto max = std::numeric_limits<std::size_t>::max();
-        reply.keys = store.keys(request.key, request.limit > max ? max
-                                                                 : static_cast<std::size_t>(request.limit));
-        break;
-      }
-      default: ec = store_errc::bad_request; break;
-    }
-  } catch (const std::exception& e) {
-    reply = StoreReply{};
-    reply.error = store_errc::backend_error;
-    reply.message = e.what();
-    return reply;
-  }
-  if (!ec) return reply;
-  reply = StoreReply{};
-  reply.error = &ec.category() == &store_category() && ec.value() > 0 &&
-                        ec.value() <= static_cast<int>(detail::kLastStoreErrc)
-                    ? static_cast<store_errc>(ec.value())
-                    : store_errc::backend_error;
-  if constexpr (requires(const S& s) {
-                  { s.describe(ec) } -> std::convertible_to<std::string>;
-                })
-    reply.message = store.describe(ec);
-  else
-    reply.message = ec.message();
-  return reply;
 }
 
 }  // namespace prefork
