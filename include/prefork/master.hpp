@@ -14,14 +14,11 @@
 #include <cstring>
 #include <deque>
 #include <exception>
-#include <filesystem>
-#include <fstream>
 #include <functional>
 #include <iterator>
 #include <map>
 #include <memory>
 #include <optional>
-#include <random>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -55,49 +52,15 @@
 #include <prefork/worker_handle.hpp>
 #include <prefork/master/log.hpp>
 #include <prefork/master/phase.hpp>
+#include <prefork/master/spawner.hpp>
+#include <prefork/master/supervisor.hpp>
+#include <prefork/master/watchdog.hpp>
 #include <prefork/master/worker_record.hpp>
 #include <prefork/master/worker_table.hpp>
-
-extern char** environ;
 
 namespace prefork {
 
 namespace detail {
-
-/// This program's argv, from /proc/self/cmdline (the Cluster is not handed argv).
-inline std::vector<std::string> own_argv() {
-  std::ifstream in("/proc/self/cmdline", std::ios::binary);
-  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::string> argv;
-  std::size_t start = 0;
-  for (std::size_t i = 0; i < all.size(); ++i) {
-    if (all[i] == '\0') {
-      argv.emplace_back(all, start, i - start);
-      start = i + 1;
-    }
-  }
-  return argv;
-}
-
-/// The path of the program on disk, as an absolute path fixed now: argv[0] when it names a file
-/// (made absolute against the current directory, symlinks left alone), else /proc/self/exe
-/// resolved. Exec'ing it later runs whatever a deploy put there: a binary renamed over the old
-/// one, or a new release behind a swapped symlink (/proc/self/exe would name the old file).
-inline std::string own_executable(const std::vector<std::string>& argv) {
-  if (!argv.empty() && argv[0].find('/') != std::string::npos) {
-    std::string path = argv[0];
-    if (path.front() != '/') {
-      char cwd[4096];
-      if (::getcwd(cwd, sizeof cwd)) path = std::string(cwd) + "/" + path;
-    }
-    path = std::filesystem::path(path).lexically_normal().string();
-    if (::access(path.c_str(), X_OK) == 0) return path;
-  }
-  char buf[4096];
-  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
-  if (n <= 0) return "/proc/self/exe";
-  return std::string(buf, static_cast<std::size_t>(n));
-}
 
 inline void validate(const Options& o) {
   auto bad = [](const std::string& what) { throw std::invalid_argument("prefork: Options." + what); };
@@ -138,14 +101,11 @@ class Master {
 
   /// Throws std::invalid_argument for bad options.
   Master(Options opts, Restart restart, ChildMain child_main)
-      : opts_(std::move(opts)), restart_(std::move(restart)), child_main_(std::move(child_main)) {
+      : opts_(std::move(opts)),
+        restart_(std::move(restart)),
+        spawner_(loop_, opts_, table_, log_, phase_, credentials_, std::move(child_main)) {
     detail::validate(opts_);
-    if (opts_.spawn == SpawnMode::exec) {
-      exec_argv_ = opts_.exec_argv.empty() ? detail::own_argv() : opts_.exec_argv;
-      exec_path_ = opts_.exec_argv.empty() ? detail::own_executable(exec_argv_)
-                                           : opts_.exec_argv.front();
-      if (exec_argv_.empty()) throw std::invalid_argument("prefork: exec mode needs an argv");
-    }
+    spawner_.set_up_exec();
     master_argv_ = detail::own_argv();
     master_path_ = detail::own_executable(master_argv_);
     std::string upgrade_error;
@@ -161,6 +121,7 @@ class Master {
     credentials_ = detail::resolve_credentials(opts_.user, opts_.group);
     store_ = std::make_unique<detail::StoreHostOf<MemoryStore<>>>(MemoryStore<>(opts_.store_limits));
     loop_.on_exception([this](std::exception_ptr e) { callback_failed(e); });
+    wire_life();
   }
   Master(const Master&) = delete;
   Master& operator=(const Master&) = delete;
@@ -324,7 +285,7 @@ class Master {
   /// failed (logged; retried from a timer) or the master is shutting down.
   WorkerT* fork() {
     if (shutting_down()) return nullptr;
-    Record* r = spawn(table_.add_slot());
+    Record* r = spawner_.spawn(table_.add_slot());
     return r ? &r->handle : nullptr;
   }
 
@@ -373,7 +334,7 @@ class Master {
         dispatch_pending();
       }
       phase_ = detail::shut_down(phase_);
-      for (auto& s : table_.slots()) cancel_restart(s);
+      for (auto& s : table_.slots()) spawner_.cancel_restart(s);
       for (auto& l : listeners_) loop_.unwatch(l.get());
       listeners_.clear();
       slot_listeners_.clear();
@@ -448,7 +409,7 @@ class Master {
     if (!save_store()) return refuse_upgrade("the store could not be saved for the new master");
     if (!opts_.store_snapshot.empty()) store_state_ = StoreState::held;
     std::string error = successor_.start(
-        master_path_, master_argv_, upgrade_environment(), sockets, master_only_fds(),
+        master_path_, master_argv_, upgrade_environment(), sockets, spawner_.master_only_fds(),
         opts_.upgrade_timeout, [this] { upgrade_succeeded(); },
         [this](const std::string& why) {
           log(LogLevel::warning, "upgrade", "upgrade failed: " + why +
@@ -568,11 +529,11 @@ class Master {
       table_.resize_slots(n);
       for (std::size_t slot = was; slot < n; ++slot) {
         if constexpr (requires(Restart& r) { r.reset(slot); }) restart_.reset(slot);
-        if (phase_ == detail::Phase::serving) spawn(slot);  // before run(), run() forks them
+        if (phase_ == detail::Phase::serving) spawner_.spawn(slot);  // before run(), run() forks them
       }
       return {};
     }
-    for (std::size_t slot = n; slot < was; ++slot) cancel_restart(table_.slot(slot));
+    for (std::size_t slot = n; slot < was; ++slot) spawner_.cancel_restart(table_.slot(slot));
     table_.resize_slots(n);
     if constexpr (WantsReusePort<Balance>) {
       if (slot_listeners_.size() > n) slot_listeners_.resize(n);  // stop routing to them
@@ -621,9 +582,9 @@ class Master {
     log(LogLevel::info, "serving", "pid " + std::to_string(::getpid()) + ", " +
                                        std::to_string(table_.slot_count()) + " workers" + on);
     for (std::size_t s = 0; s < table_.slot_count(); ++s)
-      if (!table_.slot(s).worker_id) spawn(s);
+      if (!table_.slot(s).worker_id) spawner_.spawn(s);
     if constexpr (MasterDispatch<Balance>) resume_accepting();
-    start_supervision();
+    watchdog_.start();
     start_systemd_watchdog();
     loop_.every(std::chrono::seconds(1), [this] { store_->sweep(); }, false);
     loop_.restart();
@@ -744,33 +705,16 @@ class Master {
     log_(level, event, msg, w);
   }
 
-  // One line per exit: a crash is a warning, a planned exit (disconnect, kill, shutdown) not.
-  void log_exit(const Record& w, const ExitInfo& e) {
-    std::string how = e.signal ? "killed by signal " + std::to_string(e.signal)
-                               : "exited with code " + std::to_string(e.exit_code);
-    bool planned = e.exited_after_disconnect && (e.exit_code == 0 || e.signal);
-    log(planned || !e.crashed() ? LogLevel::info : LogLevel::warning, "exit",
-        "pid " + std::to_string(w.pid) + " " + how + " after " +
-            std::to_string(e.uptime.count()) + " ms" +
-            (e.exited_after_disconnect ? " (planned)" : "") +
-            (e.reason.empty() ? std::string() : ": " + e.reason),
-        &w);
-  }
-
   // The worker is its slot's current one (not a replaced one, nor in a slot scaled away).
   bool owns_slot(const Record& w) const noexcept { return table_.owns_slot(w); }
 
   static std::string describe(const Record& w) { return detail::MasterLog::describe(w); }
 
-  void cancel_restart(detail::Slot& s) {
-    if (s.restart_timer) loop_.cancel(s.restart_timer);
-    s.restart_timer = 0;
-  }
-
-  // Everything the child must not keep: the master's loop, its listening sockets (a worker is
-  // handed them over its channel), and every other worker's channel and pidfd.
-  std::vector<int> master_only_fds() const {
-    std::vector<int> fds = loop_.own_descriptors();
+  // The descriptors of the Master's own parts, which no child may keep (the spawner adds the
+  // loop's and the workers'): its listening sockets (a worker is handed them over its
+  // channel), the connections not dealt out yet, and what the upgrade, systemd, the pid file
+  // and the control socket hold.
+  void part_fds(std::vector<int>& fds) const {
     for (auto& l : listeners_) fds.push_back(l.get());
     for (auto& set : slot_listeners_)
       for (auto& l : set) fds.push_back(l.get());
@@ -782,148 +726,6 @@ class Master {
     if (pid_file_.held()) fds.push_back(pid_file_.native_handle());  // or a child keeps the lock
     control_.descriptors(fds);  // or a child keeps the socket live, and a client's EOF away
     successor_.descriptors(fds);
-    for (auto& [id, w] : table_.live()) {
-      for (auto& h : w->in_flight) fds.push_back(h.fd.get());
-      if (w->channel && w->channel->is_open()) fds.push_back(w->channel->native_handle());
-      if (w->pidfd) fds.push_back(w->pidfd.get());
-    }
-    return fds;
-  }
-
-  Record* spawn(std::size_t slot) {
-    detail::Slot& s = table_.slot(slot);
-    cancel_restart(s);
-    s.errored = false;
-    if constexpr (WantsReusePort<Balance>) {
-      if (bound_ && !ensure_slot_bound(slot)) return retry_spawn(slot, "bind failed");
-    }
-    std::pair<UniqueFd, UniqueFd> pair;
-    try {
-      pair = make_channel_pair();
-    } catch (const std::system_error& e) {
-      return retry_spawn(slot, e.what());
-    }
-    auto& [mine, theirs] = pair;
-    unsigned id = table_.next_id();
-    detail::WorkerBoot boot{id, slot, theirs.get(),
-                            {opts_.max_message_size, opts_.max_queued_bytes}};
-    if (opts_.watchdog_timeout.count() > 0)
-      boot.heartbeat_ms = static_cast<std::uint64_t>(
-          std::max<std::int64_t>(1, opts_.watchdog_timeout.count() / 4));
-    if (opts_.max_connections) boot.max_connections = opts_.max_connections + jitter(opts_.max_connections_jitter);
-    if (opts_.max_requests) boot.max_requests = opts_.max_requests + jitter(opts_.max_requests_jitter);
-
-    // Prepared before fork(): after it, the exec path only calls async-signal-safe functions.
-    std::vector<std::string> env_store;
-    std::vector<char*> argv, envp;
-    if (opts_.spawn == SpawnMode::exec) {
-      for (auto& a : exec_argv_) argv.push_back(const_cast<char*>(a.c_str()));
-      argv.push_back(nullptr);
-      env_store = environment_without_markers();
-      env_store.push_back(std::string(detail::kWorkerEnv) + "=" + detail::encode_boot(boot));
-      for (auto& e : env_store) envp.push_back(e.data());
-      envp.push_back(nullptr);
-    }
-    std::vector<int> close_in_child = master_only_fds();
-    close_in_child.push_back(mine.get());
-    pid_t parent = ::getpid();
-
-    pid_t pid;
-    {
-      detail::SignalBlock block;
-      std::fflush(nullptr);  // or the child would write the master's buffered output again
-      pid = ::fork();
-      if (pid == 0) child(boot, parent, close_in_child, argv, envp);
-    }
-    if (pid < 0) return retry_spawn(slot, std::string("fork: ") + std::strerror(errno));
-    table_.use_id(id);
-    theirs.reset();
-
-    auto owned = std::make_unique<Record>(loop_, opts_, id, slot);
-    Record& w = *owned;
-    w.pid = pid;
-    if (opts_.max_lifetime.count() > 0)  // up to 10% more, so that workers started together
-      w.lifetime = opts_.max_lifetime +  // do not all come due together
-                    std::chrono::milliseconds(jitter(static_cast<std::uint64_t>(
-                        opts_.max_lifetime.count() / 10)));
-    w.pidfd.reset(detail::pidfd_open(pid));
-    if (!w.pidfd) {
-      // Without a pidfd we cannot reap this child safely; it is ours, so kill and reap it.
-      log(LogLevel::warning, "fork",
-          "pidfd_open failed for pid " + std::to_string(pid) + ": " + std::strerror(errno));
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-      return retry_spawn(slot, "pidfd_open failed");
-    }
-    w.channel = std::make_unique<Channel>(
-        loop_, std::move(mine), ChannelLimits{opts_.max_message_size, opts_.max_queued_bytes});
-    // Store and request answers count against max_queued_bytes like everything else: a
-    // worker that does not read them is not read either until it has (issue 13).
-    w.channel->pause_reading_while_full(true);
-    w.channel->on_frame([this, &w](Frame&& f) { on_frame(w, std::move(f)); });
-    w.link->channel = w.channel.get();
-    w.channel->on_close([this, &w](std::error_code ec) { on_channel_closed(w, ec); });
-    loop_.watch(w.pidfd.get(), EventLoop::readable, [this, &w](std::uint32_t) { on_pidfd(w); });
-    s.worker_id = id;
-    if (s.used) ++s.restarts;
-    s.used = true;
-    w.restarts = s.restarts;
-    table_.insert(std::move(owned));
-    if (bound_ && listens() && !shutting_down()) hand_listeners(w);
-    log(LogLevel::info, "fork", "pid " + std::to_string(pid) + ", slot " + std::to_string(slot) +
-        (s.restarts ? ", restart " + std::to_string(s.restarts) + " of the slot" : std::string()),
-        &w);
-    emit(on_fork_, w.handle);
-    return &w;
-  }
-
-  [[noreturn]] void child(const detail::WorkerBoot& boot, pid_t parent,
-                          const std::vector<int>& close_fds, std::vector<char*>& argv,
-                          std::vector<char*>& envp) noexcept {
-    detail::die_with_parent(parent);
-    // Its own process group, so that whatever it starts can be stopped with it (on_pidfd).
-    ::setpgid(0, 0);
-    detail::reset_signals_in_child();
-    for (int fd : close_fds) ::close(fd);
-    // Options::user: dropped here, before the exec in exec mode, so that no worker code ever
-    // runs with the master's privileges (nor does the exec'd binary's start-up).
-    if (credentials_.any()) {
-      char why[512];
-      if (!detail::drop_privileges(credentials_, why, sizeof why)) {
-        detail::child_error(why);
-        ::_exit(1);
-      }
-      // prctl(2): the parent-death signal is cleared when the effective ids change. Re-armed,
-      // and the parent checked again: it may have died before the re-arm.
-      detail::die_with_parent(parent);
-    }
-    if (opts_.spawn == SpawnMode::exec) {
-      if (!detail::keep_across_exec(boot.channel_fd)) {
-        detail::child_error("worker: fcntl on the channel failed");
-        ::_exit(127);
-      }
-      ::execve(exec_path_.c_str(), argv.data(), envp.data());
-      char msg[256];
-      std::snprintf(msg, sizeof msg, "worker: execve %s failed: %s", exec_path_.c_str(),
-                    std::strerror(errno));
-      detail::child_error(msg);
-      ::_exit(127);
-    }
-    int code = child_main_(boot);
-    std::fflush(nullptr);
-    ::_exit(code);
-  }
-
-  Record* retry_spawn(std::size_t slot, const std::string& why) {
-    log(LogLevel::warning, "fork",
-        "cannot start a worker for slot " + std::to_string(slot) + ": " + why +
-        "; retrying in 1 s");
-    detail::Slot& s = table_.slot(slot);
-    s.restart_timer = loop_.after(std::chrono::seconds(1), [this, slot] {
-      table_.slot(slot).restart_timer = 0;
-      if (!shutting_down()) spawn(slot);
-    }, false);
-    return nullptr;
   }
 
   // Kernel dispatch: the worker gets its own copies of the listening sockets. Master dispatch:
@@ -944,104 +746,16 @@ class Master {
     w.channel->send(FrameKind::handles, {}, 0, std::move(dups));
   }
 
-  void protocol_error(Record& w, std::error_code ec) {
-    if (on_error_) {
-      emit(on_error_, w.handle, ec);
-    } else {
-      log(LogLevel::warning, "protocol", describe(w) + ": " + ec.message() + "; killing it", &w);
+  // The worker acknowledged its next `n` connections (FrameKind::accepted).
+  void accepted(Record& w, std::size_t n) {
+    n = std::min(n, w.in_flight.size());
+    w.in_flight.erase(w.in_flight.begin(), w.in_flight.begin() + static_cast<std::ptrdiff_t>(n));
+    w.unacked_since = Clock::now();  // its loop turns: the rest count from now
+    if (n > 0 && w.out_of_fds) {
+      w.out_of_fds = false;
+      log(LogLevel::info, "dispatch", "takes connections again", &w);
     }
-    if (w.exit.reason.empty()) w.exit.reason = "protocol error: " + ec.message();
-    w.signal(SIGKILL);
-  }
-
-  void on_frame(Record& w, Frame&& f) {
-    w.last_heard = Clock::now();
-    switch (f.kind) {
-      case FrameKind::user: {
-        std::error_code ec;
-        auto m = codec_.decode(f.payload, ec);
-        if (!m) {
-          protocol_error(w, ec ? ec : make_error_code(errc::decode_failed));
-          mark_disconnected(w);
-          return;
-        }
-        emit(on_message_, w.handle, *m);
-        return;
-      }
-      case FrameKind::online:
-        if (w.state != WorkerState::none) break;
-        w.state = WorkerState::online;
-        log(LogLevel::info, "online", "pid " + std::to_string(w.pid), &w);
-        emit(on_online_, w.handle);
-        return;
-      case FrameKind::started:
-        // Nothing to listen on: a built Server is as ready as the worker gets. (With listen
-        // addresses, 'listening' comes later and means the same.)
-        if (w.state != WorkerState::online || listens() || w.was_ready()) return;
-        w.became_ready();
-        reload_ready(w);
-        tell_old_master_if_ready();
-        notify_ready();
-        return;
-      case FrameKind::listening:
-        if (w.state != WorkerState::online) break;
-        w.state = WorkerState::listening;
-        w.became_ready();
-        if constexpr (requires(Restart& r) { r.on_listening(std::size_t{}); })
-          restart_.on_listening(w.slot);
-        log(LogLevel::info, "listening", "pid " + std::to_string(w.pid), &w);
-        emit(on_listening_, w.handle);
-        if constexpr (MasterDispatch<Balance>) resume_accepting();
-        reload_ready(w);
-        tell_old_master_if_ready();
-        notify_ready();
-        return;
-      case FrameKind::disconnect:
-        // The worker is draining on its own initiative (Node: worker.disconnect() in a worker).
-        w.plan_exit();
-        w.arm_escalation();
-        return;
-      case FrameKind::stats:
-        w.reported_connections = static_cast<std::size_t>(f.tag);
-        detail::decode_counters(f.payload, w.counters);
-        return status_answered(w.id);
-      case FrameKind::accepted: {
-        std::size_t n = std::min<std::size_t>(static_cast<std::size_t>(f.tag), w.in_flight.size());
-        w.in_flight.erase(w.in_flight.begin(), w.in_flight.begin() + static_cast<std::ptrdiff_t>(n));
-        w.unacked_since = Clock::now();  // its loop turns: the rest count from now
-        if (n > 0 && w.out_of_fds) {
-          w.out_of_fds = false;
-          log(LogLevel::info, "dispatch", "takes connections again", &w);
-        }
-        if constexpr (MasterDispatch<Balance>) resume_accepting();
-        return;
-      }
-      case FrameKind::declined:
-        if constexpr (MasterDispatch<Balance>) declined(w, static_cast<std::size_t>(f.tag));
-        return;
-      case FrameKind::request:
-        detail::answer(w.link, codec_, f, static_cast<bool>(on_request_),
-                       [this, &w](const message_type& m, Reply<Codec> r) {
-                         on_request_(w.handle, m, std::move(r));
-                       });
-        return;
-      case FrameKind::reply: return w.outgoing.on_reply(f.tag, f.payload);
-      case FrameKind::failure: return w.outgoing.on_failure(f.tag, f.payload);
-      case FrameKind::store: return serve_store(w, f);
-      case FrameKind::heartbeat: return;
-      case FrameKind::retire:
-        recycle(w, f.payload.empty() ? std::string("the worker asked for it")
-                                     : f.payload.substr(0, 200));
-        return;
-      case FrameKind::bind:
-        // A session key for this worker's slot; a policy that routes by key keeps it, any
-        // other ignores it, so a Server may bind whatever the cluster balances with.
-        if constexpr (BindsKeys<Balance>) balance_.bind(std::string_view(f.payload), w.slot);
-        return;
-      default: break;
-    }
-    protocol_error(w, make_error_code(errc::malformed_frame));
-    mark_disconnected(w);
+    if constexpr (MasterDispatch<Balance>) resume_accepting();
   }
 
   // One operation on the shared store for `w`. Always answered (a store_reply frame goes out
@@ -1219,26 +933,6 @@ class Master {
     return false;
   }
 
-  void on_channel_closed(Record& w, std::error_code ec) {
-    if (ec != errc::channel_closed) protocol_error(w, ec);
-    // A worker that closed its channel but keeps running is unsupervisable: give it the drain
-    // deadline to exit, then escalate, as for a disconnect.
-    w.arm_escalation();
-    mark_disconnected(w);
-  }
-
-  void mark_disconnected(Record& w) {
-    if (w.gone()) return;
-    status_answered(w.id);  // it never will
-    if (w.channel) w.channel->close();
-    w.link->channel = nullptr;
-    w.became_disconnected();
-    recover_in_flight(w);
-    w.outgoing.fail_all(make_error_code(errc::peer_gone));
-    log(LogLevel::info, "disconnect", "pid " + std::to_string(w.pid), &w);
-    emit(on_disconnect_, w.handle);
-  }
-
   // Connections handed to a worker that never acknowledged them (its channel closed with the
   // frames unread) are still open in the master: they go to another worker, first in line.
   void recover_in_flight(Record& w) {
@@ -1249,63 +943,24 @@ class Master {
     if constexpr (MasterDispatch<Balance>) loop_.post([this] { resume_accepting(); });
   }
 
-  void on_pidfd(Record& w) {
-    // The worker has exited but is not reaped yet, so its pid (its process group's id) cannot
-    // have been reused: what is left of its group is its own children, stopped with it.
-    ::kill(-w.pid, SIGKILL);
-    detail::Reaped r = detail::reap(w.pidfd.get());
-    if (!r.done) return;
-    loop_.unwatch(w.pidfd.get());
-    w.pidfd.reset();  // or a worker forked from an exit callback would inherit it
-    // Deliver what the worker sent before it died, then 'disconnect' before 'exit' (Node).
-    if (w.channel && w.channel->is_open()) w.channel->read_all_pending();
-    mark_disconnected(w);
-    w.cancel_timers();
-    w.became_dead();
-    w.exit.exit_code = r.exit_code;
-    w.exit.signal = r.signal;
-    w.exit.served = w.counters.connections_total > 0 || w.counters.requests > 0;
-    w.exit.uptime =
-        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - w.started);
-
-    // Removed from the live list before 'exit' is emitted, as Node does; destroyed after.
-    std::unique_ptr<Record> owned = table_.extract(w.id);
-    ExitInfo info = w.exit;
-    log_exit(w, info);
-    emit(on_exit_, w.handle, info);
-    after_exit(w, info);
-    if (shutting_down() && table_.empty()) loop_.stop();
+  // "Worker ready": a worker became ready (listening, or started when the cluster listens on
+  // nothing). In this order: the rolling restart (its old worker may drain now), the upgrade
+  // (the old master may hand over), systemd (READY=1 or STATUS=).
+  void worker_ready(Record& w) {
+    reload_ready(w);
+    tell_old_master_if_ready();
+    notify_ready();
   }
 
-  void after_exit(Record& w, const ExitInfo& info) {
+  // "Worker exited": reaped and out of the table (the supervisor owns it until this returns).
+  // In this order: the application's 'exit', the rolling restart (a replacement failed, or an
+  // old worker is gone), the supervisor (the slot refilled per the RestartPolicy), and the end
+  // of a shutdown once the last worker is gone.
+  void worker_exited(Record& w, const ExitInfo& info) {
+    emit(on_exit_, w.handle, info);
     reload_exited(w, info);
-    if (!owns_slot(w)) return;  // replaced already (rolling restart), or its slot scaled away
-    detail::Slot& s = table_.slot(w.slot);
-    s.worker_id = 0;
-    if (shutting_down()) return;
-    RestartDecision d = restart_.on_exit(w.slot, info);
-    using A = RestartDecision::Action;
-    if constexpr (WantsReusePort<Balance>) {
-      if (d.action != A::restart && w.slot < slot_listeners_.size())
-        slot_listeners_[w.slot].clear();  // nobody will accept there: stop the kernel routing to it
-    }
-    if (d.action == A::give_up) {
-      s.errored = true;
-      log(LogLevel::error, "errored",
-          "slot " + std::to_string(w.slot) + " is errored: its workers keep exiting (last: " +
-          describe(w) + ")", &w);
-      emit(on_errored_, w.slot, info);
-    } else if (d.action == A::restart) {
-      std::size_t slot = w.slot;
-      if (d.delay.count() <= 0) {
-        spawn(slot);
-      } else {
-        s.restart_timer = loop_.after(d.delay, [this, slot] {
-          table_.slot(slot).restart_timer = 0;
-          if (!shutting_down()) spawn(slot);
-        }, false);
-      }
-    }
+    supervisor_.after_exit(w, info);
+    if (shutting_down() && table_.empty()) loop_.stop();
   }
 
   // Master dispatch (Node's round_robin_handle.js): accept here, hand each connection to the
@@ -1615,9 +1270,9 @@ class Master {
       Record* old = record(old_id);
       if (!old || old->leaving()) continue;
       std::size_t slot = old->slot;
-      Record* fresh = spawn(slot);
+      Record* fresh = spawner_.spawn(slot);
       if (!fresh) {
-        cancel_restart(table_.slot(slot));
+        spawner_.cancel_restart(table_.slot(slot));
         table_.slot(slot).worker_id = old_id;
         return finish_reload(false, "could not fork a replacement for " + describe(*old));
       }
@@ -1744,96 +1399,6 @@ class Master {
     reload_pump();
   }
 
-  // The watchdog's verdict: no new connections (collect_ready skips it), a replacement in its
-  // slot now, and SIGTERM, then SIGKILL. Not a planned exit: ExitInfo says why.
-  void hung(Record& w, Clock::duration silent) {
-    w.condemn();
-    auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(silent).count();
-    w.exit.reason = "watchdog: no heartbeat for " + std::to_string(ms) + " ms (watchdog_timeout " +
-                     std::to_string(opts_.watchdog_timeout.count()) + " ms)";
-    log(LogLevel::warning, "hung",
-        describe(w) + " is hung (" + w.exit.reason + "); replacing it and sending SIGTERM", &w);
-    if (owns_slot(w) && !shutting_down()) spawn(w.slot);
-    w.terminate();
-  }
-
-  // The periodic check behind the watchdog, start_timeout, max_lifetime and max_rss.
-  void start_supervision() {
-    using std::chrono::milliseconds;
-    milliseconds tick{1000};
-    for (milliseconds limit : {opts_.watchdog_timeout, opts_.start_timeout, opts_.max_lifetime})
-      if (limit.count() > 0) tick = std::min(tick, std::max(milliseconds(10), limit / 4));
-    if (opts_.watchdog_timeout.count() <= 0 && opts_.start_timeout.count() <= 0 &&
-        opts_.max_lifetime.count() <= 0 && opts_.max_rss == 0)
-      return;
-    loop_.every(tick, [this] { supervise(); }, false);
-  }
-
-  void supervise() {
-    if (shutting_down()) return;
-    auto now = Clock::now();
-    std::vector<Record*> all = table_.records();  // hung() and recycle() may fork into the table
-    for (Record* w : all) {
-      if (!w->supervised()) continue;
-      if (!w->was_ready()) {
-        if (opts_.start_timeout.count() > 0 && now - w->started > opts_.start_timeout)
-          start_timed_out(*w);
-        continue;
-      }
-      if (opts_.watchdog_timeout.count() > 0 && now - w->last_heard > opts_.watchdog_timeout) {
-        if (read_pending(*w) && Clock::now() - w->last_heard > opts_.watchdog_timeout)
-          hung(*w, Clock::now() - w->last_heard);
-        continue;
-      }
-      if (w->lifetime.count() > 0 && now - w->started > w->lifetime) {
-        recycle(*w, "max_lifetime " + std::to_string(opts_.max_lifetime.count()) + " ms reached");
-        continue;
-      }
-      if (opts_.max_rss > 0) {
-        std::size_t rss = detail::resident_bytes(w->pid);
-        if (rss > opts_.max_rss)
-          recycle(*w, "resident memory " + std::to_string(rss >> 20) + " MiB above max_rss " +
-                          std::to_string(opts_.max_rss >> 20) + " MiB");
-      }
-    }
-  }
-
-  // Frames may be waiting unread: the master's own loop may have stood still (a slow fork, a
-  // SIGSTOP, swap) and the tick come due before the channels were read. A worker is judged by
-  // what it has sent, not by when the master last looked. False if that ended its supervision.
-  bool read_pending(Record& w) {
-    if (w.channel && w.channel->is_open()) w.channel->read_all_pending();
-    return w.supervised();
-  }
-
-  void start_timed_out(Record& w) {
-    if (!read_pending(w) || w.was_ready()) return;
-    w.condemn();
-    w.exit.start_timed_out = true;
-    w.exit.reason = "start timeout: not " +
-                     std::string(listens() ? "listening" : "started") + " after " +
-                     std::to_string(opts_.start_timeout.count()) + " ms";
-    log(LogLevel::warning, "start-timeout", describe(w) + ": " + w.exit.reason + "; SIGKILL", &w);
-    w.signal(SIGKILL);
-  }
-
-  std::uint64_t jitter(std::uint64_t max) {
-    if (max == 0) return 0;
-    return std::uniform_int_distribution<std::uint64_t>(0, max)(rng_);
-  }
-
-  // This environment minus the variables that tell a process it is a worker or a new master.
-  static std::vector<std::string> environment_without_markers() {
-    std::vector<std::string> env;
-    std::string worker = std::string(detail::kWorkerEnv) + "=";
-    std::string upgrade = std::string(detail::kUpgradeEnv) + "=";
-    for (char** e = environ; e && *e; ++e) {
-      std::string_view v(*e);
-      if (!v.starts_with(worker) && !v.starts_with(upgrade)) env.emplace_back(v);
-    }
-    return env;
-  }
-
   // New master: a socket the old master handed over for this listen entry and slot.
   UniqueFd take_inherited(const std::string& spec, long slot) {
     if (!upgrade_boot_) return {};
@@ -1922,7 +1487,7 @@ class Master {
   bool listens() const noexcept { return bound_ ? !addresses_.empty() : !opts_.listen.empty(); }
 
   std::vector<std::string> upgrade_environment() const {
-    std::vector<std::string> env = environment_without_markers();
+    std::vector<std::string> env = detail::environment_without_markers();
     for (auto& e : notifier_.environment()) env.push_back(e);
     return env;
   }
@@ -2011,6 +1576,68 @@ class Master {
     if (q->done) q->done(status());
   }
 
+  // The life parts (spawner, supervisor, watchdog): what they ask of the Master.
+  void wire_life() {
+    auto& sp = spawner_.hooks;
+    if constexpr (WantsReusePort<Balance>)
+      sp.prepare_slot = [this](std::size_t slot) { return !bound_ || ensure_slot_bound(slot); };
+    sp.master_fds = [this](std::vector<int>& fds) { part_fds(fds); };
+    sp.frame = [this](Record& w, Frame&& f) { supervisor_.on_frame(w, std::move(f)); };
+    sp.closed = [this](Record& w, std::error_code ec) { supervisor_.on_channel_closed(w, ec); };
+    sp.exited = [this](Record& w) { supervisor_.on_pidfd(w); };
+    sp.hand_listeners = [this](Record& w) {
+      if (bound_ && listens() && !shutting_down()) hand_listeners(w);
+    };
+    sp.forked = [this](Record& w) { emit(on_fork_, w.handle); };
+
+    auto& su = supervisor_.hooks;
+    su.online = [this](Record& w) { emit(on_online_, w.handle); };
+    su.listening = [this](Record& w) {
+      emit(on_listening_, w.handle);
+      if constexpr (MasterDispatch<Balance>) resume_accepting();
+    };
+    su.disconnected = [this](Record& w) { emit(on_disconnect_, w.handle); };
+    su.message = [this](Record& w, const message_type& m) { emit(on_message_, w.handle, m); };
+    su.protocol_error = [this](Record& w, std::error_code ec) {
+      if (!on_error_) return false;
+      emit(on_error_, w.handle, ec);
+      return true;
+    };
+    su.errored = [this](std::size_t slot, const ExitInfo& info) { emit(on_errored_, slot, info); };
+    su.ready = [this](Record& w) { worker_ready(w); };
+    su.exited = [this](Record& w, const ExitInfo& info) { worker_exited(w, info); };
+    su.request = [this](Record& w, const Frame& f) {
+      detail::answer(w.link, codec_, f, static_cast<bool>(on_request_),
+                     [this, &w](const message_type& m, Reply<Codec> r) {
+                       on_request_(w.handle, m, std::move(r));
+                     });
+    };
+    su.store = [this](Record& w, const Frame& f) { serve_store(w, f); };
+    su.accepted = [this](Record& w, std::size_t n) { accepted(w, n); };
+    if constexpr (MasterDispatch<Balance>)
+      su.declined = [this](Record& w, std::size_t n) { declined(w, n); };
+    // A session key for this worker's slot; a policy that routes by key keeps it, any other
+    // ignores it, so a Server may bind whatever the cluster balances with.
+    if constexpr (BindsKeys<Balance>)
+      su.bind = [this](std::string_view key, std::size_t slot) { balance_.bind(key, slot); };
+    su.recycle = [this](Record& w, const std::string& why) { recycle(w, why); };
+    su.stats_answered = [this](unsigned id) { status_answered(id); };
+    su.recover = [this](Record& w) { recover_in_flight(w); };
+    su.listens = [this] { return listens(); };
+    su.spawn = [this](std::size_t slot) { return spawner_.spawn(slot); };
+    su.spawn_after = [this](std::size_t slot, Clock::duration d) { spawner_.spawn_after(slot, d); };
+    if constexpr (WantsReusePort<Balance>)
+      su.slot_abandoned = [this](std::size_t slot) {
+        if (slot < slot_listeners_.size())
+          slot_listeners_[slot].clear();  // nobody will accept there: stop the kernel routing to it
+      };
+
+    auto& wd = watchdog_.hooks;
+    wd.spawn = su.spawn;
+    wd.recycle = su.recycle;
+    wd.listens = su.listens;
+  }
+
   bool refuse_upgrade(const std::string& why) {
     upgrade_refusal_ = why;
     log(LogLevel::warning, "upgrade", "upgrade refused: " + why);
@@ -2039,9 +1666,6 @@ class Master {
   [[no_unique_address]] Restart restart_;
   [[no_unique_address]] Codec codec_;
   [[no_unique_address]] Balance balance_;
-  ChildMain child_main_;
-  std::vector<std::string> exec_argv_;
-  std::string exec_path_;
   std::vector<std::string> master_argv_;  // what an upgrade executes
   std::string master_path_;
   std::optional<detail::UpgradeBoot> upgrade_boot_;  // set in a master started by an upgrade
@@ -2092,7 +1716,6 @@ class Master {
   std::vector<std::shared_ptr<StatusQuery>> status_queries_;
   Clock::time_point started_ = Clock::now();
   std::exception_ptr failure_;  // the first exception a callback let escape: run() rethrows it
-  std::mt19937_64 rng_{std::random_device{}()};
 
   std::function<void(WorkerT&)> on_fork_, on_online_, on_listening_, on_disconnect_;
   std::function<void(WorkerT&, const ExitInfo&)> on_exit_;
@@ -2102,6 +1725,11 @@ class Master {
   std::function<void(std::size_t, const ExitInfo&)> on_errored_;
   std::function<void(const ReloadReport&)> on_reload_done_;
   std::function<void(const UpgradeReport&)> on_upgrade_done_;
+
+  // The life parts: starting workers, their lifecycle and exits, the periodic checks.
+  detail::Spawner<Codec> spawner_;
+  detail::Supervisor<Codec, Restart> supervisor_{loop_, table_, log_, phase_, restart_, codec_};
+  detail::Watchdog<Codec> watchdog_{loop_, opts_, table_, log_, phase_};
 };
 
 }  // namespace prefork

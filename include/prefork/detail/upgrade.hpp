@@ -30,6 +30,7 @@
 #include <vector>
 
 #include <prefork/detail/process.hpp>
+#include <prefork/detail/spawn.hpp>
 #include <prefork/detail/unique_fd.hpp>
 #include <prefork/event_loop.hpp>
 
@@ -175,13 +176,14 @@ class Successor {
     for (int fd : close_in_child)
       if (std::find(keep.begin(), keep.end(), fd) == keep.end()) close_fds.push_back(fd);
 
-    pid_t pid;
-    {
-      SignalBlock block;
-      std::fflush(nullptr);
-      pid = ::fork();
-      if (pid == 0) exec_child(path, args, envp, keep, close_fds);
-    }
+    ChildSetup child;
+    child.label = "upgrade";
+    child.close = &close_fds;
+    child.keep = &keep;
+    child.path = path.c_str();
+    child.argv = args.data();
+    child.envp = envp.data();
+    pid_t pid = spawn_child(child);
     if (pid < 0) return std::string("fork: ") + std::strerror(errno);
     ready_write.reset();
     UniqueFd pidfd(pidfd_open(pid));
@@ -231,21 +233,6 @@ class Successor {
   }
 
  private:
-  [[noreturn]] static void exec_child(const std::string& path, std::vector<char*>& args,
-                                      std::vector<char*>& envp, const std::vector<int>& keep,
-                                      const std::vector<int>& close_fds) noexcept {
-    reset_signals_in_child();
-    for (int fd : close_fds) ::close(fd);
-    for (int fd : keep)
-      if (!keep_across_exec(fd)) ::_exit(127);
-    ::execve(path.c_str(), args.data(), envp.data());
-    char msg[256];
-    std::snprintf(msg, sizeof msg, "upgrade: execve %s failed: %s", path.c_str(),
-                  std::strerror(errno));
-    child_error(msg);
-    ::_exit(127);
-  }
-
   void stop_waiting() {
     waiting_ = false;
     if (timer_) loop_.cancel(timer_);
