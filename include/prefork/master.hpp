@@ -35,7 +35,8 @@
 #include <prefork/balance/policy.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
-#include <prefork/detail/control.hpp>
+#include <prefork/detail/control_server.hpp>
+#include <prefork/detail/json.hpp>
 #include <prefork/detail/pid_file.hpp>
 #include <prefork/detail/privileges.hpp>
 #include <prefork/detail/process.hpp>
