@@ -29,6 +29,7 @@
 #include <utility>
 #include <vector>
 
+#include <prefork/detail/acceptor.hpp>
 #include <prefork/detail/json.hpp>
 #include <prefork/detail/syscall.hpp>
 #include <prefork/detail/unique_fd.hpp>
@@ -149,7 +150,11 @@ class ControlServer {
  public:
   using Handler = std::function<void(const ControlRequest&, ControlReply)>;
 
-  explicit ControlServer(EventLoop& loop) : loop_(loop) {}
+  explicit ControlServer(EventLoop& loop)
+      : loop_(loop),
+        acceptor_(loop, AcceptPause{}, {.stop = [this] { loop_.unwatch(listener_.get()); },
+                                        .resume = [this] { watch_listener(); },
+                                        .log = {}}) {}
   ControlServer(const ControlServer&) = delete;
   ControlServer& operator=(const ControlServer&) = delete;
   /// Closes the socket and every connection. Leaves the socket file (see unlink()).
@@ -246,7 +251,7 @@ class ControlServer {
   /// whose pending replies still go out: after a master upgrade, new clients reach the new
   /// master while those of this one get their answers.
   void stop_listening() noexcept {
-    if (pause_timer_) loop_.cancel(std::exchange(pause_timer_, 0));
+    acceptor_.cancel();
     if (listener_) {
       loop_.unwatch(listener_.get());
       listener_.reset();
@@ -256,7 +261,7 @@ class ControlServer {
   /// Stops accepting and closes the listening socket and every connection; replies still
   /// pending go nowhere (their closed() turns true). The socket file stays.
   void close() noexcept {
-    if (pause_timer_) loop_.cancel(std::exchange(pause_timer_, 0));
+    acceptor_.cancel();
     if (listener_) {
       loop_.unwatch(listener_.get());
       listener_.reset();
@@ -316,13 +321,13 @@ class ControlServer {
   }
 
   std::error_code start(UniqueFd fd, const std::string& path, UniqueFd file) {
-    const int raw = fd.get();
+    listener_ = std::move(fd);
     try {
-      loop_.watch(raw, EventLoop::readable, [this](std::uint32_t) { accept_some(); }, false);
+      watch_listener();
     } catch (const std::system_error& e) {
+      listener_.reset();
       return e.code();
     }
-    listener_ = std::move(fd);
     path_ = path;
     file_ = std::move(file);
     return {};
@@ -334,50 +339,49 @@ class ControlServer {
         [&] { return ::send(fd, line.data(), line.size(), MSG_NOSIGNAL | MSG_DONTWAIT); });
   }
 
+  // Watches the listening socket, if there is one (the acceptor's pause may outlive it).
+  void watch_listener() {
+    if (listener_)
+      loop_.watch(listener_.get(), EventLoop::readable, [this](std::uint32_t) { accept_some(); },
+                  false);
+  }
+
+  // EMFILE and friends pause the socket for 100 ms (Acceptor), unlogged: the server has no log.
   void accept_some() {
-    for (int i = 0; i < 64 && listener_; ++i) {
-      UniqueFd fd(::accept4(listener_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
-      if (!fd) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return;
-        if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO || errno == EPERM) continue;
-        // EMFILE, ENFILE, ENOBUFS, ENOMEM: the socket stays readable, so a level-triggered
-        // watch would spin. Pause, and look again from a timer.
-        loop_.unwatch(listener_.get());
-        pause_timer_ = loop_.after(std::chrono::milliseconds(100), [this] {
-          pause_timer_ = 0;
-          if (listener_)
-            loop_.watch(listener_.get(), EventLoop::readable,
-                        [this](std::uint32_t) { accept_some(); }, false);
-        }, false);
-        return;
-      }
-      ucred peer{};
-      socklen_t n = sizeof peer;
-      if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &peer, &n) != 0) continue;
-      const uid_t me = ::geteuid();
-      if (peer.uid != me && peer.uid != 0) {
-        refuse(fd.get(),
-               control_failure_line("permission denied: uid " + std::to_string(peer.uid) +
-                                    " is not the master's uid " + std::to_string(me) + " or root"));
-        continue;
-      }
-      if (connections_.size() >= kControlMaxConnections && !evict_idlest()) {
-        refuse(fd.get(), control_failure_line("too many control connections"));
-        continue;
-      }
-      auto c = std::make_shared<control::Connection>();
-      const int raw = fd.get();
-      c->fd = std::move(fd);
-      c->peer = peer;
-      c->server = this;
-      c->last_active = Clock::now();
-      std::weak_ptr<control::Connection> weak = c;
-      loop_.watch(raw, EventLoop::readable, [this, weak](std::uint32_t events) {
-        if (auto conn = weak.lock()) on_events(conn, events);
-      }, false);
-      connections_.emplace(raw, c);
-      arm_idle(*c, idle_timeout_);
+    acceptor_.accept(listener_.get(), [this] { return bool(listener_); },
+                     [this](UniqueFd fd) { return admit(std::move(fd)); });
+  }
+
+  // A connection accepted: kept if its peer may talk to the master and there is room. True:
+  // accept the next one.
+  bool admit(UniqueFd fd) {
+    ucred peer{};
+    socklen_t n = sizeof peer;
+    if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &peer, &n) != 0) return true;
+    const uid_t me = ::geteuid();
+    if (peer.uid != me && peer.uid != 0) {
+      refuse(fd.get(),
+             control_failure_line("permission denied: uid " + std::to_string(peer.uid) +
+                                  " is not the master's uid " + std::to_string(me) + " or root"));
+      return true;
     }
+    if (connections_.size() >= kControlMaxConnections && !evict_idlest()) {
+      refuse(fd.get(), control_failure_line("too many control connections"));
+      return true;
+    }
+    auto c = std::make_shared<control::Connection>();
+    const int raw = fd.get();
+    c->fd = std::move(fd);
+    c->peer = peer;
+    c->server = this;
+    c->last_active = Clock::now();
+    std::weak_ptr<control::Connection> weak = c;
+    loop_.watch(raw, EventLoop::readable, [this, weak](std::uint32_t events) {
+      if (auto conn = weak.lock()) on_events(conn, events);
+    }, false);
+    connections_.emplace(raw, c);
+    arm_idle(*c, idle_timeout_);
+    return true;
   }
 
   // Full: the connection with no request waiting for an answer whose last request or reply is
@@ -600,7 +604,7 @@ class ControlServer {
   UniqueFd file_;  // the socket file, for unlink()
   Handler handler_;
   std::map<int, ConnectionPtr> connections_;
-  EventLoop::TimerId pause_timer_ = 0;
+  Acceptor acceptor_;
   Clock::duration idle_timeout_ = kControlIdleTimeout;
 };
 
