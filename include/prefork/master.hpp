@@ -867,7 +867,7 @@ class Master {
       log(LogLevel::warning, "fork",
           "pidfd_open failed for pid " + std::to_string(pid) + ": " + std::strerror(errno));
       ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
+      detail::retry_eintr([&] { return ::waitpid(pid, nullptr, 0); });
       return retry_spawn(slot, "pidfd_open failed");
     }
     w.channel_ = std::make_unique<Channel>(
@@ -1489,10 +1489,8 @@ class Master {
     std::size_t max = balance_.peek_limits().max_bytes;
     if (max == 0) return {};
     if (peek_buf_.size() < max) peek_buf_.resize(max);
-    ssize_t n;
-    do {
-      n = ::recv(fd, peek_buf_.data(), max, MSG_PEEK | MSG_DONTWAIT);
-    } while (n < 0 && errno == EINTR);
+    ssize_t n = detail::retry_eintr(
+        [&] { return ::recv(fd, peek_buf_.data(), max, MSG_PEEK | MSG_DONTWAIT); });
     if (n > 0) return {peek_buf_.data(), static_cast<std::size_t>(n)};
     closed = n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
     return {};

@@ -150,7 +150,7 @@ TEST_CASE("An Acceptor hands over each connection, non-blocking and close-on-exe
   CHECK(f.stops == 0);
 }
 
-TEST_CASE("An Acceptor's batch ends when its owner says so, and takes nothing while more() is false",
+TEST_CASE("An Acceptor's batch ends when its owner says so and takes nothing while more() is false",
           "[acceptor]") {
   FdLeakCheck leaks;
   Fixture f({});
@@ -217,7 +217,8 @@ TEST_CASE("With a quiet period, an episode outlives the accepts between its fail
       full.free();
       CHECK(paused);
     }
-    REQUIRE(run_until(f.loop, [&] { return f.accepted.size() == static_cast<std::size_t>(round); }));
+    const auto want = static_cast<std::size_t>(round);
+    REQUIRE(run_until(f.loop, [&] { return f.accepted.size() == want; }));
   }
   CHECK(f.logged.size() == 1);
   CHECK(f.stops == 2);

@@ -93,8 +93,8 @@ class Acceptor {
  private:
   void pause(int err) {
     const Clock::time_point now = Clock::now();
-    const bool new_episode =
-        !in_episode_ || (pause_.quiet != Clock::duration::zero() && now - failed_at_ > pause_.quiet);
+    const bool timed = pause_.quiet != Clock::duration::zero();
+    const bool new_episode = !in_episode_ || (timed && now - failed_at_ > pause_.quiet);
     in_episode_ = true;
     failed_at_ = now;
     if (new_episode && hooks_.log) hooks_.log(err);

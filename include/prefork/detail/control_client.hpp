@@ -41,6 +41,7 @@ inline bool wait_ready(int fd, short events, Clock::time_point deadline, std::er
       return false;
     }
     pollfd p{fd, events, 0};
+    // EINTR is handled below, not retried as is: the loop waits again for what is left.
     int r = ::poll(&p, 1, left > 1000000 ? 1000000 : static_cast<int>(left));
     if (r > 0) return true;
     if (r < 0 && errno != EINTR) {
@@ -85,7 +86,10 @@ inline std::string control_call(const std::string& path, std::string_view reques
   tv.tv_usec = static_cast<suseconds_t>((timeout.count() % 1000) * 1000);
   if (timeout.count() <= 0) tv.tv_usec = 1;
   ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&un), len) != 0) {
+  // An interrupted Unix connect leaves the socket unconnected, so it may be tried again (a TCP
+  // connect goes on in the background and may not).
+  const auto* addr = reinterpret_cast<const sockaddr*>(&un);
+  if (retry_eintr([&] { return ::connect(fd.get(), addr, len); }) != 0) {
     ec = errno == EAGAIN ? std::make_error_code(std::errc::timed_out) : errno_code();
     return {};
   }

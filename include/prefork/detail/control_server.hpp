@@ -304,7 +304,8 @@ class ControlServer {
     UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
     if (!probe) return errno_code();
     // Non-blocking: a live master with a full backlog answers EAGAIN, which is "in use" too.
-    if (::connect(probe.get(), addr, len) == 0 || errno != ECONNREFUSED)
+    if (retry_eintr([&] { return ::connect(probe.get(), addr, len); }) == 0 ||
+        errno != ECONNREFUSED)
       return std::make_error_code(std::errc::address_in_use);
     if (::unlink(path.c_str()) != 0 && errno != ENOENT) return errno_code();
     return {};
@@ -314,7 +315,7 @@ class ControlServer {
   // allocated, so a successor's file can never get the same inode number (which a filesystem
   // reuses once an inode is freed, so comparing remembered numbers would not do).
   static UniqueFd open_file(const std::string& path) noexcept {
-    UniqueFd f(::open(path.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
+    UniqueFd f(retry_eintr([&] { return ::open(path.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC); }));
     struct stat st {};
     if (f && (::fstat(f.get(), &st) != 0 || !S_ISSOCK(st.st_mode))) f.reset();
     return f;
