@@ -1,6 +1,7 @@
 // The client side of the master's control socket: where the socket lives by default, and the
 // `<program> ctl status|reload|scale N|stop|upgrade` command line every prefork binary offers
-// (like `nginx -s reload`). The transport and protocol are in detail/control.hpp.
+// (like `nginx -s reload`). The transport and protocol are in detail/control_client.hpp
+// and detail/control_server.hpp.
 #ifndef PREFORK_CONTROL_HPP
 #define PREFORK_CONTROL_HPP
 
@@ -20,7 +21,8 @@
 #include <vector>
 
 #include <prefork/version.hpp>
-#include <prefork/detail/control.hpp>
+#include <prefork/detail/control_client.hpp>
+#include <prefork/detail/json.hpp>
 #include <prefork/detail/syscall.hpp>
 
 namespace prefork {

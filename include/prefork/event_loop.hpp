@@ -187,6 +187,7 @@ class EventLoop {
   void run_once(int timeout_ms = -1) {
     if (!posted_.empty()) timeout_ms = 0;
     epoll_event events[64];
+    // EINTR is not retried: a signal ends the round, so that run() looks at stopped_ again.
     int n = ::epoll_wait(epoll_.get(), events, 64, timeout_ms);
     if (n < 0 && errno != EINTR) detail::throw_errno("epoll_wait");
     for (int i = 0; i < n; ++i) dispatch(events[i]);
@@ -310,7 +311,8 @@ class EventLoop {
 
   void fire_timers() {
     std::uint64_t expirations;
-    (void)!::read(timer_fd_.get(), &expirations, sizeof expirations);
+    (void)detail::retry_eintr(
+        [&] { return ::read(timer_fd_.get(), &expirations, sizeof expirations); });
     auto now = Clock::now();
     while (!timers_.empty() && timers_.begin()->first.first <= now) {
       auto node = timers_.extract(timers_.begin());
@@ -337,7 +339,7 @@ class EventLoop {
   void read_signals() {
     signalfd_siginfo info[8];
     for (;;) {
-      ssize_t n = ::read(signal_fd_.get(), info, sizeof info);
+      ssize_t n = detail::retry_eintr([&] { return ::read(signal_fd_.get(), info, sizeof info); });
       if (n <= 0) return;
       for (std::size_t i = 0; i < static_cast<std::size_t>(n) / sizeof info[0]; ++i) {
         auto it = signal_handlers_.find(static_cast<int>(info[i].ssi_signo));

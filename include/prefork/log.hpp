@@ -108,10 +108,7 @@ inline void write_log_line(const LogRecord& r) noexcept {
     if (line.size() > 4000) line.resize(4000);  // stays below PIPE_BUF: one atomic write
     line += '\n';
     pollfd p{2, POLLOUT, 0};
-    int ready;
-    do {
-      ready = ::poll(&p, 1, 0);
-    } while (ready < 0 && errno == EINTR);
+    int ready = detail::retry_eintr([&] { return ::poll(&p, 1, 0); });
     if (ready <= 0 || !(p.revents & POLLOUT)) {
       ++dropped_log_lines();
       return;

@@ -32,8 +32,10 @@
 #include <prefork/balance/policy.hpp>
 #include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
+#include <prefork/detail/acceptor.hpp>
 #include <prefork/detail/boot.hpp>
-#include <prefork/detail/control.hpp>
+#include <prefork/detail/control_server.hpp>
+#include <prefork/detail/json.hpp>
 #include <prefork/detail/pid_file.hpp>
 #include <prefork/detail/number.hpp>
 #include <prefork/detail/privileges.hpp>
@@ -1018,7 +1020,7 @@ class Master {
 
   void resume_accepting() {
     if (shutting_down()) return flush_pending();
-    if (accept_paused_) return;
+    if (acceptor_.paused()) return;
     dispatch_pending();
     if (!pending_.empty()) return;
     for (auto& l : listeners_) {
@@ -1124,10 +1126,8 @@ class Master {
     std::size_t max = balance_.peek_limits().max_bytes;
     if (max == 0) return {};
     if (peek_buf_.size() < max) peek_buf_.resize(max);
-    ssize_t n;
-    do {
-      n = ::recv(fd, peek_buf_.data(), max, MSG_PEEK | MSG_DONTWAIT);
-    } while (n < 0 && errno == EINTR);
+    ssize_t n = detail::retry_eintr(
+        [&] { return ::recv(fd, peek_buf_.data(), max, MSG_PEEK | MSG_DONTWAIT); });
     if (n > 0) return {peek_buf_.data(), static_cast<std::size_t>(n)};
     closed = n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
     return {};
@@ -1200,45 +1200,23 @@ class Master {
 
   void accept_from(int listener) {
     collect_ready();
-    for (int i = 0; i < 64; ++i) {
-      if (ready_.empty()) return stop_accepting();
-      detail::Handoff h;
-      h.peer.length = sizeof h.peer.storage;
-      int fd = ::accept4(listener, h.peer.get(), &h.peer.length, SOCK_NONBLOCK | SOCK_CLOEXEC);
-      if (fd < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return;
-        if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO || errno == EPERM) continue;
-        // EMFILE, ENFILE, ENOBUFS, ENOMEM: the socket stays readable, so pause rather than spin.
-        // Logged once per episode, not once per pause: at the descriptor limit one accept may
-        // succeed after each pause (a worker's acknowledgement freed a descriptor) and fail
-        // again, so the episode ends after a second without a failure.
-        const Clock::time_point now = Clock::now();
-        if (now - accept_failed_at_ > std::chrono::seconds(1))
-          log(LogLevel::warning, "accept",
-              std::string("accept: ") + std::strerror(errno) +
-                  "; pausing accept for 100 ms at a time while it fails");
-        accept_failed_at_ = now;
-        stop_accepting();
-        accept_paused_ = true;
-        loop_.after(std::chrono::milliseconds(100), [this] {
-          accept_paused_ = false;
-          resume_accepting();
-        }, false);
-        return;
-      }
-      h.fd.reset(fd);
+    acceptor_.accept(listener, [this] {
+      if (!ready_.empty()) return true;
+      stop_accepting();
+      return false;
+    }, [this](UniqueFd fd, const detail::SocketAddress& peer) {
+      detail::Handoff h{std::move(fd), peer};
       if constexpr (PeeksFirstBytes<Balance>) {
         std::string_view head;
-        if (wait_for_head(h, head)) continue;
-        if (dispatch(h, &head)) continue;
-        pending_.push_back(std::move(h));
-        return stop_accepting();
+        if (wait_for_head(h, head)) return true;
+        if (dispatch(h, &head)) return true;
+      } else if (dispatch(h)) {
+        return true;
       }
-      if (!dispatch(h)) {
-        pending_.push_back(std::move(h));
-        return stop_accepting();
-      }
-    }
+      pending_.push_back(std::move(h));
+      stop_accepting();
+      return false;
+    });
   }
 
   // Rolling restart. `starting` maps each replacement to the old worker it replaces; an old
@@ -1689,8 +1667,22 @@ class Master {
   std::vector<std::string> addresses_;
   bool bound_ = false;
   detail::WorkerTable<Codec> table_;
-  bool accept_paused_ = false;
-  Clock::time_point accept_failed_at_{};  // the last EMFILE (ENFILE...) from accept
+  // EMFILE, ENFILE, ENOBUFS, ENOMEM pause accepting for 100 ms at a time. Logged once per
+  // episode, not once per pause: at the descriptor limit one accept may succeed after each pause
+  // (a worker's acknowledgement freed a descriptor) and fail again, so the episode ends after a
+  // second without a failure.
+  detail::Acceptor acceptor_{
+      loop_, {.length = std::chrono::milliseconds(100), .quiet = std::chrono::seconds(1)},
+      {.stop = [this] { stop_accepting(); },
+       .resume = [this] {
+         // Only master dispatch accepts here (and only it has a pick() to instantiate).
+         if constexpr (!KernelDispatch<Balance>) resume_accepting();
+       },
+       .log = [this](int err) {
+         log(LogLevel::warning, "accept",
+             std::string("accept: ") + std::strerror(err) +
+                 "; pausing accept for 100 ms at a time while it fails");
+       }}};
   std::vector<WorkerLoad> ready_;        // workers taking connections (scratch, reused)
   std::vector<Record*> ready_workers_;  // the same, as records
   std::deque<detail::Handoff> pending_;  // accepted, not handed to any worker yet

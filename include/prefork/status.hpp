@@ -12,7 +12,7 @@
 #include <vector>
 
 #include <prefork/version.hpp>
-#include <prefork/detail/control.hpp>
+#include <prefork/detail/json.hpp>
 #include <prefork/options.hpp>
 
 namespace prefork {

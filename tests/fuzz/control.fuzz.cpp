@@ -1,4 +1,4 @@
-// libFuzzer target for the control socket's JSON (include/prefork/detail/control.hpp): every
+// libFuzzer target for the control socket's JSON (include/prefork/detail/json.hpp): every
 // request line a client sends goes through parse_flat_object, and every text the master puts in
 // a reply through json_quote. The whole input is both:
 //   - a request: parse_flat_object must not crash; an accepted object has at most 64 fields,
@@ -8,7 +8,7 @@
 //   - a text: {"k":json_quote(input)} must parse, and give the input back when it is
 //     well-formed UTF-8.
 // Seeds: tests/fuzz/corpus/control/, written by fuzz.make_corpus.
-#include "prefork/detail/control.hpp"
+#include "prefork/detail/json.hpp"
 
 #include <cstddef>
 #include <cstdint>

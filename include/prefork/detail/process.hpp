@@ -120,7 +120,7 @@ inline bool keep_across_exec(int fd) noexcept {
 inline std::size_t resident_bytes(pid_t pid) noexcept {
   char path[64];
   std::snprintf(path, sizeof path, "/proc/%d/statm", static_cast<int>(pid));
-  int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  int fd = retry_eintr([&] { return ::open(path, O_RDONLY | O_CLOEXEC); });
   if (fd < 0) return 0;
   char buf[128];
   ssize_t n = retry_eintr([&] { return ::read(fd, buf, sizeof buf - 1); });

@@ -194,7 +194,9 @@ inline bool remove_stale_unix_socket(const SocketAddress& a) noexcept {
   if (::lstat(un.sun_path, &st) != 0 || !S_ISSOCK(st.st_mode)) return false;
   UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!probe) return false;
-  if (::connect(probe.get(), a.get(), a.length) == 0 || errno != ECONNREFUSED) return false;
+  if (retry_eintr([&] { return ::connect(probe.get(), a.get(), a.length); }) == 0 ||
+      errno != ECONNREFUSED)
+    return false;
   return ::unlink(un.sun_path) == 0;
 }
 

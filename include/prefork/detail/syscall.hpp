@@ -62,8 +62,7 @@ inline ssize_t write_no_sigpipe(int fd, const void* p, std::size_t n) noexcept {
   if (w < 0 && errno == EPIPE && !was_pending) {
     const int saved = errno;
     const timespec none{};
-    while (::sigtimedwait(&pipe_only, nullptr, &none) < 0 && errno == EINTR) {
-    }
+    (void)retry_eintr([&] { return ::sigtimedwait(&pipe_only, nullptr, &none); });
     errno = saved;
   }
   ::pthread_sigmask(SIG_SETMASK, &old, nullptr);

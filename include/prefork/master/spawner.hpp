@@ -207,7 +207,7 @@ class Spawner {
       log_(LogLevel::warning, "fork",
            "pidfd_open failed for pid " + std::to_string(pid) + ": " + std::strerror(errno));
       ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
+      detail::retry_eintr([&] { return ::waitpid(pid, nullptr, 0); });
       return retry_spawn(slot, "pidfd_open failed");
     }
     w.channel = std::make_unique<Channel>(

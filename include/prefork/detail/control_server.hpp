@@ -1,17 +1,13 @@
-// The master's control socket (`hello ctl status|reload|scale N|stop|upgrade`): a Unix stream
-// socket speaking JSON lines, one flat object per request, one line per reply in request order.
-// This header holds the JSON subset it needs, the server the master runs on its loop and the
-// blocking client any prefork binary runs as `ctl`; what each command does is the master's.
+// The master's control socket (`hello ctl status|reload|scale N|stop|upgrade`), server side: a
+// Unix stream socket on the master's loop speaking JSON lines, one flat object per request, one
+// line per reply in request order. What each command does is the master's.
 //
 // Why a socket and not signals: nginx's `-s reload` and PM2's daemon socket tell the operator
 // whether the command worked (a rolling restart can fail), and a signal cannot carry "scale 8".
-// Why its own tiny JSON: requests are flat objects of scalars, so a full JSON library would be a
-// dependency for a few hundred lines; replies are written by the master, which knows their shape.
-#ifndef PREFORK_DETAIL_CONTROL_HPP
-#define PREFORK_DETAIL_CONTROL_HPP
+#ifndef PREFORK_DETAIL_CONTROL_SERVER_HPP
+#define PREFORK_DETAIL_CONTROL_SERVER_HPP
 
 #include <fcntl.h>
-#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -33,311 +29,13 @@
 #include <utility>
 #include <vector>
 
+#include <prefork/detail/acceptor.hpp>
+#include <prefork/detail/json.hpp>
 #include <prefork/detail/syscall.hpp>
 #include <prefork/detail/unique_fd.hpp>
 #include <prefork/event_loop.hpp>
 
 namespace prefork::detail {
-
-// ---------------------------------------------------------------------------------------------
-// JSON: quoting any bytes, and parsing one flat object
-// ---------------------------------------------------------------------------------------------
-
-/// The length of the well-formed UTF-8 sequence starting at s[i] (1 to 4), or 0 if there is
-/// none: overlong forms, UTF-16 surrogates (U+D800..U+DFFF) and code points above U+10FFFF are
-/// ill-formed (RFC 3629 section 4 grammar).
-inline std::size_t utf8_sequence(std::string_view s, std::size_t i) noexcept {
-  auto byte = [&](std::size_t k) { return static_cast<unsigned char>(s[k]); };
-  const unsigned char c = byte(i);
-  if (c < 0x80) return 1;
-  std::size_t n;
-  unsigned char lo = 0x80, hi = 0xbf;  // the allowed range of the second byte
-  if (c >= 0xc2 && c <= 0xdf) {
-    n = 2;
-  } else if (c >= 0xe0 && c <= 0xef) {
-    n = 3;
-    if (c == 0xe0) lo = 0xa0;  // overlong
-    if (c == 0xed) hi = 0x9f;  // surrogates
-  } else if (c >= 0xf0 && c <= 0xf4) {
-    n = 4;
-    if (c == 0xf0) lo = 0x90;  // overlong
-    if (c == 0xf4) hi = 0x8f;  // above U+10FFFF
-  } else {
-    return 0;
-  }
-  if (s.size() - i < n) return 0;
-  if (byte(i + 1) < lo || byte(i + 1) > hi) return 0;
-  for (std::size_t k = 2; k < n; ++k)
-    if ((byte(i + k) & 0xc0) != 0x80) return 0;
-  return n;
-}
-
-/// `s` as a JSON string literal, quotes included. Control characters are escaped, well-formed
-/// UTF-8 passes through and every byte that is not part of a well-formed sequence becomes
-/// \ufffd, so the result is always valid JSON (a file name or an error text may hold any bytes).
-inline std::string json_quote(std::string_view s) {
-  static constexpr char hex[] = "0123456789abcdef";
-  std::string out;
-  out.reserve(s.size() + 2);
-  out += '"';
-  for (std::size_t i = 0; i < s.size();) {
-    const unsigned char c = static_cast<unsigned char>(s[i]);
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-      ++i;
-    } else if (c < 0x20) {
-      out += "\\u00";
-      out += hex[c >> 4];
-      out += hex[c & 0xf];
-      ++i;
-    } else if (std::size_t n = utf8_sequence(s, i); n == 0) {
-      out += "\\ufffd";
-      ++i;
-    } else {
-      out.append(s.substr(i, n));
-      i += n;
-    }
-  }
-  out += '"';
-  return out;
-}
-
-/// One scalar value of a flat JSON object. `text`: the decoded string; a number's literal as
-/// written; "true"/"false"; "null".
-struct JsonScalar {
-  enum class Type { string, number, boolean, null };
-  Type type = Type::null;
-  std::string text;
-};
-
-using JsonFields = std::map<std::string, JsonScalar, std::less<>>;
-
-/// The most fields a request object may have.
-inline constexpr std::size_t kMaxJsonFields = 64;
-
-namespace json_parse {
-
-// A cursor over the text with the error it stopped at. Every read checks the bounds: the
-// parser is fed untrusted bytes (and fuzzed, tests/fuzz/control.fuzz.cpp).
-struct Cursor {
-  std::string_view s;
-  std::size_t pos = 0;
-  std::string* error;
-
-  bool at_end() const noexcept { return pos >= s.size(); }
-  char peek() const noexcept { return at_end() ? '\0' : s[pos]; }
-  bool fail(std::string_view what) {
-    *error = std::string(what) + " at offset " + std::to_string(pos);
-    return false;
-  }
-  void skip_ws() noexcept {
-    while (!at_end() && (s[pos] == ' ' || s[pos] == '\t' || s[pos] == '\n' || s[pos] == '\r'))
-      ++pos;
-  }
-};
-
-inline int hex_value(char c) noexcept {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
-
-// Four hex digits after "\u".
-inline bool hex4(Cursor& c, std::uint32_t& v) {
-  if (c.s.size() - c.pos < 4) return c.fail("truncated \\u escape");
-  v = 0;
-  for (int k = 0; k < 4; ++k) {
-    int h = hex_value(c.s[c.pos]);
-    if (h < 0) return c.fail("bad hex digit in \\u escape");
-    v = v * 16 + static_cast<std::uint32_t>(h);
-    ++c.pos;
-  }
-  return true;
-}
-
-inline void append_utf8(std::string& out, std::uint32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xc0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3f));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xe0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
-    out += static_cast<char>(0x80 | (cp & 0x3f));
-  } else {
-    out += static_cast<char>(0xf0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3f));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
-    out += static_cast<char>(0x80 | (cp & 0x3f));
-  }
-}
-
-// A string literal, the cursor on its opening quote; `out` gets the decoded bytes.
-inline bool string(Cursor& c, std::string& out) {
-  ++c.pos;  // the opening quote
-  out.clear();
-  for (;;) {
-    if (c.at_end()) return c.fail("unterminated string");
-    const unsigned char ch = static_cast<unsigned char>(c.s[c.pos]);
-    if (ch == '"') {
-      ++c.pos;
-      return true;
-    }
-    if (ch < 0x20) return c.fail("control character in string");
-    if (ch == '\\') {
-      if (c.s.size() - c.pos < 2) return c.fail("truncated escape");
-      const char e = c.s[c.pos + 1];
-      c.pos += 2;
-      switch (e) {
-        case '"': out += '"'; break;
-        case '\\': out += '\\'; break;
-        case '/': out += '/'; break;
-        case 'b': out += '\b'; break;
-        case 'f': out += '\f'; break;
-        case 'n': out += '\n'; break;
-        case 'r': out += '\r'; break;
-        case 't': out += '\t'; break;
-        case 'u': {
-          std::uint32_t cp = 0;
-          if (!hex4(c, cp)) return false;
-          if (cp >= 0xdc00 && cp <= 0xdfff) return c.fail("unpaired low surrogate");
-          if (cp >= 0xd800 && cp <= 0xdbff) {
-            if (c.s.size() - c.pos < 2 || c.s[c.pos] != '\\' || c.s[c.pos + 1] != 'u')
-              return c.fail("unpaired high surrogate");
-            c.pos += 2;
-            std::uint32_t low = 0;
-            if (!hex4(c, low)) return false;
-            if (low < 0xdc00 || low > 0xdfff) return c.fail("unpaired high surrogate");
-            cp = 0x10000 + ((cp - 0xd800) << 10) + (low - 0xdc00);
-          }
-          append_utf8(out, cp);
-          break;
-        }
-        default:
-          c.pos -= 2;
-          return c.fail("bad escape");
-      }
-      continue;
-    }
-    std::size_t n = utf8_sequence(c.s, c.pos);
-    if (n == 0) return c.fail("invalid UTF-8");
-    out.append(c.s.substr(c.pos, n));
-    c.pos += n;
-  }
-}
-
-inline bool is_digit(char ch) noexcept { return ch >= '0' && ch <= '9'; }
-
-// A number as RFC 8259 section 6 writes it; `out` gets the literal.
-inline bool number(Cursor& c, std::string& out) {
-  const std::size_t start = c.pos;
-  if (c.peek() == '-') ++c.pos;
-  if (c.peek() == '0') {
-    ++c.pos;
-  } else if (is_digit(c.peek())) {
-    while (is_digit(c.peek())) ++c.pos;
-  } else {
-    return c.fail("bad number");
-  }
-  if (c.peek() == '.') {
-    ++c.pos;
-    if (!is_digit(c.peek())) return c.fail("bad number");
-    while (is_digit(c.peek())) ++c.pos;
-  }
-  if (c.peek() == 'e' || c.peek() == 'E') {
-    ++c.pos;
-    if (c.peek() == '+' || c.peek() == '-') ++c.pos;
-    if (!is_digit(c.peek())) return c.fail("bad number");
-    while (is_digit(c.peek())) ++c.pos;
-  }
-  out.assign(c.s.substr(start, c.pos - start));
-  return true;
-}
-
-inline bool literal(Cursor& c, std::string_view word) {
-  if (c.s.substr(c.pos, word.size()) != word) return c.fail("unexpected character");
-  c.pos += word.size();
-  return true;
-}
-
-inline bool value(Cursor& c, JsonScalar& v) {
-  switch (c.peek()) {
-    case '"': v.type = JsonScalar::Type::string; return string(c, v.text);
-    case 't': v.type = JsonScalar::Type::boolean; v.text = "true"; return literal(c, "true");
-    case 'f': v.type = JsonScalar::Type::boolean; v.text = "false"; return literal(c, "false");
-    case 'n': v.type = JsonScalar::Type::null; v.text = "null"; return literal(c, "null");
-    case '{':
-    case '[': return c.fail("nested value (only flat objects of scalars are accepted)");
-    default:
-      if (c.peek() == '-' || is_digit(c.peek())) {
-        v.type = JsonScalar::Type::number;
-        return number(c, v.text);
-      }
-      return c.at_end() ? c.fail("missing value") : c.fail("unexpected character");
-  }
-}
-
-}  // namespace json_parse
-
-/// Parses one JSON object whose values are scalars (no nesting), surrounded by optional
-/// whitespace. Returns false with `error` naming what is wrong and its byte offset for anything
-/// else: nested values, duplicate keys, trailing bytes, bad escapes, unpaired surrogates, more
-/// than kMaxJsonFields fields, ill-formed UTF-8. `out` is cleared first; after a failure it
-/// holds the fields read so far. Never undefined behaviour, whatever the bytes.
-inline bool parse_flat_object(std::string_view text, JsonFields& out, std::string& error) {
-  out.clear();
-  error.clear();
-  json_parse::Cursor c{text, 0, &error};
-  c.skip_ws();
-  if (c.peek() != '{' || c.at_end()) return c.fail("expected '{'");
-  ++c.pos;
-  c.skip_ws();
-  if (c.peek() == '}' && !c.at_end()) {
-    ++c.pos;
-  } else {
-    for (;;) {
-      if (c.peek() != '"' || c.at_end()) return c.fail("expected a string key");
-      const std::size_t key_at = c.pos;
-      std::string key;
-      if (!json_parse::string(c, key)) return false;
-      c.skip_ws();
-      if (c.peek() != ':' || c.at_end()) return c.fail("expected ':'");
-      ++c.pos;
-      c.skip_ws();
-      JsonScalar v;
-      if (!json_parse::value(c, v)) return false;
-      if (out.size() >= kMaxJsonFields) {
-        c.pos = key_at;
-        return c.fail("more than " + std::to_string(kMaxJsonFields) + " fields");
-      }
-      if (!out.emplace(std::move(key), std::move(v)).second) {
-        c.pos = key_at;
-        return c.fail("duplicate key");
-      }
-      c.skip_ws();
-      if (c.peek() == ',' && !c.at_end()) {
-        ++c.pos;
-        c.skip_ws();
-        continue;
-      }
-      if (c.peek() == '}' && !c.at_end()) {
-        ++c.pos;
-        break;
-      }
-      return c.fail("expected ',' or '}'");
-    }
-  }
-  c.skip_ws();
-  if (!c.at_end()) return c.fail("trailing bytes after the object");
-  return true;
-}
-
-// ---------------------------------------------------------------------------------------------
-// The server (master process)
-// ---------------------------------------------------------------------------------------------
 
 /// Limits of the control protocol (documented in ControlServer).
 inline constexpr std::size_t kControlMaxLine = 65536;
@@ -452,7 +150,11 @@ class ControlServer {
  public:
   using Handler = std::function<void(const ControlRequest&, ControlReply)>;
 
-  explicit ControlServer(EventLoop& loop) : loop_(loop) {}
+  explicit ControlServer(EventLoop& loop)
+      : loop_(loop),
+        acceptor_(loop, AcceptPause{}, {.stop = [this] { loop_.unwatch(listener_.get()); },
+                                        .resume = [this] { watch_listener(); },
+                                        .log = {}}) {}
   ControlServer(const ControlServer&) = delete;
   ControlServer& operator=(const ControlServer&) = delete;
   /// Closes the socket and every connection. Leaves the socket file (see unlink()).
@@ -549,7 +251,7 @@ class ControlServer {
   /// whose pending replies still go out: after a master upgrade, new clients reach the new
   /// master while those of this one get their answers.
   void stop_listening() noexcept {
-    if (pause_timer_) loop_.cancel(std::exchange(pause_timer_, 0));
+    acceptor_.cancel();
     if (listener_) {
       loop_.unwatch(listener_.get());
       listener_.reset();
@@ -559,7 +261,7 @@ class ControlServer {
   /// Stops accepting and closes the listening socket and every connection; replies still
   /// pending go nowhere (their closed() turns true). The socket file stays.
   void close() noexcept {
-    if (pause_timer_) loop_.cancel(std::exchange(pause_timer_, 0));
+    acceptor_.cancel();
     if (listener_) {
       loop_.unwatch(listener_.get());
       listener_.reset();
@@ -602,7 +304,8 @@ class ControlServer {
     UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
     if (!probe) return errno_code();
     // Non-blocking: a live master with a full backlog answers EAGAIN, which is "in use" too.
-    if (::connect(probe.get(), addr, len) == 0 || errno != ECONNREFUSED)
+    if (retry_eintr([&] { return ::connect(probe.get(), addr, len); }) == 0 ||
+        errno != ECONNREFUSED)
       return std::make_error_code(std::errc::address_in_use);
     if (::unlink(path.c_str()) != 0 && errno != ENOENT) return errno_code();
     return {};
@@ -612,20 +315,20 @@ class ControlServer {
   // allocated, so a successor's file can never get the same inode number (which a filesystem
   // reuses once an inode is freed, so comparing remembered numbers would not do).
   static UniqueFd open_file(const std::string& path) noexcept {
-    UniqueFd f(::open(path.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
+    UniqueFd f(retry_eintr([&] { return ::open(path.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC); }));
     struct stat st {};
     if (f && (::fstat(f.get(), &st) != 0 || !S_ISSOCK(st.st_mode))) f.reset();
     return f;
   }
 
   std::error_code start(UniqueFd fd, const std::string& path, UniqueFd file) {
-    const int raw = fd.get();
+    listener_ = std::move(fd);
     try {
-      loop_.watch(raw, EventLoop::readable, [this](std::uint32_t) { accept_some(); }, false);
+      watch_listener();
     } catch (const std::system_error& e) {
+      listener_.reset();
       return e.code();
     }
-    listener_ = std::move(fd);
     path_ = path;
     file_ = std::move(file);
     return {};
@@ -637,50 +340,49 @@ class ControlServer {
         [&] { return ::send(fd, line.data(), line.size(), MSG_NOSIGNAL | MSG_DONTWAIT); });
   }
 
+  // Watches the listening socket, if there is one (the acceptor's pause may outlive it).
+  void watch_listener() {
+    if (listener_)
+      loop_.watch(listener_.get(), EventLoop::readable, [this](std::uint32_t) { accept_some(); },
+                  false);
+  }
+
+  // EMFILE and friends pause the socket for 100 ms (Acceptor), unlogged: the server has no log.
   void accept_some() {
-    for (int i = 0; i < 64 && listener_; ++i) {
-      UniqueFd fd(::accept4(listener_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
-      if (!fd) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return;
-        if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO || errno == EPERM) continue;
-        // EMFILE, ENFILE, ENOBUFS, ENOMEM: the socket stays readable, so a level-triggered
-        // watch would spin. Pause, and look again from a timer.
-        loop_.unwatch(listener_.get());
-        pause_timer_ = loop_.after(std::chrono::milliseconds(100), [this] {
-          pause_timer_ = 0;
-          if (listener_)
-            loop_.watch(listener_.get(), EventLoop::readable,
-                        [this](std::uint32_t) { accept_some(); }, false);
-        }, false);
-        return;
-      }
-      ucred peer{};
-      socklen_t n = sizeof peer;
-      if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &peer, &n) != 0) continue;
-      const uid_t me = ::geteuid();
-      if (peer.uid != me && peer.uid != 0) {
-        refuse(fd.get(),
-               control_failure_line("permission denied: uid " + std::to_string(peer.uid) +
-                                    " is not the master's uid " + std::to_string(me) + " or root"));
-        continue;
-      }
-      if (connections_.size() >= kControlMaxConnections && !evict_idlest()) {
-        refuse(fd.get(), control_failure_line("too many control connections"));
-        continue;
-      }
-      auto c = std::make_shared<control::Connection>();
-      const int raw = fd.get();
-      c->fd = std::move(fd);
-      c->peer = peer;
-      c->server = this;
-      c->last_active = Clock::now();
-      std::weak_ptr<control::Connection> weak = c;
-      loop_.watch(raw, EventLoop::readable, [this, weak](std::uint32_t events) {
-        if (auto conn = weak.lock()) on_events(conn, events);
-      }, false);
-      connections_.emplace(raw, c);
-      arm_idle(*c, idle_timeout_);
+    acceptor_.accept(listener_.get(), [this] { return bool(listener_); },
+                     [this](UniqueFd fd) { return admit(std::move(fd)); });
+  }
+
+  // A connection accepted: kept if its peer may talk to the master and there is room. True:
+  // accept the next one.
+  bool admit(UniqueFd fd) {
+    ucred peer{};
+    socklen_t n = sizeof peer;
+    if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &peer, &n) != 0) return true;
+    const uid_t me = ::geteuid();
+    if (peer.uid != me && peer.uid != 0) {
+      refuse(fd.get(),
+             control_failure_line("permission denied: uid " + std::to_string(peer.uid) +
+                                  " is not the master's uid " + std::to_string(me) + " or root"));
+      return true;
     }
+    if (connections_.size() >= kControlMaxConnections && !evict_idlest()) {
+      refuse(fd.get(), control_failure_line("too many control connections"));
+      return true;
+    }
+    auto c = std::make_shared<control::Connection>();
+    const int raw = fd.get();
+    c->fd = std::move(fd);
+    c->peer = peer;
+    c->server = this;
+    c->last_active = Clock::now();
+    std::weak_ptr<control::Connection> weak = c;
+    loop_.watch(raw, EventLoop::readable, [this, weak](std::uint32_t events) {
+      if (auto conn = weak.lock()) on_events(conn, events);
+    }, false);
+    connections_.emplace(raw, c);
+    arm_idle(*c, idle_timeout_);
+    return true;
   }
 
   // Full: the connection with no request waiting for an answer whose last request or reply is
@@ -903,7 +605,7 @@ class ControlServer {
   UniqueFd file_;  // the socket file, for unlink()
   Handler handler_;
   std::map<int, ConnectionPtr> connections_;
-  EventLoop::TimerId pause_timer_ = 0;
+  Acceptor acceptor_;
   Clock::duration idle_timeout_ = kControlIdleTimeout;
 };
 
@@ -917,146 +619,6 @@ inline void ControlReply::State::answer(std::string line) {
   c->server->deliver(c);
 }
 
-// ---------------------------------------------------------------------------------------------
-// The client (any process: `<program> ctl ...`)
-// ---------------------------------------------------------------------------------------------
-
-/// The longest reply line control_call() accepts (the server's output bound).
-inline constexpr std::size_t kControlMaxReply = kControlMaxOutput;
-
-namespace control {
-
-// Waits until fd is ready for `events` or the deadline passes; false with ec set otherwise.
-inline bool wait_ready(int fd, short events, Clock::time_point deadline, std::error_code& ec) {
-  for (;;) {
-    auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
-    if (left <= 0) {
-      ec = std::make_error_code(std::errc::timed_out);
-      return false;
-    }
-    pollfd p{fd, events, 0};
-    int r = ::poll(&p, 1, left > 1000000 ? 1000000 : static_cast<int>(left));
-    if (r > 0) return true;
-    if (r < 0 && errno != EINTR) {
-      ec = errno_code();
-      return false;
-    }
-  }
-}
-
-}  // namespace control
-
-/// Connects to the control socket `path`, sends `request_line` (one JSON object; the newline
-/// is added) and returns the first reply line (without its newline), all within `timeout`. With
-/// `wait_for_close` > 0 it then waits that long for the master to close the connection (after
-/// `stop`): the reply is returned even when that wait fails. Errors, set in `ec`: connect's
-/// errno (no_such_file_or_directory: no master; connection_refused: a stale socket; EACCES),
-/// timed_out, message_size (a reply line over kControlMaxReply bytes), bad_message (the
-/// connection ended before a whole reply line), the errno of send or recv. Blocking; any process.
-inline std::string control_call(const std::string& path, std::string_view request_line,
-                                std::chrono::milliseconds timeout, std::error_code& ec,
-                                std::chrono::milliseconds wait_for_close = {}) {
-  ec.clear();
-  const auto deadline = Clock::now() + timeout;
-  sockaddr_un un{};
-  if (path.empty() || path.size() >= sizeof un.sun_path) {
-    ec = std::make_error_code(path.empty() ? std::errc::invalid_argument
-                                           : std::errc::filename_too_long);
-    return {};
-  }
-  un.sun_family = AF_UNIX;
-  std::memcpy(un.sun_path, path.data(), path.size());
-  const auto len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
-  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!fd) {
-    ec = errno_code();
-    return {};
-  }
-  // A blocking Unix connect waits only while the listener's backlog is full, at most
-  // SO_SNDTIMEO (unix_stream_connect), and then fails with EAGAIN.
-  timeval tv{};
-  tv.tv_sec = static_cast<time_t>(timeout.count() / 1000);
-  tv.tv_usec = static_cast<suseconds_t>((timeout.count() % 1000) * 1000);
-  if (timeout.count() <= 0) tv.tv_usec = 1;
-  ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&un), len) != 0) {
-    ec = errno == EAGAIN ? std::make_error_code(std::errc::timed_out) : errno_code();
-    return {};
-  }
-  int fl = ::fcntl(fd.get(), F_GETFL);
-  if (fl < 0 || ::fcntl(fd.get(), F_SETFL, fl | O_NONBLOCK) != 0) {
-    ec = errno_code();
-    return {};
-  }
-
-  std::string request(request_line);
-  request += '\n';
-  std::size_t sent = 0;
-  while (sent < request.size()) {
-    ssize_t n = retry_eintr([&] {
-      return ::send(fd.get(), request.data() + sent, request.size() - sent, MSG_NOSIGNAL);
-    });
-    if (n >= 0) {
-      sent += static_cast<std::size_t>(n);
-      continue;
-    }
-    // The master may refuse (permission, too many connections) and close before reading:
-    // its refusal line is still readable, so go and read it.
-    if (errno == EPIPE || errno == ECONNRESET) break;
-    if ((errno != EAGAIN && errno != EWOULDBLOCK)) {
-      ec = errno_code();
-      return {};
-    }
-    if (!control::wait_ready(fd.get(), POLLOUT, deadline, ec)) return {};
-  }
-
-  std::string in;
-  std::size_t nl = std::string::npos;
-  char buf[16384];
-  while (nl == std::string::npos) {
-    ssize_t n = retry_eintr([&] { return ::recv(fd.get(), buf, sizeof buf, 0); });
-    if (n > 0) {
-      const std::size_t old = in.size();
-      in.append(buf, static_cast<std::size_t>(n));
-      nl = in.find('\n', old);
-      if (nl == std::string::npos && in.size() > kControlMaxReply) {
-        ec = std::make_error_code(std::errc::message_size);
-        return {};
-      }
-      continue;
-    }
-    if (n == 0 || errno == ECONNRESET) {
-      ec = std::make_error_code(std::errc::bad_message);
-      return {};
-    }
-    if (errno != EAGAIN && errno != EWOULDBLOCK) {
-      ec = errno_code();
-      return {};
-    }
-    if (!control::wait_ready(fd.get(), POLLIN, deadline, ec)) return {};
-  }
-  if (nl > kControlMaxReply) {
-    ec = std::make_error_code(std::errc::message_size);
-    return {};
-  }
-  in.resize(nl);
-
-  if (wait_for_close.count() > 0) {
-    const auto close_deadline = Clock::now() + wait_for_close;
-    for (;;) {
-      ssize_t n = retry_eintr([&] { return ::recv(fd.get(), buf, sizeof buf, 0); });
-      if (n == 0 || (n < 0 && errno == ECONNRESET)) break;
-      if (n > 0) continue;  // nothing more is expected; whatever comes is not waited for
-      if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        ec = errno_code();
-        break;
-      }
-      if (!control::wait_ready(fd.get(), POLLIN, close_deadline, ec)) break;
-    }
-  }
-  return in;
-}
-
 }  // namespace prefork::detail
 
-#endif  // PREFORK_DETAIL_CONTROL_HPP
+#endif  // PREFORK_DETAIL_CONTROL_SERVER_HPP
