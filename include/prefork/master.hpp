@@ -52,6 +52,7 @@
 #include <prefork/worker_handle.hpp>
 #include <prefork/master/log.hpp>
 #include <prefork/master/phase.hpp>
+#include <prefork/master/reloader.hpp>
 #include <prefork/master/round_robin_handle.hpp>
 #include <prefork/master/shared_handle.hpp>
 #include <prefork/master/worker_record.hpp>
@@ -170,6 +171,18 @@ class Master {
     credentials_ = detail::resolve_credentials(opts_.user, opts_.group);
     store_ = std::make_unique<detail::StoreHostOf<MemoryStore<>>>(MemoryStore<>(opts_.store_limits));
     loop_.on_exception([this](std::exception_ptr e) { callback_failed(e); });
+    reloader_.hooks.spawn = [this](std::size_t slot) { return spawn(slot); };
+    reloader_.hooks.cancel_restart = [this](std::size_t slot) {
+      cancel_restart(table_.slot(slot));
+    };
+    reloader_.hooks.started = [this](std::size_t replacing) {
+      notifier_.notify("RELOADING=1\nMONOTONIC_USEC=" + std::to_string(detail::monotonic_usec()) +
+                       "\nSTATUS=rolling restart: replacing " + std::to_string(replacing) +
+                       " workers");
+    };
+    reloader_.hooks.finished = [this](const ReloadReport& report, bool requested, bool again) {
+      reload_finished(report, requested, again);
+    };
   }
   Master(const Master&) = delete;
   Master& operator=(const Master&) = delete;
@@ -375,7 +388,7 @@ class Master {
               std::to_string(table_.size()) + (table_.size() == 1 ? " worker" : " workers"));
     if (!again) {
       notify_stopping();
-      finish_reload(false, "the master is shutting down");
+      reloader_.finish(false, "the master is shutting down");
       successor_.fail("the master is shutting down", SIGTERM);
       dispatch_.stop();
       phase_ = detail::shut_down(phase_);
@@ -401,24 +414,8 @@ class Master {
   /// Options::reload_surge replacements run at once. A replacement that exits or misses
   /// Options::reload_timeout stops the restart; the old workers keep serving. A request while
   /// one runs is coalesced into one more pass after it.
-  void reload() {
-    if (shutting_down()) return;
-    if (reload_.active) {
-      reload_.again = true;
-      return;
-    }
-    reload_ = ReloadState{};
-    reload_.active = true;
-    reload_.started = Clock::now();
-    for (auto& [id, w] : table_.live())
-      if (!w->planned() && owns_slot(*w))
-        reload_.queue.push_back(id);
-    notifier_.notify("RELOADING=1\nMONOTONIC_USEC=" + std::to_string(detail::monotonic_usec()) +
-                     "\nSTATUS=rolling restart: replacing " +
-                     std::to_string(reload_.queue.size()) + " workers");
-    reload_pump();
-  }
-  bool reloading() const noexcept { return reload_.active; }
+  void reload() { reloader_.reload(); }
+  bool reloading() const noexcept { return reloader_.active(); }
 
   /// Master upgrade (nginx's binary upgrade, in one step): fork and exec the program on disk,
   /// with the same arguments, as a new master that inherits the listening sockets instead of
@@ -516,7 +513,7 @@ class Master {
     st.uptime = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started_);
     st.workers_wanted = table_.slot_count();
     st.addresses = addresses_;
-    st.reloading = reload_.active;
+    st.reloading = reloader_.active();
     st.upgrading = successor_.waiting();
     st.shutting_down = shutting_down();
     for (std::size_t i = 0; i < table_.slot_count(); ++i) {
@@ -1101,7 +1098,7 @@ class Master {
     } else if (r.command == "reload") {
       if (shutting_down()) return reply.fail("the master is shutting down");
       // A pass that runs now was asked for before this request: this one waits for the next.
-      (reload_.active ? reload_waiters_next_ : reload_waiters_).push_back(std::move(reply));
+      (reloader_.active() ? reload_waiters_next_ : reload_waiters_).push_back(std::move(reply));
       reload();
     } else if (r.command == "scale") {
       auto it = r.fields.find("workers");
@@ -1248,7 +1245,7 @@ class Master {
     ExitInfo info = w.exit;
     log_exit(w, info);
     emit(on_exit_, w.handle, info);
-    after_exit(w, info);
+    worker_exited(w, info);
     if (shutting_down() && table_.empty()) loop_.stop();
   }
 
@@ -1257,13 +1254,30 @@ class Master {
   // replaces, an upgrade's old master hears once every slot is ready, then systemd.
   void worker_ready(Record& w) {
     dispatch_.worker_ready(w);
-    reload_ready(w);
+    reloader_.worker_ready(w);
     tell_old_master_if_ready();
     notify_ready();
   }
 
+  void recycle(Record& w, const std::string& why) { reloader_.recycle(w, why); }
+
+  // The end of a reloader pass: systemd hears that a rolling restart ended, the control
+  // clients waiting for it are answered, then on_reload_done (called directly, not through
+  // emit(): an exception from it propagates as it always has).
+  void reload_finished(const ReloadReport& report, bool requested, bool again) {
+    if (requested) notify_reloaded(report);
+    if (requested || again || shutting_down()) answer_reload_waiters(report, again);
+    if (requested && on_reload_done_) on_reload_done_(report);
+  }
+
+  // "Worker exited", after its 'exit' callbacks: the reloader first (a replacement that died
+  // stops its pass and gives the slot back), then the slot is freed and maybe refilled.
+  void worker_exited(Record& w, const ExitInfo& info) {
+    reloader_.worker_exited(w, info);
+    after_exit(w, info);
+  }
+
   void after_exit(Record& w, const ExitInfo& info) {
-    reload_exited(w, info);
     if (!owns_slot(w)) return;  // replaced already (rolling restart), or its slot scaled away
     detail::Slot& s = table_.slot(w.slot);
     s.worker_id = 0;
@@ -1291,164 +1305,6 @@ class Master {
         }, false);
       }
     }
-  }
-
-  // Rolling restart. `starting` maps each replacement to the old worker it replaces; an old
-  // worker is disconnected when its replacement is ready, and the restart is done when the
-  // queue is empty and every old worker has exited.
-  struct ReloadState {
-    bool active = false;
-    bool again = false;                        // coalesced request: one more pass after this
-    std::deque<unsigned> queue;                // old workers still to replace
-    std::map<unsigned, unsigned> starting;     // replacement id -> old id
-    std::map<unsigned, EventLoop::TimerId> deadlines;  // replacement id -> reload_timeout
-    std::vector<unsigned> draining;            // old workers disconnected, not exited yet
-    unsigned replaced = 0;
-    Clock::time_point started{};
-    bool requested = true;  // reload(); false: a recycling pass (no on_reload_done)
-  };
-
-  void reload_pump() {
-    // A rolling restart lets drains overlap (it replaces every worker, fast); recycling replaces
-    // workers one at a time, the next only once the last one has exited, so that recycling
-    // never has several workers on their way out together.
-    auto busy = [this] {
-      return reload_.requested ? reload_.starting.size() >= opts_.reload_surge
-                               : !reload_.starting.empty() || !reload_.draining.empty();
-    };
-    while (reload_.active && !busy() && !reload_.queue.empty()) {
-      unsigned old_id = reload_.queue.front();
-      reload_.queue.pop_front();
-      Record* old = record(old_id);
-      if (!old || old->leaving()) continue;
-      std::size_t slot = old->slot;
-      Record* fresh = spawn(slot);
-      if (!fresh) {
-        cancel_restart(table_.slot(slot));
-        table_.slot(slot).worker_id = old_id;
-        return finish_reload(false, "could not fork a replacement for " + describe(*old));
-      }
-      unsigned fresh_id = fresh->id;
-      reload_.starting[fresh_id] = old_id;
-      reload_.deadlines[fresh_id] = loop_.after(opts_.reload_timeout, [this, fresh_id] {
-        reload_.deadlines.erase(fresh_id);
-        Record* late = record(fresh_id);
-        std::string why = "not ready after " + std::to_string(opts_.reload_timeout.count()) +
-                          " ms (reload_timeout)";
-        if (late) late->exit.reason = "rolling restart: " + why + "; SIGKILL";
-        finish_reload(false, "replacement " +
-                                 (late ? describe(*late) : "worker " + std::to_string(fresh_id)) +
-                                 " " + why);
-      }, false);
-    }
-    if (reload_.active && reload_.queue.empty() && reload_.starting.empty() &&
-        reload_.draining.empty())
-      finish_reload(true, {});
-  }
-
-  // A worker became ready (listening, or online without listeners).
-  void reload_ready(Record& w) {
-    if (!reload_.active) return;
-    auto it = reload_.starting.find(w.id);
-    if (it == reload_.starting.end()) return;
-    unsigned old_id = it->second;
-    reload_.starting.erase(it);
-    if (auto t = reload_.deadlines.find(w.id); t != reload_.deadlines.end()) {
-      loop_.cancel(t->second);
-      reload_.deadlines.erase(t);
-    }
-    if (Record* old = record(old_id)) {
-      if (!old->recycle_reason.empty()) old->exit.reason = "recycled: " + old->recycle_reason;
-      old->disconnect();
-      reload_.draining.push_back(old_id);
-    }
-    ++reload_.replaced;
-    reload_pump();
-  }
-
-  void reload_exited(Record& w, const ExitInfo& info) {
-    if (!reload_.active) return;
-    if (reload_.starting.count(w.id) && w.slot >= table_.slot_count()) {  // scaled away: not a failure
-      reload_.starting.erase(w.id);
-      if (auto t = reload_.deadlines.find(w.id); t != reload_.deadlines.end()) {
-        loop_.cancel(t->second);
-        reload_.deadlines.erase(t);
-      }
-      return reload_pump();
-    }
-    if (reload_.starting.count(w.id)) {
-      std::string how = info.signal ? "was killed by signal " + std::to_string(info.signal)
-                                    : "exited with code " + std::to_string(info.exit_code);
-      return finish_reload(false, "replacement " + describe(w) + " " + how + " before it was ready");
-    }
-    auto d = std::find(reload_.draining.begin(), reload_.draining.end(), w.id);
-    if (d == reload_.draining.end()) return;
-    reload_.draining.erase(d);
-    reload_pump();
-  }
-
-  // Ends the rolling restart. On failure every replacement that is not ready yet is stopped
-  // and its slot given back to the old worker, which keeps serving; a replacement whose old
-  // worker is gone keeps the slot (and, if it is stuck, is killed as a crash, so that the
-  // RestartPolicy refills the slot).
-  void finish_reload(bool ok, const std::string& reason) {
-    if (!reload_.active) return;
-    ReloadState r = std::move(reload_);
-    reload_ = ReloadState{};
-    for (auto& [id, timer] : r.deadlines) loop_.cancel(timer);
-    for (auto& [fresh_id, old_id] : r.starting) {
-      Record* fresh = record(fresh_id);
-      Record* old = record(old_id);
-      if (old && !old->planned() && fresh && !fresh->is_dead()) {
-        if (fresh->slot < table_.slot_count()) table_.slot(fresh->slot).worker_id = old_id;
-        fresh->kill(SIGKILL);
-      } else if (old && !old->planned()) {
-        if (old->slot < table_.slot_count()) table_.slot(old->slot).worker_id = old_id;
-      } else if (fresh && !fresh->is_dead()) {
-        fresh->signal(SIGKILL);
-      }
-    }
-    ReloadReport report;
-    report.ok = ok;
-    report.replaced = r.replaced;
-    report.took = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - r.started);
-    report.reason = reason;
-    const char* what = r.requested ? "rolling restart" : "recycling";
-    if (ok) {
-      log(LogLevel::info, r.requested ? "reload" : "recycle",
-          std::string(what) + " done: " + std::to_string(r.replaced) + " workers replaced in " +
-          std::to_string(report.took.count()) + " ms");
-    } else {
-      log(LogLevel::warning, r.requested ? "reload" : "recycle",
-          std::string(what) + " stopped: " + reason + "; the old workers keep serving");
-    }
-    if (r.requested) notify_reloaded(report);
-    // A reload asked for during a recycling pass runs whatever became of that pass.
-    bool again = r.again && (ok || !r.requested) && !shutting_down();
-    if (r.requested || again || shutting_down()) answer_reload_waiters(report, again);
-    if (r.requested && on_reload_done_) on_reload_done_(report);
-    if (again) reload();
-  }
-
-  // Recycling: one worker replaced the way a rolling restart replaces it (replacement first,
-  // drain after), through the same machinery, one at a time: a recycling pass of its own, or
-  // one more worker in the pass that runs.
-  void recycle(Record& w, const std::string& why) {
-    if (shutting_down() || w.leaving() || w.recycling())
-      return;
-    w.recycle_reason = why;
-    log(LogLevel::info, "recycle", "recycling " + describe(w) + ": " + why, &w);
-    if (reload_.active) {
-      reload_.queue.push_back(w.id);
-      if (!reload_.requested) reload_pump();
-      return;
-    }
-    reload_ = ReloadState{};
-    reload_.active = true;
-    reload_.requested = false;
-    reload_.started = Clock::now();
-    reload_.queue.push_back(w.id);
-    reload_pump();
   }
 
   // The watchdog's verdict: no new connections (collect_ready skips it), a replacement in its
@@ -1653,7 +1509,7 @@ class Master {
   void notify_ready() {
     if (!notifier_.enabled() || shutting_down()) return;
     if (ready_notified_) {
-      if (!reload_.active) notifier_.notify("STATUS=" + systemd_status());
+      if (!reloader_.active()) notifier_.notify("STATUS=" + systemd_status());
       return;
     }
     for (auto& s : table_.slots()) {
@@ -1773,7 +1629,6 @@ class Master {
   bool bound_ = false;
   detail::WorkerTable<Codec> table_;
   std::vector<std::vector<UniqueFd>> slot_listeners_;  // ReusePort: per slot
-  ReloadState reload_;
   std::unique_ptr<detail::StoreHost> store_;
   // From the snapshot an upgrade's new master loads until the upgrade ends, store
   // operations wait here, unapplied, so that this store never changes behind the snapshot.
@@ -1804,6 +1659,7 @@ class Master {
                                       detail::RoundRobinHandle<Codec, Balance>,
                                       detail::SharedHandle<Codec, Balance>>;
   Dispatch dispatch_{loop_, table_, log_, phase_, balance_, listeners_};
+  detail::Reloader<Codec> reloader_{loop_, opts_, table_, log_, phase_};
 };
 
 }  // namespace prefork
