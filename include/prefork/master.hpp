@@ -54,6 +54,9 @@
 #include <prefork/worker_handle.hpp>
 #include <prefork/master/log.hpp>
 #include <prefork/master/phase.hpp>
+#include <prefork/master/reloader.hpp>
+#include <prefork/master/round_robin_handle.hpp>
+#include <prefork/master/shared_handle.hpp>
 #include <prefork/master/spawner.hpp>
 #include <prefork/master/supervisor.hpp>
 #include <prefork/master/watchdog.hpp>
@@ -124,6 +127,7 @@ class Master {
     store_ = std::make_unique<detail::StoreHostOf<MemoryStore<>>>(MemoryStore<>(opts_.store_limits));
     loop_.on_exception([this](std::exception_ptr e) { callback_failed(e); });
     wire_life();
+    wire_flow();
   }
   Master(const Master&) = delete;
   Master& operator=(const Master&) = delete;
@@ -329,18 +333,15 @@ class Master {
               std::to_string(table_.size()) + (table_.size() == 1 ? " worker" : " workers"));
     if (!again) {
       notify_stopping();
-      finish_reload(false, "the master is shutting down");
+      reloader_.finish(false, "the master is shutting down");
       successor_.fail("the master is shutting down", SIGTERM);
-      if constexpr (MasterDispatch<Balance>) {
-        stop_accepting();
-        dispatch_pending();
-      }
+      dispatch_.stop();
       phase_ = detail::shut_down(phase_);
       for (auto& s : table_.slots()) spawner_.cancel_restart(s);
       for (auto& l : listeners_) loop_.unwatch(l.get());
       listeners_.clear();
       slot_listeners_.clear();
-      flush_pending();
+      dispatch_.flush();
       for (auto& [id, w] : table_.live()) w->disconnect();
     }
     if (again || fast) {
@@ -358,24 +359,8 @@ class Master {
   /// Options::reload_surge replacements run at once. A replacement that exits or misses
   /// Options::reload_timeout stops the restart; the old workers keep serving. A request while
   /// one runs is coalesced into one more pass after it.
-  void reload() {
-    if (shutting_down()) return;
-    if (reload_.active) {
-      reload_.again = true;
-      return;
-    }
-    reload_ = ReloadState{};
-    reload_.active = true;
-    reload_.started = Clock::now();
-    for (auto& [id, w] : table_.live())
-      if (!w->planned() && owns_slot(*w))
-        reload_.queue.push_back(id);
-    notifier_.notify("RELOADING=1\nMONOTONIC_USEC=" + std::to_string(detail::monotonic_usec()) +
-                     "\nSTATUS=rolling restart: replacing " +
-                     std::to_string(reload_.queue.size()) + " workers");
-    reload_pump();
-  }
-  bool reloading() const noexcept { return reload_.active; }
+  void reload() { reloader_.reload(); }
+  bool reloading() const noexcept { return reloader_.active(); }
 
   /// Master upgrade (nginx's binary upgrade, in one step): fork and exec the program on disk,
   /// with the same arguments, as a new master that inherits the listening sockets instead of
@@ -473,7 +458,7 @@ class Master {
     st.uptime = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started_);
     st.workers_wanted = table_.slot_count();
     st.addresses = addresses_;
-    st.reloading = reload_.active;
+    st.reloading = reloader_.active();
     st.upgrading = successor_.waiting();
     st.shutting_down = shutting_down();
     for (std::size_t i = 0; i < table_.slot_count(); ++i) {
@@ -542,7 +527,7 @@ class Master {
     }
     for (auto& [id, w] : table_.live())
       if (w->slot >= n) w->disconnect();
-    if constexpr (MasterDispatch<Balance>) dispatch_pending();
+    dispatch_.rebalance();
     notify_ready();
     return {};
   }
@@ -585,7 +570,7 @@ class Master {
                                        std::to_string(table_.slot_count()) + " workers" + on);
     for (std::size_t s = 0; s < table_.slot_count(); ++s)
       if (!table_.slot(s).worker_id) spawner_.spawn(s);
-    if constexpr (MasterDispatch<Balance>) resume_accepting();
+    dispatch_.start();
     watchdog_.start();
     start_systemd_watchdog();
     loop_.every(std::chrono::seconds(1), [this] { store_->sweep(); }, false);
@@ -720,8 +705,7 @@ class Master {
     for (auto& l : listeners_) fds.push_back(l.get());
     for (auto& set : slot_listeners_)
       for (auto& l : set) fds.push_back(l.get());
-    for (auto& h : pending_) fds.push_back(h.fd.get());
-    for (auto& [fd, p] : peeking_) fds.push_back(fd);
+    dispatch_.descriptors(fds);
     if (upgrade_boot_ && upgrade_boot_->notify) fds.push_back(upgrade_boot_->notify.get());
     for (auto& a : activated_)
       if (a.fd) fds.push_back(a.fd.get());
@@ -730,34 +714,15 @@ class Master {
     successor_.descriptors(fds);
   }
 
-  // Kernel dispatch: the worker gets its own copies of the listening sockets. Master dispatch:
-  // an empty handles frame, which tells the worker to expect connections over the channel.
-  void hand_listeners(Record& w) {
-    std::vector<UniqueFd> dups;
-    const std::vector<UniqueFd>* source = &listeners_;
-    if constexpr (WantsReusePort<Balance>) source = &slot_listeners_.at(w.slot);
-    if constexpr (KernelDispatch<Balance>) for (auto& l : *source) {
-      int d = ::fcntl(l.get(), F_DUPFD_CLOEXEC, 0);
-      if (d < 0) {
-        log(LogLevel::warning, "bind",
-            "dup of a listening socket failed: " + std::string(std::strerror(errno)));
-        return;
-      }
-      dups.emplace_back(d);
+  // The listening sockets a worker in `slot` is handed (kernel dispatch): its slot's own
+  // ReusePort set, or the shared ones.
+  const std::vector<UniqueFd>& listeners_for(std::size_t slot) const {
+    if constexpr (WantsReusePort<Balance>) {
+      return slot_listeners_.at(slot);
+    } else {
+      (void)slot;
+      return listeners_;
     }
-    w.channel->send(FrameKind::handles, {}, 0, std::move(dups));
-  }
-
-  // The worker acknowledged its next `n` connections (FrameKind::accepted).
-  void accepted(Record& w, std::size_t n) {
-    n = std::min(n, w.in_flight.size());
-    w.in_flight.erase(w.in_flight.begin(), w.in_flight.begin() + static_cast<std::ptrdiff_t>(n));
-    w.unacked_since = Clock::now();  // its loop turns: the rest count from now
-    if (n > 0 && w.out_of_fds) {
-      w.out_of_fds = false;
-      log(LogLevel::info, "dispatch", "takes connections again", &w);
-    }
-    if constexpr (MasterDispatch<Balance>) resume_accepting();
   }
 
   // One operation on the shared store for `w`. Always answered (a store_reply frame goes out
@@ -832,7 +797,7 @@ class Master {
     } else if (r.command == "reload") {
       if (shutting_down()) return reply.fail("the master is shutting down");
       // A pass that runs now was asked for before this request: this one waits for the next.
-      (reload_.active ? reload_waiters_next_ : reload_waiters_).push_back(std::move(reply));
+      (reloader_.active() ? reload_waiters_next_ : reload_waiters_).push_back(std::move(reply));
       reload();
     } else if (r.command == "scale") {
       auto it = r.fields.find("workers");
@@ -935,21 +900,13 @@ class Master {
     return false;
   }
 
-  // Connections handed to a worker that never acknowledged them (its channel closed with the
-  // frames unread) are still open in the master: they go to another worker, first in line.
-  void recover_in_flight(Record& w) {
-    if (w.in_flight.empty()) return;
-    pending_.insert(pending_.begin(), std::make_move_iterator(w.in_flight.begin()),
-                    std::make_move_iterator(w.in_flight.end()));
-    w.in_flight.clear();
-    if constexpr (MasterDispatch<Balance>) loop_.post([this] { resume_accepting(); });
-  }
-
   // "Worker ready": a worker became ready (listening, or started when the cluster listens on
-  // nothing). In this order: the rolling restart (its old worker may drain now), the upgrade
-  // (the old master may hand over), systemd (READY=1 or STATUS=).
+  // nothing). In this order: dispatch (it may be dealt connections now), the rolling restart
+  // (its old worker may drain now), the upgrade (the old master may hand over), systemd
+  // (READY=1 or STATUS=).
   void worker_ready(Record& w) {
-    reload_ready(w);
+    dispatch_.worker_ready(w);
+    reloader_.worker_ready(w);
     tell_old_master_if_ready();
     notify_ready();
   }
@@ -960,421 +917,20 @@ class Master {
   // of a shutdown once the last worker is gone.
   void worker_exited(Record& w, const ExitInfo& info) {
     emit(on_exit_, w.handle, info);
-    reload_exited(w, info);
+    reloader_.worker_exited(w, info);
     supervisor_.after_exit(w, info);
     if (shutting_down() && table_.empty()) loop_.stop();
   }
 
-  // Master dispatch (Node's round_robin_handle.js): accept here, hand each connection to the
-  // worker the policy picks, and keep the master's own copy of the socket until the worker
-  // acknowledges it (FrameKind::accepted): if the worker dies first, the connection goes to
-  // another one instead of being lost. A worker with max_unacked connections unacknowledged
-  // is busy or stuck and is skipped. With no worker to take one, the master stops accepting:
-  // clients wait in the kernel backlog instead of being refused (Node closes the socket), and
-  // accepting resumes when a worker listens or acknowledges again.
-  //
-  // A worker whose loop has stopped (a hang, a long blocking call) reads no more frames: the
-  // connections dealt to it wait in its channel until the watchdog ends it, and with the
-  // window alone it would be dealt one in every N for that long. A healthy worker acknowledges
-  // within its loop round (well under a millisecond idle; a round of hello's default work on
-  // a busy worker is tens of ms), so one that has left a connection unacknowledged for
-  // kAckBound is dealt no more until it acknowledges: a hung worker costs the one connection
-  // it holds (Node's round_robin_handle.js deals a worker its next handle only after the last
-  // was acknowledged, and a hung Node worker costs the same one). A slow worker comes back at
-  // its next acknowledgement; meanwhile its share goes to the others, or waits in the backlog.
-  static constexpr std::size_t kMaxUnacked = 128;
-  static constexpr std::chrono::milliseconds kAckBound{100};
+  void recycle(Record& w, const std::string& why) { reloader_.recycle(w, why); }
 
-  static bool window_open(const Record& w, Clock::time_point now) {
-    if (now < w.declined_until) return false;
-    return w.in_flight.empty() ||
-           (w.in_flight.size() < kMaxUnacked && now - w.unacked_since < kAckBound);
-  }
-
-  // The worker could not take its next `n` connections: it is at its descriptor limit (the
-  // kernel dropped the descriptor on the way in). They are still open here and go back first
-  // in line, to another worker or to this one once it has room: it is offered none for
-  // kSaturatedPause (nginx pauses accept for accept_mutex_delay on EMFILE, libuv's
-  // uv__emfile_trick closes what it cannot serve; here nothing is lost), then again. Clients
-  // meanwhile wait in pending_ or in the kernel backlog. One log line per episode: the first
-  // decline after the worker last took a connection.
-  static constexpr std::chrono::milliseconds kSaturatedPause{100};
-
-  void declined(Record& w, std::size_t n) {
-    n = std::min(n, w.in_flight.size());
-    pending_.insert(pending_.begin(), std::make_move_iterator(w.in_flight.begin()),
-                    std::make_move_iterator(w.in_flight.begin() + static_cast<std::ptrdiff_t>(n)));
-    w.in_flight.erase(w.in_flight.begin(), w.in_flight.begin() + static_cast<std::ptrdiff_t>(n));
-    w.unacked_since = Clock::now();
-    w.declined_until = w.unacked_since + kSaturatedPause;
-    if (!w.out_of_fds)
-      log(LogLevel::warning, "dispatch",
-          "pid " + std::to_string(w.pid) + " is out of descriptors (EMFILE) and declines "
-          "connections; they wait for a worker with room",
-          &w);
-    w.out_of_fds = true;
-    stop_accepting();
-    loop_.after(kSaturatedPause, [this] { resume_accepting(); }, false);
-    resume_accepting();
-  }
-
-  void resume_accepting() {
-    if (shutting_down()) return flush_pending();
-    if (acceptor_.paused()) return;
-    dispatch_pending();
-    if (!pending_.empty()) return;
-    for (auto& l : listeners_) {
-      int raw = l.get();
-      if (!loop_.watching(raw))
-        loop_.watch(raw, EventLoop::readable, [this, raw](std::uint32_t) { accept_from(raw); },
-                    false);
-    }
-  }
-
-  void stop_accepting() {
-    for (auto& l : listeners_) loop_.unwatch(l.get());
-  }
-
-  void collect_ready() {
-    ready_.clear();
-    ready_workers_.clear();
-    const Clock::time_point now = Clock::now();
-    for (auto& [id, w] : table_.live()) {
-      if (w->takes_connections() && window_open(*w, now)) {
-        ready_.push_back({w->slot, w->reported_connections + w->in_flight.size()});
-        ready_workers_.push_back(w.get());
-      }
-    }
-  }
-
-  // Sends one connection to `w` and keeps the master's copy in its in-flight list; false (the
-  // connection still in `h`) if its channel cannot take it now.
-  bool hand_to(Record& w, detail::Handoff& h) {
-    if (!w.channel->has_room(h.peer.length)) return false;
-    std::string address(reinterpret_cast<const char*>(&h.peer.storage), h.peer.length);
-    if (w.channel->send_borrowed(FrameKind::connection, std::move(address), 0, h.fd.get()))
-      return false;
-    if (w.in_flight.empty()) w.unacked_since = Clock::now();
-    w.in_flight.push_back(std::move(h));
-    return true;
-  }
-
-  // Hands one connection to a worker; false (and the connection back in `h`) if none can
-  // take it now. A peeking policy sees `head` if the caller has just peeked it, else what
-  // the socket holds now.
-  bool dispatch(detail::Handoff& h, const std::string_view* head = nullptr) {
-    if (ready_.empty()) return false;
-    std::string_view bytes;
-    if constexpr (PeeksFirstBytes<Balance>) {
-      bool closed = false;
-      bytes = head ? *head : peek_head(h.fd.get(), closed);
-    }
-    std::optional<std::size_t> pick =
-        balance_.pick(PickContext{h.peer, ready_, table_.slot_count(), bytes});
-    std::size_t first = pick && *pick < ready_.size() ? *pick : 0;
-    for (std::size_t k = 0; k < ready_workers_.size(); ++k) {
-      std::size_t i = (first + k) % ready_workers_.size();
-      Record* w = ready_workers_[i];
-      if (w->in_flight.size() >= kMaxUnacked || !hand_to(*w, h)) continue;
-      ++ready_[i].connections;
-      return true;
-    }
-    return false;
-  }
-
-  void dispatch_pending() {
-    if (pending_.empty()) return;
-    collect_ready();
-    while (!pending_.empty() && dispatch(pending_.front())) pending_.pop_front();
-  }
-
-  // Shutting down: connections already accepted go to any worker that still reads its channel
-  // (a draining worker serves what reaches it before the disconnect frame), whatever its load.
-  // Those still waiting for their first bytes go with what they sent so far.
-  void flush_pending() {
-    if constexpr (PeeksFirstBytes<Balance>) stop_peeking();
-    while (!pending_.empty()) {
-      detail::Handoff& h = pending_.front();
-      bool sent = false;
-      for (auto& [id, w] : table_.live())
-        if (w->accepts_handoffs() && hand_to(*w, h)) {
-          sent = true;
-          break;
-        }
-      if (!sent) break;
-      pending_.pop_front();
-    }
-    if (!pending_.empty())
-      log(LogLevel::warning, "shutdown", std::to_string(pending_.size()) +
-          " accepted connections closed unanswered: no worker is left to take them");
-    pending_.clear();
-  }
-
-  // PeeksFirstBytes: the policy picks on the client's first bytes, peeked (MSG_PEEK) so that
-  // the worker still reads every byte. A client whose bytes are not all there at accept is
-  // watched, edge-triggered: the bytes stay queued (never consumed), so a level-triggered
-  // watch would fire on every loop round until the deadline. It waits until the policy has
-  // enough, PeekLimits::max_bytes came, or PeekLimits::timeout passed; then it is dispatched
-  // as if just accepted. At most PeekLimits::max_waiting wait at once (more are dispatched on
-  // what they sent), so silent clients can neither stall the master nor pile up in it; they
-  // are the workers' to time out.
-
-  // Peeks into peek_buf_. Empty if nothing came yet; `closed` if the client closed without
-  // sending anything, or the socket failed (ECONNRESET).
-  std::string_view peek_head(int fd, bool& closed) {
-    closed = false;
-    std::size_t max = balance_.peek_limits().max_bytes;
-    if (max == 0) return {};
-    if (peek_buf_.size() < max) peek_buf_.resize(max);
-    ssize_t n = detail::retry_eintr(
-        [&] { return ::recv(fd, peek_buf_.data(), max, MSG_PEEK | MSG_DONTWAIT); });
-    if (n > 0) return {peek_buf_.data(), static_cast<std::size_t>(n)};
-    closed = n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
-    return {};
-  }
-
-  // True if `h` was taken: it waits for more bytes, or it was closed. Otherwise `head` holds
-  // what the client sent so far and the connection is to be dispatched now.
-  bool wait_for_head(detail::Handoff& h, std::string_view& head) {
-    const PeekLimits limits = balance_.peek_limits();
-    bool closed = false;
-    head = peek_head(h.fd.get(), closed);
-    if (closed) {
-      h.fd.reset();
-      return true;
-    }
-    if (head.size() >= limits.max_bytes || balance_.has_enough(head) ||
-        limits.timeout.count() <= 0 || peeking_.size() >= limits.max_waiting)
-      return false;
-    const int raw = h.fd.get();
-    EventLoop::TimerId deadline =
-        loop_.after(limits.timeout, [this, raw] { head_arrived(raw, 0, true); }, false);
-    try {
-      loop_.watch(raw, EPOLLIN | EPOLLRDHUP | EPOLLET,
-                  [this, raw](std::uint32_t events) { head_arrived(raw, events, false); },
-                  false);
-    } catch (const std::system_error& e) {  // epoll_ctl: ENOMEM, ENOSPC (max_user_watches)
-      loop_.cancel(deadline);
-      log(LogLevel::warning, "accept",
-          std::string("cannot wait for a client's first bytes: ") + e.what());
-      return false;
-    }
-    peeking_.emplace(raw, Peeking{std::move(h), deadline});
-    return true;
-  }
-
-  // More bytes came for a waiting client, or it shut down its side (no more will come), or
-  // its deadline passed.
-  void head_arrived(int fd, std::uint32_t events, bool deadline) {
-    auto it = peeking_.find(fd);
-    if (it == peeking_.end()) return;
-    bool closed = false;
-    std::string_view head = peek_head(fd, closed);
-    bool over = deadline || (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR));
-    if (!closed && !over && head.size() < balance_.peek_limits().max_bytes &&
-        !balance_.has_enough(head))
-      return;
-    detail::Handoff h = std::move(it->second.h);
-    if (!deadline) loop_.cancel(it->second.deadline);
-    loop_.unwatch(fd);
-    peeking_.erase(it);
-    if (closed) return;  // h closes it
-    collect_ready();
-    if (pending_.empty() && dispatch(h, &head)) return;
-    pending_.push_back(std::move(h));
-    stop_accepting();
-  }
-
-  // Shutting down: every waiting client is dispatched now, by key if it sent one and its
-  // worker still takes connections, else with the pending ones.
-  void stop_peeking() {
-    if (peeking_.empty()) return;
-    collect_ready();
-    for (auto& [fd, p] : peeking_) {
-      loop_.cancel(p.deadline);
-      loop_.unwatch(fd);
-      if (!dispatch(p.h)) pending_.push_back(std::move(p.h));
-    }
-    peeking_.clear();
-  }
-
-  void accept_from(int listener) {
-    collect_ready();
-    acceptor_.accept(listener, [this] {
-      if (!ready_.empty()) return true;
-      stop_accepting();
-      return false;
-    }, [this](UniqueFd fd, const detail::SocketAddress& peer) {
-      detail::Handoff h{std::move(fd), peer};
-      if constexpr (PeeksFirstBytes<Balance>) {
-        std::string_view head;
-        if (wait_for_head(h, head)) return true;
-        if (dispatch(h, &head)) return true;
-      } else if (dispatch(h)) {
-        return true;
-      }
-      pending_.push_back(std::move(h));
-      stop_accepting();
-      return false;
-    });
-  }
-
-  // Rolling restart. `starting` maps each replacement to the old worker it replaces; an old
-  // worker is disconnected when its replacement is ready, and the restart is done when the
-  // queue is empty and every old worker has exited.
-  struct ReloadState {
-    bool active = false;
-    bool again = false;                        // coalesced request: one more pass after this
-    std::deque<unsigned> queue;                // old workers still to replace
-    std::map<unsigned, unsigned> starting;     // replacement id -> old id
-    std::map<unsigned, EventLoop::TimerId> deadlines;  // replacement id -> reload_timeout
-    std::vector<unsigned> draining;            // old workers disconnected, not exited yet
-    unsigned replaced = 0;
-    Clock::time_point started{};
-    bool requested = true;  // reload(); false: a recycling pass (no on_reload_done)
-  };
-
-  void reload_pump() {
-    // A rolling restart lets drains overlap (it replaces every worker, fast); recycling replaces
-    // workers one at a time, the next only once the last one has exited, so that recycling
-    // never has several workers on their way out together.
-    auto busy = [this] {
-      return reload_.requested ? reload_.starting.size() >= opts_.reload_surge
-                               : !reload_.starting.empty() || !reload_.draining.empty();
-    };
-    while (reload_.active && !busy() && !reload_.queue.empty()) {
-      unsigned old_id = reload_.queue.front();
-      reload_.queue.pop_front();
-      Record* old = record(old_id);
-      if (!old || old->leaving()) continue;
-      std::size_t slot = old->slot;
-      Record* fresh = spawner_.spawn(slot);
-      if (!fresh) {
-        spawner_.cancel_restart(table_.slot(slot));
-        table_.slot(slot).worker_id = old_id;
-        return finish_reload(false, "could not fork a replacement for " + describe(*old));
-      }
-      unsigned fresh_id = fresh->id;
-      reload_.starting[fresh_id] = old_id;
-      reload_.deadlines[fresh_id] = loop_.after(opts_.reload_timeout, [this, fresh_id] {
-        reload_.deadlines.erase(fresh_id);
-        Record* late = record(fresh_id);
-        std::string why = "not ready after " + std::to_string(opts_.reload_timeout.count()) +
-                          " ms (reload_timeout)";
-        if (late) late->exit.reason = "rolling restart: " + why + "; SIGKILL";
-        finish_reload(false, "replacement " +
-                                 (late ? describe(*late) : "worker " + std::to_string(fresh_id)) +
-                                 " " + why);
-      }, false);
-    }
-    if (reload_.active && reload_.queue.empty() && reload_.starting.empty() &&
-        reload_.draining.empty())
-      finish_reload(true, {});
-  }
-
-  // A worker became ready (listening, or online without listeners).
-  void reload_ready(Record& w) {
-    if (!reload_.active) return;
-    auto it = reload_.starting.find(w.id);
-    if (it == reload_.starting.end()) return;
-    unsigned old_id = it->second;
-    reload_.starting.erase(it);
-    if (auto t = reload_.deadlines.find(w.id); t != reload_.deadlines.end()) {
-      loop_.cancel(t->second);
-      reload_.deadlines.erase(t);
-    }
-    if (Record* old = record(old_id)) {
-      if (!old->recycle_reason.empty()) old->exit.reason = "recycled: " + old->recycle_reason;
-      old->disconnect();
-      reload_.draining.push_back(old_id);
-    }
-    ++reload_.replaced;
-    reload_pump();
-  }
-
-  void reload_exited(Record& w, const ExitInfo& info) {
-    if (!reload_.active) return;
-    if (reload_.starting.count(w.id) && w.slot >= table_.slot_count()) {  // scaled away: not a failure
-      reload_.starting.erase(w.id);
-      if (auto t = reload_.deadlines.find(w.id); t != reload_.deadlines.end()) {
-        loop_.cancel(t->second);
-        reload_.deadlines.erase(t);
-      }
-      return reload_pump();
-    }
-    if (reload_.starting.count(w.id)) {
-      std::string how = info.signal ? "was killed by signal " + std::to_string(info.signal)
-                                    : "exited with code " + std::to_string(info.exit_code);
-      return finish_reload(false, "replacement " + describe(w) + " " + how + " before it was ready");
-    }
-    auto d = std::find(reload_.draining.begin(), reload_.draining.end(), w.id);
-    if (d == reload_.draining.end()) return;
-    reload_.draining.erase(d);
-    reload_pump();
-  }
-
-  // Ends the rolling restart. On failure every replacement that is not ready yet is stopped
-  // and its slot given back to the old worker, which keeps serving; a replacement whose old
-  // worker is gone keeps the slot (and, if it is stuck, is killed as a crash, so that the
-  // RestartPolicy refills the slot).
-  void finish_reload(bool ok, const std::string& reason) {
-    if (!reload_.active) return;
-    ReloadState r = std::move(reload_);
-    reload_ = ReloadState{};
-    for (auto& [id, timer] : r.deadlines) loop_.cancel(timer);
-    for (auto& [fresh_id, old_id] : r.starting) {
-      Record* fresh = record(fresh_id);
-      Record* old = record(old_id);
-      if (old && !old->planned() && fresh && !fresh->is_dead()) {
-        if (fresh->slot < table_.slot_count()) table_.slot(fresh->slot).worker_id = old_id;
-        fresh->kill(SIGKILL);
-      } else if (old && !old->planned()) {
-        if (old->slot < table_.slot_count()) table_.slot(old->slot).worker_id = old_id;
-      } else if (fresh && !fresh->is_dead()) {
-        fresh->signal(SIGKILL);
-      }
-    }
-    ReloadReport report;
-    report.ok = ok;
-    report.replaced = r.replaced;
-    report.took = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - r.started);
-    report.reason = reason;
-    const char* what = r.requested ? "rolling restart" : "recycling";
-    if (ok) {
-      log(LogLevel::info, r.requested ? "reload" : "recycle",
-          std::string(what) + " done: " + std::to_string(r.replaced) + " workers replaced in " +
-          std::to_string(report.took.count()) + " ms");
-    } else {
-      log(LogLevel::warning, r.requested ? "reload" : "recycle",
-          std::string(what) + " stopped: " + reason + "; the old workers keep serving");
-    }
-    if (r.requested) notify_reloaded(report);
-    // A reload asked for during a recycling pass runs whatever became of that pass.
-    bool again = r.again && (ok || !r.requested) && !shutting_down();
-    if (r.requested || again || shutting_down()) answer_reload_waiters(report, again);
-    if (r.requested && on_reload_done_) on_reload_done_(report);
-    if (again) reload();
-  }
-
-  // Recycling: one worker replaced the way a rolling restart replaces it (replacement first,
-  // drain after), through the same machinery, one at a time: a recycling pass of its own, or
-  // one more worker in the pass that runs.
-  void recycle(Record& w, const std::string& why) {
-    if (shutting_down() || w.leaving() || w.recycling())
-      return;
-    w.recycle_reason = why;
-    log(LogLevel::info, "recycle", "recycling " + describe(w) + ": " + why, &w);
-    if (reload_.active) {
-      reload_.queue.push_back(w.id);
-      if (!reload_.requested) reload_pump();
-      return;
-    }
-    reload_ = ReloadState{};
-    reload_.active = true;
-    reload_.requested = false;
-    reload_.started = Clock::now();
-    reload_.queue.push_back(w.id);
-    reload_pump();
+  // The end of a reloader pass: systemd hears that a rolling restart ended, the control
+  // clients waiting for it are answered, then on_reload_done (called directly, not through
+  // emit(): an exception from it propagates as it always has).
+  void reload_finished(const ReloadReport& report, bool requested, bool again) {
+    if (requested) notify_reloaded(report);
+    if (requested || again || shutting_down()) answer_reload_waiters(report, again);
+    if (requested && on_reload_done_) on_reload_done_(report);
   }
 
   // New master: a socket the old master handed over for this listen entry and slot.
@@ -1489,7 +1045,7 @@ class Master {
   void notify_ready() {
     if (!notifier_.enabled() || shutting_down()) return;
     if (ready_notified_) {
-      if (!reload_.active) notifier_.notify("STATUS=" + systemd_status());
+      if (!reloader_.active()) notifier_.notify("STATUS=" + systemd_status());
       return;
     }
     for (auto& s : table_.slots()) {
@@ -1564,7 +1120,7 @@ class Master {
     sp.closed = [this](Record& w, std::error_code ec) { supervisor_.on_channel_closed(w, ec); };
     sp.exited = [this](Record& w) { supervisor_.on_pidfd(w); };
     sp.hand_listeners = [this](Record& w) {
-      if (bound_ && listens() && !shutting_down()) hand_listeners(w);
+      if (bound_ && listens() && !shutting_down()) dispatch_.hand_listeners(w, listeners_for(w.slot));
     };
     sp.forked = [this](Record& w) { emit(on_fork_, w.handle); };
 
@@ -1572,7 +1128,6 @@ class Master {
     su.online = [this](Record& w) { emit(on_online_, w.handle); };
     su.listening = [this](Record& w) {
       emit(on_listening_, w.handle);
-      if constexpr (MasterDispatch<Balance>) resume_accepting();
     };
     su.disconnected = [this](Record& w) { emit(on_disconnect_, w.handle); };
     su.message = [this](Record& w, const message_type& m) { emit(on_message_, w.handle, m); };
@@ -1591,16 +1146,15 @@ class Master {
                      });
     };
     su.store = [this](Record& w, const Frame& f) { serve_store(w, f); };
-    su.accepted = [this](Record& w, std::size_t n) { accepted(w, n); };
-    if constexpr (MasterDispatch<Balance>)
-      su.declined = [this](Record& w, std::size_t n) { declined(w, n); };
+    su.accepted = [this](Record& w, std::size_t n) { dispatch_.acknowledged(w, n, Clock::now()); };
+    su.declined = [this](Record& w, std::size_t n) { dispatch_.declined(w, n, Clock::now()); };
     // A session key for this worker's slot; a policy that routes by key keeps it, any other
     // ignores it, so a Server may bind whatever the cluster balances with.
     if constexpr (BindsKeys<Balance>)
       su.bind = [this](std::string_view key, std::size_t slot) { balance_.bind(key, slot); };
     su.recycle = [this](Record& w, const std::string& why) { recycle(w, why); };
     su.stats_answered = [this](unsigned id) { status_answered(id); };
-    su.recover = [this](Record& w) { recover_in_flight(w); };
+    su.recover = [this](Record& w) { dispatch_.worker_gone(w); };
     su.listens = [this] { return listens(); };
     su.spawn = [this](std::size_t slot) { return spawner_.spawn(slot); };
     su.spawn_after = [this](std::size_t slot, Clock::duration d) { spawner_.spawn_after(slot, d); };
@@ -1614,6 +1168,21 @@ class Master {
     wd.spawn = su.spawn;
     wd.recycle = su.recycle;
     wd.listens = su.listens;
+  }
+
+  // The flow parts (dispatch, reloader): what they ask of the Master.
+  void wire_flow() {
+    auto& rl = reloader_.hooks;
+    rl.spawn = [this](std::size_t slot) { return spawner_.spawn(slot); };
+    rl.cancel_restart = [this](std::size_t slot) { spawner_.cancel_restart(table_.slot(slot)); };
+    rl.started = [this](std::size_t replacing) {
+      notifier_.notify("RELOADING=1\nMONOTONIC_USEC=" + std::to_string(detail::monotonic_usec()) +
+                       "\nSTATUS=rolling restart: replacing " + std::to_string(replacing) +
+                       " workers");
+    };
+    rl.finished = [this](const ReloadReport& report, bool requested, bool again) {
+      reload_finished(report, requested, again);
+    };
   }
 
   bool refuse_upgrade(const std::string& why) {
@@ -1667,33 +1236,7 @@ class Master {
   std::vector<std::string> addresses_;
   bool bound_ = false;
   detail::WorkerTable<Codec> table_;
-  // EMFILE, ENFILE, ENOBUFS, ENOMEM pause accepting for 100 ms at a time. Logged once per
-  // episode, not once per pause: at the descriptor limit one accept may succeed after each pause
-  // (a worker's acknowledgement freed a descriptor) and fail again, so the episode ends after a
-  // second without a failure.
-  detail::Acceptor acceptor_{
-      loop_, {.length = std::chrono::milliseconds(100), .quiet = std::chrono::seconds(1)},
-      {.stop = [this] { stop_accepting(); },
-       .resume = [this] {
-         // Only master dispatch accepts here (and only it has a pick() to instantiate).
-         if constexpr (!KernelDispatch<Balance>) resume_accepting();
-       },
-       .log = [this](int err) {
-         log(LogLevel::warning, "accept",
-             std::string("accept: ") + std::strerror(err) +
-                 "; pausing accept for 100 ms at a time while it fails");
-       }}};
-  std::vector<WorkerLoad> ready_;        // workers taking connections (scratch, reused)
-  std::vector<Record*> ready_workers_;  // the same, as records
-  std::deque<detail::Handoff> pending_;  // accepted, not handed to any worker yet
-  struct Peeking {
-    detail::Handoff h;
-    EventLoop::TimerId deadline = 0;
-  };
-  std::map<int, Peeking> peeking_;  // PeeksFirstBytes: accepted, waiting for the first bytes
-  std::string peek_buf_;            // PeeksFirstBytes: scratch for MSG_PEEK
   std::vector<std::vector<UniqueFd>> slot_listeners_;  // ReusePort: per slot
-  ReloadState reload_;
   std::unique_ptr<detail::StoreHost> store_;
   // From the snapshot an upgrade's new master loads until the upgrade ends, store
   // operations wait here, unapplied, so that this store never changes behind the snapshot.
@@ -1722,6 +1265,13 @@ class Master {
   detail::Spawner<Codec> spawner_;
   detail::Supervisor<Codec, Restart> supervisor_{loop_, table_, log_, phase_, restart_, codec_};
   detail::Watchdog<Codec> watchdog_{loop_, opts_, table_, log_, phase_};
+
+  // The flow parts: dispatch (chosen once from the BalancePolicy's kind) and the reloader.
+  using Dispatch = std::conditional_t<MasterDispatch<Balance>,
+                                      detail::RoundRobinHandle<Codec, Balance>,
+                                      detail::SharedHandle<Codec, Balance>>;
+  Dispatch dispatch_{loop_, table_, log_, phase_, balance_, listeners_};
+  detail::Reloader<Codec> reloader_{loop_, opts_, table_, log_, phase_};
 };
 
 }  // namespace prefork
