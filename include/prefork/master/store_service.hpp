@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -61,6 +62,13 @@ class StoreService {
   void serve(Record& w, const Frame& f) {
     if (state_ == State::held) {
       held_.push_back({w.id, f.tag, f.payload});
+      // Held operations count against max_queued_bytes a worker, as its answers do: past it,
+      // the worker is not read until release() (its own queue fills, then its store
+      // operations fail with queue_full), instead of growing this master until the upgrade
+      // ends.
+      std::size_t& bytes = held_bytes_[w.id];
+      bytes += f.payload.size();
+      if (bytes > opts_.max_queued_bytes && w.channel) w.channel->hold_reading(true);
       return;
     }
     answer(w, f.tag, f.payload);
@@ -81,6 +89,16 @@ class StoreService {
     state_ = handed_over ? State::handed_over : State::serving;
     for (auto& op : std::exchange(held_, {}))
       if (Record* w = table_.find(op.worker)) answer(*w, op.tag, op.payload);
+    // The workers no longer read are read again from the loop, not from inside the upgrade's
+    // end (lifting a hold delivers their frames at once).
+    std::vector<unsigned> workers;
+    for (auto& [id, bytes] : std::exchange(held_bytes_, {}))
+      if (bytes > opts_.max_queued_bytes) workers.push_back(id);
+    if (workers.empty()) return;
+    loop_.post([this, workers = std::move(workers)] {
+      for (unsigned id : workers)
+        if (Record* w = table_.find(id); w && w->channel) w->channel->hold_reading(false);
+    });
   }
 
   /// Loads Options::store_snapshot if it exists. Throws std::system_error if it cannot.
@@ -151,6 +169,7 @@ class StoreService {
   };
   State state_ = State::serving;
   std::vector<HeldOp> held_;
+  std::map<unsigned, std::size_t> held_bytes_;  // payload bytes held, by worker id
 };
 
 }  // namespace prefork::detail
