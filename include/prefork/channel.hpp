@@ -180,6 +180,21 @@ class Channel {
   /// drained to half the limit. The queue so stays under max_queued_bytes plus one answer.
   void pause_reading_while_full(bool on) noexcept { pause_when_full_ = on; }
 
+  /// Holds the peer's frames, whatever the queue holds, until hold_reading(false): no frame
+  /// after the one being delivered is delivered and the socket is not read (the master's
+  /// store service, for a worker that sends past its budget while an upgrade holds the
+  /// store). Lifting the hold delivers the frames already read from within this call (unless
+  /// pause_reading_while_full still pauses). A peer that hangs up while held with nothing
+  /// left to send it closes the channel (errc::channel_closed), its unread frames dropped.
+  void hold_reading(bool on) {
+    held_ = on;
+    if (on || !sock_ || !paused_ || (pause_when_full_ && queued_ > limits_.max_queued_bytes / 2))
+      return;
+    paused_ = false;
+    rearm();
+    (void)deliver();
+  }
+
   /// The queue holds more than max_queued_bytes: an answer produced now would go past the
   /// budget (Reply fails it with errc::queue_full instead).
   bool over_budget() const noexcept { return queued_ > limits_.max_queued_bytes; }
@@ -338,9 +353,11 @@ class Channel {
     loop_.modify(sock_.get(), interest);
   }
 
-  // Called before each frame is delivered: whether to hold it (pause_reading_while_full).
+  // Called before each frame is delivered: whether to hold it (pause_reading_while_full,
+  // hold_reading).
   bool must_pause() {
-    if (!pause_when_full_ || paused_ || !over_budget()) return paused_;
+    if (paused_) return true;
+    if (!held_ && !(pause_when_full_ && over_budget())) return false;
     paused_ = true;
     rearm();
     return true;
@@ -352,7 +369,7 @@ class Channel {
     // write that follows fails (EPIPE) and closes the channel, rather than the loop spinning.
     if ((ev & (EPOLLOUT | EPOLLERR)) || (paused_ && (ev & EPOLLHUP))) {
       if (auto ec = flush()) return fail(ec);
-      if (paused_ && queued_ <= limits_.max_queued_bytes / 2) {
+      if (paused_ && !held_ && queued_ <= limits_.max_queued_bytes / 2) {
         paused_ = false;
         rearm();
         // The frames already read wait in the buffer: the socket will not say so again.
@@ -371,6 +388,8 @@ class Channel {
         }
       }
     }
+    // Held with nothing to write: the hang-up would be reported again every round.
+    if (paused_ && held_ && (ev & EPOLLHUP) && out_.empty()) return fail(errc::channel_closed);
     if ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !paused_) (void)read_some();
   }
 
@@ -388,6 +407,7 @@ class Channel {
     std::string().swap(spare_);
     queued_ = 0;
     paused_ = false;
+    held_ = false;
     in_fds_.clear();  // descriptors of frames that will never be delivered
     lost_batches_ = 0;
     begin_ = end_ = 0;
@@ -647,6 +667,7 @@ class Channel {
   bool must_notify_drained_ = false;
   bool pause_when_full_ = false;  // see pause_reading_while_full()
   bool paused_ = false;           // frames are held until the queue drains
+  bool held_ = false;             // see hold_reading()
   unsigned burst_writes_ = 0;  // see write_now()
   Clock::time_point burst_start_{};
   std::vector<char> buf_;

@@ -34,9 +34,6 @@
 #include <prefork/codec.hpp>
 #include <prefork/detail/acceptor.hpp>
 #include <prefork/detail/boot.hpp>
-#include <prefork/detail/control_server.hpp>
-#include <prefork/detail/json.hpp>
-#include <prefork/detail/pid_file.hpp>
 #include <prefork/detail/number.hpp>
 #include <prefork/detail/privileges.hpp>
 #include <prefork/detail/process.hpp>
@@ -52,13 +49,19 @@
 #include <prefork/store_client.hpp>
 #include <prefork/worker.hpp>
 #include <prefork/worker_handle.hpp>
+#include <prefork/master/control_service.hpp>
+#include <prefork/master/listeners.hpp>
 #include <prefork/master/log.hpp>
 #include <prefork/master/phase.hpp>
 #include <prefork/master/reloader.hpp>
 #include <prefork/master/round_robin_handle.hpp>
 #include <prefork/master/shared_handle.hpp>
 #include <prefork/master/spawner.hpp>
+#include <prefork/master/status_queries.hpp>
+#include <prefork/master/store_service.hpp>
 #include <prefork/master/supervisor.hpp>
+#include <prefork/master/systemd_reporter.hpp>
+#include <prefork/master/upgrader.hpp>
 #include <prefork/master/watchdog.hpp>
 #include <prefork/master/worker_record.hpp>
 #include <prefork/master/worker_table.hpp>
@@ -111,20 +114,14 @@ class Master {
         spawner_(loop_, opts_, table_, log_, phase_, credentials_, std::move(child_main)) {
     detail::validate(opts_);
     spawner_.set_up_exec();
-    master_argv_ = detail::own_argv();
-    master_path_ = detail::own_executable(master_argv_);
-    std::string upgrade_error;
-    upgrade_boot_ = detail::take_upgrade_boot(upgrade_error);
-    if (!upgrade_error.empty()) throw std::runtime_error("prefork: " + upgrade_error);
+    upgrader_.start();
     if (opts_.systemd) {
-      std::string activation_error;
-      activated_ = detail::take_activated_sockets(activation_error);
-      if (!activation_error.empty()) throw std::runtime_error("prefork: " + activation_error);
-      notifier_ = detail::Notifier::take_from_environment();
+      listeners_.take_activated();
+      systemd_.use(detail::Notifier::take_from_environment());
     }
     table_.resize_slots(opts_.workers);
     credentials_ = detail::resolve_credentials(opts_.user, opts_.group);
-    store_ = std::make_unique<detail::StoreHostOf<MemoryStore<>>>(MemoryStore<>(opts_.store_limits));
+    store_.use(MemoryStore<>(opts_.store_limits));
     loop_.on_exception([this](std::exception_ptr e) { callback_failed(e); });
     wire_life();
     wire_flow();
@@ -140,10 +137,7 @@ class Master {
   /// its save(path)/load(path); expired keys are swept if it has sweep(n).
   template <Store S>
   S& use_store(S store) {
-    auto host = std::make_unique<detail::StoreHostOf<S>>(std::move(store));
-    S& s = host->store();
-    store_ = std::move(host);
-    return s;
+    return store_.use(std::move(store));
   }
   void on_online(std::function<void(WorkerT&)> cb) { on_online_ = std::move(cb); }
   /// cb(Worker&) or cb(Worker&, const std::vector<std::string>& addresses): the addresses
@@ -151,7 +145,9 @@ class Master {
   template <class F>
   void on_listening(F cb) {
     if constexpr (std::is_invocable_v<F&, WorkerT&, const std::vector<std::string>&>) {
-      on_listening_ = [this, cb = std::move(cb)](WorkerT& w) mutable { cb(w, addresses_); };
+      on_listening_ = [this, cb = std::move(cb)](WorkerT& w) mutable {
+        cb(w, listeners_.addresses());
+      };
     } else {
       on_listening_ = std::move(cb);
     }
@@ -206,79 +202,13 @@ class Master {
   /// passed socket are not bound (logged). Passed descriptors that are not listening stream
   /// sockets are closed (logged). A master upgrade hands the same set to the new master.
   void bind() {
-    if (bound_) return;
+    if (listeners_.bound()) return;
     prepare_to_serve();
-    std::vector<UniqueFd> fds;
-    std::vector<std::string> names, created;  // created: Unix socket files this call made
-    std::vector<std::vector<UniqueFd>> sets;
-    std::vector<std::string> specs;  // per socket: what an upgrade says it is for
-    try {
-      const long first_slot = WantsReusePort<Balance> ? 0 : -1;
-      const bool adopting = adopts_sockets();
-      // A host name stands for every address it resolves to (nginx's rule), all on one port:
-      // for port 0, the one the kernel chose for its first address.
-      std::vector<std::pair<std::string, bool>> wanted;  // a spec; shares its predecessor's port
-      for (auto& entry : opts_.listen) {
-        std::vector<std::string> resolved = detail::resolve_listen_address(entry);
-        for (std::size_t k = 0; k < resolved.size(); ++k) wanted.emplace_back(resolved[k], k > 0);
-      }
-      std::string previous;  // where the previous wanted spec was bound, if it was
-      for (auto& [wanted_spec, same_port] : wanted) {
-        const std::string spec = same_port && !previous.empty()
-                                     ? detail::same_port_as(wanted_spec, previous)
-                                     : wanted_spec;
-        previous.clear();
-        std::string as = spec;
-        UniqueFd fd = take_inherited(spec, first_slot);
-        if (!fd && adopting) {
-          as = std::string(detail::kActivatedSpec) + spec;
-          fd = take_inherited(as, first_slot);
-          if (!fd) fd = take_activated(spec);
-          if (!fd) {
-            log(LogLevel::warning, "systemd",
-                "socket activation: not binding " + spec + ": no socket was passed for it");
-            continue;
-          }
-        }
-        bool fresh = !fd;
-        if (fresh)
-          fd = detail::listen_on(spec, opts_.backlog,
-                                 WantsReusePort<Balance> ? detail::ReusePortRole::lead
-                                                         : detail::ReusePortRole::none,
-                                 defer_accept_s());
-        names.push_back(detail::to_string(detail::local_address(fd.get())));
-        if (fresh) created.push_back(names.back());
-        fds.push_back(std::move(fd));
-        specs.push_back(std::move(as));
-        previous = names.back();
-      }
-      if (adopting) adopt_remaining(fds, names, specs, first_slot);
-      activated_.clear();  // what is left is no listener: closed
-      specs_ = specs;
-      if constexpr (WantsReusePort<Balance>) {
-        sets.push_back(std::move(fds));
-        for (std::size_t s = 1; s < table_.slot_count(); ++s)
-          sets.push_back(bind_set(names, &sets[0], s));
-      }
-    } catch (...) {
-      for (auto& n : created) detail::unlink_unix_socket(n);  // nothing stays bound
-      throw;
-    }
-    // Inherited sockets nobody listens on are closed; the control socket's is kept for
-    // listen_control(), which may come after bind(); run() closes it if nobody takes it.
-    if (upgrade_boot_)
-      for (std::size_t i = 0; i < upgrade_boot_->fds.size(); ++i)
-        if (i >= upgrade_boot_->sockets.size() ||
-            !upgrade_boot_->sockets[i].spec.starts_with("control:"))
-          upgrade_boot_->fds[i].reset();
-    listeners_ = std::move(fds);
-    slot_listeners_ = std::move(sets);
-    addresses_ = std::move(names);
-    bound_ = true;
+    listeners_.bind();
   }
 
   /// The bound addresses, with the ports the kernel chose for port 0. Empty before bind().
-  const std::vector<std::string>& addresses() const noexcept { return addresses_; }
+  const std::vector<std::string>& addresses() const noexcept { return listeners_.addresses(); }
 
   /// Live workers (not yet exited), in id order.
   std::vector<WorkerT*> workers() const { return table_.handles(); }
@@ -332,15 +262,14 @@ class Master {
           std::string(again || fast ? "fast: SIGTERM to " : "graceful: draining ") +
               std::to_string(table_.size()) + (table_.size() == 1 ? " worker" : " workers"));
     if (!again) {
-      notify_stopping();
+      systemd_.stopping();
       reloader_.finish(false, "the master is shutting down");
-      successor_.fail("the master is shutting down", SIGTERM);
+      upgrader_.fail("the master is shutting down", SIGTERM);
       dispatch_.stop();
       phase_ = detail::shut_down(phase_);
       for (auto& s : table_.slots()) spawner_.cancel_restart(s);
-      for (auto& l : listeners_) loop_.unwatch(l.get());
-      listeners_.clear();
-      slot_listeners_.clear();
+      for (auto& l : listeners_.shared()) loop_.unwatch(l.get());
+      listeners_.close();
       dispatch_.flush();
       for (auto& [id, w] : table_.live()) w->disconnect();
     }
@@ -369,59 +298,15 @@ class Master {
   /// master exits first or misses Options::upgrade_timeout, it is killed and this master keeps
   /// serving. One upgrade at a time: false (logged) if one runs, or before run() has bound.
   bool upgrade() {
-    if (shutting_down()) return refuse_upgrade("the master is shutting down");
-    if (successor_.running())
-      return refuse_upgrade("one is already running (new master pid " +
-                            std::to_string(successor_.pid()) + ")");
-    if (!bound_) return refuse_upgrade("the master is not serving yet");
-    std::vector<detail::InheritedSocket> sockets;
-    if constexpr (WantsReusePort<Balance>) {
-      for (std::size_t slot = 0; slot < slot_listeners_.size(); ++slot)
-        for (std::size_t i = 0; i < slot_listeners_[slot].size(); ++i)
-          sockets.push_back({slot_listeners_[slot][i].get(), static_cast<long>(slot), specs_[i]});
-    } else {
-      for (std::size_t i = 0; i < listeners_.size(); ++i)
-        sockets.push_back({listeners_[i].get(), -1, specs_[i]});
-    }
-    if (control_.native_handle() >= 0) {
-      if (!detail::encodable(control_spec()))
-        return refuse_upgrade("the control socket's path holds a newline");
-      sockets.push_back({control_.native_handle(), -1, control_spec()});
-    }
-    for (auto& spec : specs_)
-      if (!detail::encodable(spec)) return refuse_upgrade("a listen address holds a newline");
-    // The new master loads the store from the snapshot before it forks: from the save on,
-    // this master holds store operations (store_state_), so that none it acknowledges is
-    // missing from the new master's store (or handed out again by it).
-    if (!save_store()) return refuse_upgrade("the store could not be saved for the new master");
-    if (!opts_.store_snapshot.empty()) store_state_ = StoreState::held;
-    std::string error = successor_.start(
-        master_path_, master_argv_, upgrade_environment(), sockets, spawner_.master_only_fds(),
-        opts_.upgrade_timeout, [this] { upgrade_succeeded(); },
-        [this](const std::string& why) {
-          log(LogLevel::warning, "upgrade", "upgrade failed: " + why +
-              (shutting_down() ? std::string() : "; this master keeps serving"));
-          if (!shutting_down()) notifier_.notify("STATUS=upgrade failed; " + systemd_status());
-          reclaim_pid_file();
-          release_store(false);
-          UpgradeReport report{false, successor_.pid(), why};
-          answer_upgrade_waiters(report);
-          emit(on_upgrade_done_, report);
-        });
-    if (!error.empty()) {
-      release_store(false);
-      return refuse_upgrade(error);
-    }
-    log(LogLevel::info, "upgrade",
-        "upgrade: started new master pid " + std::to_string(successor_.pid()) + " (" +
-        master_path_ + ")");
-    notifier_.notify("STATUS=upgrading: new master pid " + std::to_string(successor_.pid()) +
-                     " starting; " + systemd_status());
+    if (!upgrader_.upgrade()) return false;
+    systemd_.upgrade_started(upgrader_.new_master());
     return true;
   }
-  bool upgrading() const noexcept { return successor_.waiting(); }
+  bool upgrading() const noexcept { return upgrader_.waiting(); }
+  /// Why the last upgrade() returned false ("" if none did). Master process.
+  const std::string& upgrade_refusal() const noexcept { return upgrader_.refusal(); }
   /// In a master started by an upgrade: the pid of the master it replaces; 0 otherwise.
-  pid_t upgraded_from() const noexcept { return upgrade_boot_ ? upgrade_boot_->old_master : 0; }
+  pid_t upgraded_from() const noexcept { return upgrader_.upgraded_from(); }
 
   /// Serves the control socket (control.hpp) on `path`, as Options::control does; for a path
   /// known only once the master has bound (hello names it after its port). Call before run().
@@ -430,24 +315,7 @@ class Master {
   /// std::system_error: the path is in use by a running master, exists and is not a socket
   /// (it is left alone), or cannot be bound; the control socket listens already.
   void listen_control(const std::string& path) {
-    std::error_code ec;
-    UniqueFd inherited = take_inherited("control:" + path, -1);
-    if (inherited) {
-      ec = control_.adopt(std::move(inherited), path);
-    } else {
-      ec = control_.listen(path);
-      control_owned_ = !ec;
-    }
-    if (ec == std::errc::address_in_use)
-      throw detail::StatedError(ec, "prefork: control socket " + path +
-                                        " is in use by a running master");
-    if (ec == std::errc::file_exists)
-      throw detail::StatedError(ec, "prefork: control socket " + path +
-                                        " exists and is not a socket (left as it is)");
-    if (ec) throw std::system_error(ec, "prefork: control socket " + path);
-    control_.on_request([this](const detail::ControlRequest& r, detail::ControlReply reply) {
-      on_control(r, std::move(reply));
-    });
+    control_.listen(path, upgrader_.take_inherited("control:" + path, -1));
   }
 
   /// The master and its live workers now, with each worker's counters as it last reported them
@@ -456,30 +324,11 @@ class Master {
     ClusterStatus st;
     st.pid = ::getpid();
     st.uptime = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started_);
-    st.workers_wanted = table_.slot_count();
-    st.addresses = addresses_;
+    st.addresses = listeners_.addresses();
     st.reloading = reloader_.active();
-    st.upgrading = successor_.waiting();
+    st.upgrading = upgrader_.waiting();
     st.shutting_down = shutting_down();
-    for (std::size_t i = 0; i < table_.slot_count(); ++i) {
-      st.restarts += table_.slot(i).restarts;
-      if (table_.slot(i).errored) st.errored_slots.push_back(i);
-    }
-    for (auto& [id, w] : table_.live()) {
-      WorkerStatus ws;
-      ws.id = id;
-      ws.slot = w->slot;
-      ws.pid = w->pid;
-      ws.state = w->state;
-      ws.draining = w->leaving();
-      ws.uptime = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - w->started);
-      ws.restarts = w->restarts;
-      ws.connections = w->reported_connections;
-      ws.connections_total = w->counters.connections_total;
-      ws.requests = w->counters.requests;
-      ws.rss = detail::resident_bytes(w->pid);
-      st.workers.push_back(ws);
-    }
+    detail::describe_workers(table_, Clock::now(), st);
     return st;
   }
 
@@ -488,16 +337,7 @@ class Master {
   /// master's loop, never from inside this call.
   void query_status(std::function<void(const ClusterStatus&)> cb,
                     Clock::duration timeout = std::chrono::seconds(1)) {
-    auto q = std::make_shared<StatusQuery>();
-    q->done = std::move(cb);
-    for (auto& [id, w] : table_.live())
-      if (w->is_connected() && !w->channel->send(FrameKind::stats, {})) q->waiting.push_back(id);
-    status_queries_.push_back(q);
-    q->timer = loop_.after(timeout, [this, q] {
-      q->timer = 0;
-      finish_status_query(q);
-    }, false);
-    if (q->waiting.empty()) loop_.post([this, q] { finish_status_query(q); });
+    status_queries_.query(std::move(cb), timeout);
   }
 
   /// Changes the number of worker slots (Options::workers) while running, as PM2's scale and
@@ -523,12 +363,12 @@ class Master {
     for (std::size_t slot = n; slot < was; ++slot) spawner_.cancel_restart(table_.slot(slot));
     table_.resize_slots(n);
     if constexpr (WantsReusePort<Balance>) {
-      if (slot_listeners_.size() > n) slot_listeners_.resize(n);  // stop routing to them
+      listeners_.keep_slots(n);  // stop routing to them
     }
     for (auto& [id, w] : table_.live())
       if (w->slot >= n) w->disconnect();
     dispatch_.rebalance();
-    notify_ready();
+    systemd_.ready();
     return {};
   }
 
@@ -546,9 +386,9 @@ class Master {
   int run() {
     if (shutting_down()) return release(false);
     prepare_to_serve();
-    load_store();
+    store_.load();
     bind();
-    if (upgrade_boot_) upgrade_boot_->fds.clear();
+    upgrader_.close_inherited();
     if (opts_.handle_signals) {
       loop_.on_signal(SIGTERM, [this](const signalfd_siginfo&) { shutdown(); });
       loop_.on_signal(SIGINT, [this](const signalfd_siginfo&) { shutdown(); });
@@ -565,15 +405,15 @@ class Master {
     }
     phase_ = detail::Phase::serving;
     std::string on;
-    for (auto& a : addresses_) on += (on.empty() ? " on " : ", ") + a;
+    for (auto& a : listeners_.addresses()) on += (on.empty() ? " on " : ", ") + a;
     log(LogLevel::info, "serving", "pid " + std::to_string(::getpid()) + ", " +
                                        std::to_string(table_.slot_count()) + " workers" + on);
     for (std::size_t s = 0; s < table_.slot_count(); ++s)
       if (!table_.slot(s).worker_id) spawner_.spawn(s);
     dispatch_.start();
     watchdog_.start();
-    start_systemd_watchdog();
-    loop_.every(std::chrono::seconds(1), [this] { store_->sweep(); }, false);
+    systemd_.start_watchdog();
+    store_.start_sweeping();
     loop_.restart();
     loop_.run();
     return release(true);
@@ -587,67 +427,18 @@ class Master {
   // pid file. 0, or 1 if the snapshot could not be saved.
   int release(bool save) {
     // After an upgrade the new master serves on the Unix socket files: they stay.
-    if (!handed_over())
-      for (std::size_t i = 0; i < addresses_.size(); ++i)
-        if (i >= specs_.size() || !specs_[i].starts_with(detail::kActivatedSpec))  // systemd's
-          detail::unlink_unix_socket(addresses_[i]);
-    control_.close();
-    if (control_owned_ && !handed_over()) control_.unlink();
+    if (!handed_over()) listeners_.unlink_socket_files();
+    control_.release(handed_over());
     // Not after a hand-over: the file is the new master's now (it may have saved it for an
     // upgrade of its own), and this store stopped changing when it was saved for the upgrade.
-    bool saved = !save || handed_over() || save_store();
-    pid_file_.remove();  // only now: a master started after this must find the store saved
+    bool saved = !save || handed_over() || store_.save();
+    // Only now: a master started after this must find the store saved.
+    upgrader_.remove_pid_file();
     if (failure_) std::rethrow_exception(std::exchange(failure_, nullptr));
     return saved ? 0 : 1;
   }
 
 
-
-  // ReusePort: each slot its own SO_REUSEPORT socket per listen address, bound to what the
-  // first bind resolved (so port 0 means one port for all). A Unix socket cannot be balanced
-  // that way: its slots share one socket, dup'ed from `model`. Every socket of the group must
-  // have a worker accepting from it, since the kernel queues connections on idle members too:
-  // a slot that will not be refilled has its sockets closed (after_exit), and bound again when
-  // a worker is forked into it. The groups are this master's: without a `model` (no slot holds
-  // a socket) each socket leads its address's group again (ReusePortRole::lead), so that no
-  // group another program started is joined; with one, they join.
-  std::vector<UniqueFd> bind_set(const std::vector<std::string>& names,
-                                 const std::vector<UniqueFd>* model, std::size_t slot) {
-    std::vector<UniqueFd> fds;
-    for (std::size_t i = 0; i < names.size(); ++i) {
-      // A passed socket is one socket, whoever balances: its slots share it, as for Unix.
-      if (UniqueFd fd = take_inherited(specs_[i], static_cast<long>(slot))) {
-        fds.push_back(std::move(fd));
-      } else if ((names[i].starts_with("unix:") || specs_[i].starts_with(detail::kActivatedSpec)) &&
-                 model && i < model->size()) {
-        int d = ::fcntl((*model)[i].get(), F_DUPFD_CLOEXEC, 0);
-        if (d < 0) detail::throw_errno("dup listening socket");
-        fds.emplace_back(d);
-      } else {
-        fds.push_back(detail::listen_on(
-            names[i], opts_.backlog,
-            model ? detail::ReusePortRole::join : detail::ReusePortRole::lead, defer_accept_s()));
-      }
-    }
-    return fds;
-  }
-
-  // Binds `slot`'s ReusePort sockets if it has none; false (logged) if that fails.
-  bool ensure_slot_bound(std::size_t slot) {
-    if (slot_listeners_.size() <= slot) slot_listeners_.resize(slot + 1);
-    if (!slot_listeners_[slot].empty() || addresses_.empty()) return true;
-    const std::vector<UniqueFd>* model = nullptr;
-    for (auto& set : slot_listeners_)
-      if (!set.empty()) model = &set;
-    try {
-      slot_listeners_[slot] = bind_set(addresses_, model, slot);
-      return true;
-    } catch (const std::system_error& e) {
-      log(LogLevel::warning, "bind",
-          std::string("cannot bind for slot ") + std::to_string(slot) + ": " + e.what());
-      return false;
-    }
-  }
 
   int defer_accept_s() const noexcept { return static_cast<int>(opts_.defer_accept.count()); }
 
@@ -702,74 +493,21 @@ class Master {
   // channel), the connections not dealt out yet, and what the upgrade, systemd, the pid file
   // and the control socket hold.
   void part_fds(std::vector<int>& fds) const {
-    for (auto& l : listeners_) fds.push_back(l.get());
-    for (auto& set : slot_listeners_)
-      for (auto& l : set) fds.push_back(l.get());
+    listeners_.descriptors(fds);
     dispatch_.descriptors(fds);
-    if (upgrade_boot_ && upgrade_boot_->notify) fds.push_back(upgrade_boot_->notify.get());
-    for (auto& a : activated_)
-      if (a.fd) fds.push_back(a.fd.get());
-    if (pid_file_.held()) fds.push_back(pid_file_.native_handle());  // or a child keeps the lock
+    upgrader_.descriptors(fds);
     control_.descriptors(fds);  // or a child keeps the socket live, and a client's EOF away
-    successor_.descriptors(fds);
   }
 
   // The listening sockets a worker in `slot` is handed (kernel dispatch): its slot's own
   // ReusePort set, or the shared ones.
   const std::vector<UniqueFd>& listeners_for(std::size_t slot) const {
     if constexpr (WantsReusePort<Balance>) {
-      return slot_listeners_.at(slot);
+      return listeners_.for_slot(slot);
     } else {
       (void)slot;
-      return listeners_;
+      return listeners_.shared();
     }
-  }
-
-  // One operation on the shared store for `w`. Always answered (a store_reply frame goes out
-  // even when the channel's queue is full), with the store's error if it failed; during an
-  // upgrade, once the store has been handed over (see store_state_).
-  void serve_store(Record& w, const Frame& f) {
-    if (store_state_ == StoreState::held) {
-      held_store_.push_back({w.id, f.tag, f.payload});
-      return;
-    }
-    answer_store(w, f.tag, f.payload);
-  }
-
-  void answer_store(Record& w, std::uint64_t tag, std::string_view payload) {
-    std::error_code ec;
-    std::optional<StoreRequest> request = decode_request(payload, ec);
-    StoreReply reply;
-    if (store_state_ == StoreState::handed_over) {
-      reply.error = store_errc::handed_over;
-      reply.message = "the store is now the new master's (pid " +
-                      std::to_string(successor_.pid()) + "); nothing was applied";
-    } else if (request) {
-      reply = store_->apply(*request);
-    } else {
-      reply.error = store_errc::bad_request;
-      reply.message = ec.message();
-    }
-    std::string bytes = encode(reply);
-    if (bytes.size() > opts_.max_message_size) {
-      reply = StoreReply{};
-      reply.error = store_errc::value_too_long;
-      reply.message = "store reply of " + std::to_string(bytes.size()) +
-                      " bytes exceeds max_message_size; ask for fewer keys";
-      bytes = encode(reply);
-    }
-    if (w.is_connected()) w.channel->send(FrameKind::store_reply, std::move(bytes), tag);
-  }
-
-  // The end of an upgrade's hold on the store (store_state_): the operations held are applied
-  // in the order they came (the upgrade failed: this master keeps the store), or refused with
-  // store_errc::handed_over, as every later one is (the new master has the store now; a worker
-  // of this master is draining and never reaches it). Either way each is answered once.
-  void release_store(bool handed_over) {
-    if (store_state_ != StoreState::held) return;
-    store_state_ = handed_over ? StoreState::handed_over : StoreState::serving;
-    for (auto& op : std::exchange(held_store_, {}))
-      if (Record* w = record(op.worker)) answer_store(*w, op.tag, op.payload);
   }
 
   // What must stop a master before it binds (run() and bind() call it; it runs once): workers
@@ -777,127 +515,9 @@ class Master {
   void prepare_to_serve() {
     if (prepared_) return;
     credentials_ = detail::check_credentials(std::move(credentials_));
-    take_pid_file();
+    upgrader_.take_pid_file();
     if (!opts_.control.empty()) listen_control(opts_.control);
     prepared_ = true;
-  }
-
-  std::string control_spec() const { return "control:" + control_.path(); }
-
-  // One command from the control socket. reload and upgrade are answered when they end.
-  void on_control(const detail::ControlRequest& r, detail::ControlReply reply) {
-    log(LogLevel::info, "control",
-        r.command + " from pid " + std::to_string(r.peer.pid) + " (uid " +
-            std::to_string(r.peer.uid) + ")");
-    if (r.command == "status") {
-      query_status([reply](const ClusterStatus& st) {
-        std::string json = to_json(st);
-        reply.ok(json.substr(1, json.size() - 2));  // its fields beside "ok"
-      });
-    } else if (r.command == "reload") {
-      if (shutting_down()) return reply.fail("the master is shutting down");
-      // A pass that runs now was asked for before this request: this one waits for the next.
-      (reloader_.active() ? reload_waiters_next_ : reload_waiters_).push_back(std::move(reply));
-      reload();
-    } else if (r.command == "scale") {
-      auto it = r.fields.find("workers");
-      std::size_t n = 0;
-      if (it == r.fields.end() || it->second.type != detail::JsonScalar::Type::number ||
-          !detail::parse_number(it->second.text, n) || n == 0 || n > 4096)
-        return reply.fail("scale needs \"workers\": a whole number from 1 to 4096");
-      if (std::error_code ec = scale(n)) return reply.fail("scale: " + ec.message());
-      reply.ok("\"workers\":" + std::to_string(n));
-    } else if (r.command == "stop") {
-      auto it = r.fields.find("fast");
-      bool fast = it != r.fields.end() && it->second.type == detail::JsonScalar::Type::boolean &&
-                  it->second.text == "true";
-      reply.ok("\"stopping\":true,\"workers\":" + std::to_string(table_.size()));
-      shutdown(fast);
-    } else if (r.command == "upgrade") {
-      if (!upgrade()) return reply.fail("upgrade refused: " + upgrade_refusal_);
-      upgrade_waiters_.push_back(std::move(reply));
-    } else {
-      reply.fail("unknown command '" + r.command +
-                 "'; the commands are status, reload, scale, stop and upgrade");
-    }
-  }
-
-  // The control clients waiting for the rolling restart that just ended.
-  void answer_reload_waiters(const ReloadReport& r, bool will_run_again) {
-    auto waiters = std::exchange(reload_waiters_, {});
-    for (auto& w : waiters) {
-      if (r.ok) {
-        w.ok("\"replaced\":" + std::to_string(r.replaced) + ",\"took_ms\":" +
-             std::to_string(r.took.count()));
-      } else {
-        w.fail("rolling restart stopped: " + r.reason + "; the old workers keep serving");
-      }
-    }
-    if (will_run_again) {
-      reload_waiters_ = std::exchange(reload_waiters_next_, {});
-    } else if (!reload_waiters_next_.empty()) {
-      auto next = std::exchange(reload_waiters_next_, {});
-      std::string why = r.ok ? std::string("the master is shutting down") : r.reason;
-      for (auto& w : next) w.fail("rolling restart not run: " + why);
-    }
-  }
-
-  void answer_upgrade_waiters(const UpgradeReport& u) {
-    auto waiters = std::exchange(upgrade_waiters_, {});
-    for (auto& w : waiters) {
-      if (u.ok) {
-        w.ok("\"new_master\":" + std::to_string(u.new_master));
-      } else {
-        w.fail("upgrade failed: " + u.reason);
-      }
-    }
-  }
-
-  void take_pid_file() {
-    if (opts_.pid_file.empty()) return;
-    std::error_code ec = pid_file_.acquire(opts_.pid_file, ::getpid());
-    if (ec == std::errc::resource_unavailable_try_again) {
-      pid_t holder = pid_file_.holder();
-      // Started by an upgrade: the old master (our parent) holds it. It is taken over once
-      // this master serves (tell_old_master_if_ready), so that until then it names the
-      // master that serves, and a failed upgrade leaves it alone.
-      if (upgrade_boot_ && holder == upgrade_boot_->old_master && holder == ::getppid()) {
-        pid_file_handover_ = true;
-        return;
-      }
-      throw detail::StatedError(ec, "prefork: pid file " + opts_.pid_file +
-                                        " is held by a running master (pid " +
-                                        (holder ? std::to_string(holder) : "unknown") + ")");
-    }
-    if (ec) throw std::system_error(ec, "prefork: pid file " + opts_.pid_file);
-  }
-
-  // The old master after a failed upgrade: the new master may have taken the pid file over
-  // before it failed.
-  void reclaim_pid_file() {
-    if (!pid_file_.held() || pid_file_.current()) return;
-    if (std::error_code ec = pid_file_.take_over(opts_.pid_file, ::getpid()))
-      log(LogLevel::warning, "pid-file",
-          "pid file " + opts_.pid_file + " not taken back: " + ec.message());
-  }
-
-  void load_store() {
-    if (opts_.store_snapshot.empty()) return;
-    std::error_code ec = store_->load(opts_.store_snapshot);
-    if (ec == std::errc::no_such_file_or_directory) return;
-    if (ec)
-      throw std::system_error(ec, "prefork: load store snapshot " + opts_.store_snapshot +
-                                      " (fix or move the file; it is left as it is)");
-    log(LogLevel::info, "store", "store loaded from " + opts_.store_snapshot);
-  }
-
-  bool save_store() {
-    if (opts_.store_snapshot.empty()) return true;
-    std::error_code ec = store_->save(opts_.store_snapshot);
-    if (!ec) return true;
-    log(LogLevel::error, "store",
-        "store snapshot " + opts_.store_snapshot + " not saved: " + ec.message());
-    return false;
   }
 
   // "Worker ready": a worker became ready (listening, or started when the cluster listens on
@@ -907,8 +527,8 @@ class Master {
   void worker_ready(Record& w) {
     dispatch_.worker_ready(w);
     reloader_.worker_ready(w);
-    tell_old_master_if_ready();
-    notify_ready();
+    upgrader_.tell_old_master_if_ready();
+    systemd_.ready();
   }
 
   // "Worker exited": reaped and out of the table (the supervisor owns it until this returns).
@@ -928,199 +548,34 @@ class Master {
   // clients waiting for it are answered, then on_reload_done (called directly, not through
   // emit(): an exception from it propagates as it always has).
   void reload_finished(const ReloadReport& report, bool requested, bool again) {
-    if (requested) notify_reloaded(report);
-    if (requested || again || shutting_down()) answer_reload_waiters(report, again);
+    if (requested) systemd_.reloaded(report);
+    if (requested || again || shutting_down()) control_.reload_ended(report, again);
     if (requested && on_reload_done_) on_reload_done_(report);
   }
 
-  // New master: a socket the old master handed over for this listen entry and slot.
-  UniqueFd take_inherited(const std::string& spec, long slot) {
-    if (!upgrade_boot_) return {};
-    auto& b = *upgrade_boot_;
-    for (std::size_t i = 0; i < b.sockets.size() && i < b.fds.size(); ++i)
-      if (b.fds[i] && b.sockets[i].spec == spec && b.sockets[i].slot == slot)
-        return std::move(b.fds[i]);
-    return {};
-  }
-
-  // New master: once every slot has a listening worker (online, without listeners), tell the
-  // old master, which then drains and exits.
-  void tell_old_master_if_ready() {
-    if (!upgrade_boot_ || !upgrade_boot_->notify) return;
-    for (auto& s : table_.slots()) {
-      Record* w = table_.owner(s);
-      if (!w) return;
-      if (!w->ready()) return;
-    }
-    if (pid_file_handover_) {  // before "ready": the old master must find it taken when it exits
-      pid_file_handover_ = false;
-      if (std::error_code ec = pid_file_.take_over(opts_.pid_file, ::getpid()))
-        log(LogLevel::warning, "pid-file",
-            "pid file " + opts_.pid_file + " not taken over: " + ec.message());
-    }
-    control_owned_ = true;  // the old master leaves the socket file to this one now
-    static constexpr char kReady[] = "ready\n";
-    detail::write_all(upgrade_boot_->notify.get(), kReady, sizeof kReady - 1);
-    upgrade_boot_->notify.reset();
-    log(LogLevel::info, "upgrade", "upgrade: every worker is listening; the old master (pid " +
-        std::to_string(upgrade_boot_->old_master) + ") hands over");
-  }
-
-  // Whether bind() serves on passed sockets: socket activation passed a listening one, or
-  // this master was started by an upgrade from a master that did.
-  bool adopts_sockets() const {
-    for (auto& a : activated_)
-      if (a.fd && detail::is_stream_listener(a.fd.get())) return true;
-    if (upgrade_boot_)
-      for (auto& s : upgrade_boot_->sockets)
-        if (s.spec.starts_with(detail::kActivatedSpec)) return true;
-    return false;
-  }
-
-  // The passed socket bound to the listen address `spec`, if there is one.
-  UniqueFd take_activated(const std::string& spec) {
-    detail::SocketAddress want;
-    if (detail::parse_address(spec, want)) return {};
-    for (auto& a : activated_) {
-      if (!a.fd || !detail::is_stream_listener(a.fd.get()) ||
-          !detail::same_listen_address(want, detail::local_address(a.fd.get())))
-        continue;
-      detail::make_nonblocking(a.fd.get());
-      return std::move(a.fd);
-    }
-    return {};
-  }
-
-  // Passed sockets no listen address asked for: served as well (the unit asked for them).
-  void adopt_remaining(std::vector<UniqueFd>& fds, std::vector<std::string>& names,
-                       std::vector<std::string>& specs, long slot) {
-    auto adopt = [&](UniqueFd fd, std::string spec) {
-      detail::make_nonblocking(fd.get());
-      names.push_back(detail::to_string(detail::local_address(fd.get())));
-      specs.push_back(spec.empty() ? std::string(detail::kActivatedSpec) + names.back() : spec);
-      fds.push_back(std::move(fd));
-    };
-    for (auto& a : activated_) {
-      if (!a.fd) continue;
-      if (!detail::is_stream_listener(a.fd.get())) {
-        log(LogLevel::warning, "systemd",
-            "socket activation: closing descriptor " + std::to_string(a.fd.get()) + " (" +
-            a.name + "): not a listening stream socket");
-        continue;
-      }
-      adopt(std::move(a.fd), {});
-    }
-    if (!upgrade_boot_) return;
-    auto& b = *upgrade_boot_;
-    for (std::size_t i = 0; i < b.sockets.size() && i < b.fds.size(); ++i)
-      if (b.fds[i] && b.sockets[i].slot == slot && b.sockets[i].spec.starts_with(detail::kActivatedSpec))
-        adopt(std::move(b.fds[i]), b.sockets[i].spec);
-  }
-
   // Workers get listening sockets: bound, or before bind() whether it will bind any.
-  bool listens() const noexcept { return bound_ ? !addresses_.empty() : !opts_.listen.empty(); }
+  bool listens() const noexcept { return listeners_.listens(); }
 
   std::vector<std::string> upgrade_environment() const {
     std::vector<std::string> env = detail::environment_without_markers();
-    for (auto& e : notifier_.environment()) env.push_back(e);
+    for (auto& e : systemd_.environment()) env.push_back(e);
     return env;
-  }
-
-  // The STATUS= line systemctl status shows: "2 workers listening on 127.0.0.1:8080".
-  std::string systemd_status() const {
-    std::size_t n = 0;
-    for (auto& [id, w] : table_.live())
-      if (w->ready() && !w->planned())
-        ++n;
-    std::string s = std::to_string(n) + (n == 1 ? " worker " : " workers ") +
-                    (listens() ? "listening" : "running");
-    for (std::size_t i = 0; i < addresses_.size(); ++i) s += (i ? ", " : " on ") + addresses_[i];
-    return s;
-  }
-
-  // READY=1 once every slot has a worker listening (online, without listeners), as for an
-  // upgrade's "ready"; a master started by an upgrade adds MAINPID= (it is the service's main
-  // process now). Later, a STATUS= update whenever a worker starts listening outside a
-  // rolling restart (a crashed one replaced), which ends with READY=1 of its own.
-  void notify_ready() {
-    if (!notifier_.enabled() || shutting_down()) return;
-    if (ready_notified_) {
-      if (!reloader_.active()) notifier_.notify("STATUS=" + systemd_status());
-      return;
-    }
-    for (auto& s : table_.slots()) {
-      Record* w = table_.owner(s);
-      if (!w || !w->ready()) return;
-    }
-    ready_notified_ = true;
-    std::string msg = upgrade_boot_ ? "MAINPID=" + std::to_string(::getpid()) + "\n" : "";
-    notifier_.notify(msg + "READY=1\nSTATUS=" + systemd_status());
-  }
-
-  // The end of a rolling restart, failed or not: the service is serving either way.
-  void notify_reloaded(const ReloadReport& r) {
-    if (!notifier_.enabled() || stopping_notified_) return;
-    std::string status = systemd_status();
-    status += r.ok ? "; reloaded in " + std::to_string(r.took.count()) + " ms"
-                   : "; rolling restart stopped: " + r.reason;
-    notifier_.notify("READY=1\nSTATUS=" + status.substr(0, 400));
-  }
-
-  // Not after a handed-over upgrade: the service goes on in the new master.
-  void notify_stopping() {
-    if (!notifier_.enabled() || stopping_notified_ || handed_over()) return;
-    stopping_notified_ = true;
-    notifier_.notify("STOPPING=1\nSTATUS=stopping: draining " + std::to_string(table_.size()) +
-                     " workers");
-  }
-
-  // WATCHDOG=1 from the master's own loop every half of WATCHDOG_USEC: a master stuck in a
-  // callback stops pinging, and systemd restarts the service.
-  void start_systemd_watchdog() {
-    auto every = std::chrono::duration_cast<Clock::duration>(notifier_.watchdog() / 2);
-    if (every <= Clock::duration::zero()) return;
-    notifier_.notify("WATCHDOG=1");
-    loop_.every(std::max<Clock::duration>(every, std::chrono::milliseconds(1)),
-                [this] { notifier_.notify("WATCHDOG=1"); }, false);
-  }
-
-  // A status query: the workers still to report their counters.
-  struct StatusQuery {
-    std::vector<unsigned> waiting;
-    std::function<void(const ClusterStatus&)> done;
-    EventLoop::TimerId timer = 0;
-  };
-
-  void status_answered(unsigned id) {
-    if (status_queries_.empty()) return;
-    std::vector<std::shared_ptr<StatusQuery>> finished;
-    for (auto& q : status_queries_) {
-      std::erase(q->waiting, id);
-      if (q->waiting.empty()) finished.push_back(q);
-    }
-    for (auto& q : finished) finish_status_query(q);
-  }
-
-  void finish_status_query(const std::shared_ptr<StatusQuery>& q) {
-    auto it = std::find(status_queries_.begin(), status_queries_.end(), q);
-    if (it == status_queries_.end()) return;  // finished already
-    status_queries_.erase(it);
-    if (q->timer) loop_.cancel(q->timer);
-    q->timer = 0;
-    if (q->done) q->done(status());
   }
 
   // The life parts (spawner, supervisor, watchdog): what they ask of the Master.
   void wire_life() {
     auto& sp = spawner_.hooks;
     if constexpr (WantsReusePort<Balance>)
-      sp.prepare_slot = [this](std::size_t slot) { return !bound_ || ensure_slot_bound(slot); };
+      sp.prepare_slot = [this](std::size_t slot) {
+        return !listeners_.bound() || listeners_.ensure_slot_bound(slot);
+      };
     sp.master_fds = [this](std::vector<int>& fds) { part_fds(fds); };
     sp.frame = [this](Record& w, Frame&& f) { supervisor_.on_frame(w, std::move(f)); };
     sp.closed = [this](Record& w, std::error_code ec) { supervisor_.on_channel_closed(w, ec); };
     sp.exited = [this](Record& w) { supervisor_.on_pidfd(w); };
     sp.hand_listeners = [this](Record& w) {
-      if (bound_ && listens() && !shutting_down()) dispatch_.hand_listeners(w, listeners_for(w.slot));
+      if (listeners_.bound() && listens() && !shutting_down())
+        dispatch_.hand_listeners(w, listeners_for(w.slot));
     };
     sp.forked = [this](Record& w) { emit(on_fork_, w.handle); };
 
@@ -1145,7 +600,7 @@ class Master {
                        on_request_(w.handle, m, std::move(r));
                      });
     };
-    su.store = [this](Record& w, const Frame& f) { serve_store(w, f); };
+    su.store = [this](Record& w, const Frame& f) { store_.serve(w, f); };
     su.accepted = [this](Record& w, std::size_t n) { dispatch_.acknowledged(w, n, Clock::now()); };
     su.declined = [this](Record& w, std::size_t n) { dispatch_.declined(w, n, Clock::now()); };
     // A session key for this worker's slot; a policy that routes by key keeps it, any other
@@ -1153,15 +608,14 @@ class Master {
     if constexpr (BindsKeys<Balance>)
       su.bind = [this](std::string_view key, std::size_t slot) { balance_.bind(key, slot); };
     su.recycle = [this](Record& w, const std::string& why) { recycle(w, why); };
-    su.stats_answered = [this](unsigned id) { status_answered(id); };
+    su.stats_answered = [this](unsigned id) { status_queries_.answered(id); };
     su.recover = [this](Record& w) { dispatch_.worker_gone(w); };
     su.listens = [this] { return listens(); };
     su.spawn = [this](std::size_t slot) { return spawner_.spawn(slot); };
     su.spawn_after = [this](std::size_t slot, Clock::duration d) { spawner_.spawn_after(slot, d); };
     if constexpr (WantsReusePort<Balance>)
       su.slot_abandoned = [this](std::size_t slot) {
-        if (slot < slot_listeners_.size())
-          slot_listeners_[slot].clear();  // nobody will accept there: stop the kernel routing to it
+        listeners_.close_slot(slot);  // nobody will accept there: stop the kernel routing to it
       };
 
     auto& wd = watchdog_.hooks;
@@ -1175,36 +629,48 @@ class Master {
     auto& rl = reloader_.hooks;
     rl.spawn = [this](std::size_t slot) { return spawner_.spawn(slot); };
     rl.cancel_restart = [this](std::size_t slot) { spawner_.cancel_restart(table_.slot(slot)); };
-    rl.started = [this](std::size_t replacing) {
-      notifier_.notify("RELOADING=1\nMONOTONIC_USEC=" + std::to_string(detail::monotonic_usec()) +
-                       "\nSTATUS=rolling restart: replacing " + std::to_string(replacing) +
-                       " workers");
-    };
+    rl.started = [this](std::size_t replacing) { systemd_.reloading(replacing); };
     rl.finished = [this](const ReloadReport& report, bool requested, bool again) {
       reload_finished(report, requested, again);
     };
   }
 
-  bool refuse_upgrade(const std::string& why) {
-    upgrade_refusal_ = why;
-    log(LogLevel::warning, "upgrade", "upgrade refused: " + why);
-    return false;
+  // The upgrader's calls into the master (the wiring).
+  detail::UpgraderHooks upgrader_hooks() {
+    detail::UpgraderHooks h;
+    h.bound = [this] { return listeners_.bound(); };
+    h.sockets = [this] {
+      std::vector<detail::InheritedSocket> sockets = listeners_.handover();
+      if (control_.native_handle() >= 0)
+        sockets.push_back({control_.native_handle(), -1, control_.spec()});
+      return sockets;
+    };
+    h.hold_store = [this] {
+      if (!store_.save()) return false;
+      store_.hold();
+      return true;
+    };
+    h.release_store = [this](bool handed_over) { store_.release(handed_over); };
+    h.master_only_fds = [this] { return spawner_.master_only_fds(); };
+    h.environment = [this] { return upgrade_environment(); };
+    h.took_over = [this] { control_.own_socket_file(); };
+    h.handed_over = [this] {
+      phase_ = detail::Phase::handed_over;
+      store_.release(true);
+      systemd_.handed_over_to(upgrader_.new_master());
+    };
+    h.ended = [this](const UpgradeReport& report) { upgrade_ended(report); };
+    return h;
   }
 
-  void upgrade_succeeded() {
-    phase_ = detail::Phase::handed_over;
-    release_store(true);
-    // From the main process, so that NotifyAccess=main takes it too; the new master says it
-    // again itself with READY=1 (NotifyAccess=all). systemd follows the new pid from now on.
-    notifier_.notify("MAINPID=" + std::to_string(successor_.pid()) +
-                     "\nSTATUS=handed over to new master pid " + std::to_string(successor_.pid()));
-    log(LogLevel::info, "upgrade", "upgrade: new master pid " + std::to_string(successor_.pid()) +
-        " is serving; this master shuts down");
-    UpgradeReport report{true, successor_.pid(), {}};
-    answer_upgrade_waiters(report);
-    control_.stop_listening();  // new clients reach the new master; these connections stay
+  // An upgrade ended (old master): ok, the new master serves and this one shuts down; not ok,
+  // this one keeps serving.
+  void upgrade_ended(const UpgradeReport& report) {
+    if (!report.ok) systemd_.upgrade_failed();
+    control_.upgrade_ended(report);
+    if (report.ok) control_.stop_listening();  // new clients reach the new master
     emit(on_upgrade_done_, report);
-    shutdown();
+    if (report.ok) shutdown();
   }
 
   Options opts_;
@@ -1213,42 +679,10 @@ class Master {
   [[no_unique_address]] Restart restart_;
   [[no_unique_address]] Codec codec_;
   [[no_unique_address]] Balance balance_;
-  std::vector<std::string> master_argv_;  // what an upgrade executes
-  std::string master_path_;
-  std::optional<detail::UpgradeBoot> upgrade_boot_;  // set in a master started by an upgrade
-  std::vector<std::string> specs_;  // per listener: its listen entry, or kActivatedSpec + ...
-  std::vector<detail::ActivatedSocket> activated_;  // passed by systemd, not adopted yet
-  detail::Notifier notifier_;  // disabled unless NOTIFY_SOCKET was set
-  bool ready_notified_ = false, stopping_notified_ = false;
   bool prepared_ = false;     // prepare_to_serve() ran
   detail::Credentials credentials_;  // Options::user/group, resolved; what workers switch to
-  detail::PidFile pid_file_;         // Options::pid_file, held while this master runs
-  std::string upgrade_refusal_;      // why the last upgrade() returned false
-  bool pid_file_handover_ = false;   // started by an upgrade: take the pid file once serving
   EventLoop loop_;
-  detail::Successor successor_{loop_};  // after loop_: it unwatches on destruction
-  detail::ControlServer control_{loop_};  // Options::control
-  bool control_owned_ = false;  // the socket file is this master's to remove on exit
-  std::vector<detail::ControlReply> reload_waiters_;       // answered when this pass ends
-  std::vector<detail::ControlReply> reload_waiters_next_;  // asked during it: the next pass
-  std::vector<detail::ControlReply> upgrade_waiters_;
-  std::vector<UniqueFd> listeners_;
-  std::vector<std::string> addresses_;
-  bool bound_ = false;
   detail::WorkerTable<Codec> table_;
-  std::vector<std::vector<UniqueFd>> slot_listeners_;  // ReusePort: per slot
-  std::unique_ptr<detail::StoreHost> store_;
-  // From the snapshot an upgrade's new master loads until the upgrade ends, store
-  // operations wait here, unapplied, so that this store never changes behind the snapshot.
-  enum class StoreState { serving, held, handed_over };
-  struct HeldStoreOp {
-    unsigned worker;
-    std::uint64_t tag;
-    std::string payload;
-  };
-  StoreState store_state_ = StoreState::serving;
-  std::vector<HeldStoreOp> held_store_;
-  std::vector<std::shared_ptr<StatusQuery>> status_queries_;
   Clock::time_point started_ = Clock::now();
   std::exception_ptr failure_;  // the first exception a callback let escape: run() rethrows it
 
@@ -1261,6 +695,20 @@ class Master {
   std::function<void(const ReloadReport&)> on_reload_done_;
   std::function<void(const UpgradeReport&)> on_upgrade_done_;
 
+  // Outward-facing parts ("outer"): status queries, the systemd reporter, the control
+  // service, the store service, the upgrader and the listening sockets.
+  detail::StatusQueries<Codec> status_queries_{loop_, table_, {[this] { return status(); }}};
+  detail::SystemdReporter<Codec> systemd_{
+      loop_, table_, phase_,
+      {[this] { return listens(); },
+       [this]() -> const std::vector<std::string>& { return listeners_.addresses(); },
+       [this] { return reloader_.active(); }, [this] { return upgrader_.started_by_upgrade(); }}};
+  detail::ControlService<Master> control_{*this, loop_, log_};  // Options::control
+  detail::StoreService<Codec> store_{loop_, opts_, table_, log_,
+                                     {[this] { return upgrader_.new_master(); }}};
+  detail::Upgrader<Codec> upgrader_{loop_, opts_, table_, log_, phase_, upgrader_hooks()};
+  detail::Listeners<Codec, Balance> listeners_{opts_, table_, log_, upgrader_};
+
   // The life parts: starting workers, their lifecycle and exits, the periodic checks.
   detail::Spawner<Codec> spawner_;
   detail::Supervisor<Codec, Restart> supervisor_{loop_, table_, log_, phase_, restart_, codec_};
@@ -1270,7 +718,7 @@ class Master {
   using Dispatch = std::conditional_t<MasterDispatch<Balance>,
                                       detail::RoundRobinHandle<Codec, Balance>,
                                       detail::SharedHandle<Codec, Balance>>;
-  Dispatch dispatch_{loop_, table_, log_, phase_, balance_, listeners_};
+  Dispatch dispatch_{loop_, table_, log_, phase_, balance_, listeners_.shared()};
   detail::Reloader<Codec> reloader_{loop_, opts_, table_, log_, phase_};
 };
 

@@ -77,12 +77,25 @@ struct Flooder {
           count(n, e, v.size() == kBigValue);
         });
       ctx_.send("sent");
+    } else if (w.size() == 2 && w[0] == "pump") {
+      pump(std::stoi(w[1]));
     } else if (m == "probe") {
       ctx_.store().set("probe", "1", [this](std::error_code ec) {
         ctx_.send("probe " + (ec ? ec.message() : std::string("ok")));
       });
     }
   }
+
+  // One set of a kBigValue value a millisecond (the channel writes in between), without
+  // waiting for the answers, n in all; then "sent" on pump_done (a pipe: the master may not
+  // be reading this worker's channel).
+  void pump(int n) {
+    if (n == 0) return (void)write_all(pump_done, "sent\n");
+    ctx_.store().set("big", std::string(kBigValue, 'p'), [](std::error_code) {});
+    ctx_.loop().after(1ms, [this, n] { pump(n - 1); });
+  }
+
+  inline static int pump_done = -1;
 
   void count(int n, std::error_code ec, bool whole) {
     if (!ec && whole)
@@ -278,6 +291,18 @@ const bool kUpgradedMaster = [] {
   return false;
 }();
 
+/// Set for the test of held store operations: a master started by an upgrade is this binary
+/// again, and it never becomes ready, so that the old master holds the store until it stops
+/// the upgrade (SIGTERM from its shutdown), or an alarm ends it.
+constexpr const char* kStallEnv = "PREFORK_TEST_STORE_BOUNDS_STALL";
+
+const bool kStalledMaster = [] {
+  if (std::getenv(kStallEnv) && std::getenv(prefork::detail::kUpgradeEnv)) {
+    ::alarm(60);
+    for (;;) ::pause();
+  }
+  return false;
+}();
 
 }  // namespace
 
@@ -390,4 +415,56 @@ TEST_CASE("No acknowledged store write is lost or handed out twice across master
   CHECK(distinct.size() == handed_out.size());           // none handed out twice
   CHECK(final_value == static_cast<long>(handed_out.size()));  // none lost
   CHECK(*distinct.rbegin() == final_value);
+}
+
+TEST_CASE("Store operations held during an upgrade grow the master by at most max_queued_bytes "
+          "a worker",
+          "[store][upgrade][bounds]") {
+  // While the new master starts, the store's operations wait unapplied. A worker that goes on
+  // sending 1000 KiB sets meanwhile (150 of them) is no longer read past max_queued_bytes; its
+  // own queue then fills and its sets fail with queue_full there.
+  TempDir dir("prefork-store-held");
+  REQUIRE_FALSE(dir.path.empty());
+  int pipe_fds[2];
+  REQUIRE(::pipe2(pipe_fds, O_CLOEXEC | O_NONBLOCK) == 0);
+  Flooder::pump_done = pipe_fds[1];
+  REQUIRE(::setenv(kStallEnv, "1", 1) == 0);
+
+  Options opts{.workers = 1, .handle_signals = false};
+  opts.max_queued_bytes = kQueued;
+  opts.store_snapshot = dir.path + "/store.snapshot";
+  opts.upgrade_timeout = 30s;
+  opts.log = [](const prefork::LogRecord&) {};
+  FloodCluster cluster(std::move(opts));
+  Memory baseline, at_sent;
+  bool upgrading = false, sent = false, timed_out = false;
+  cluster.on_online([&](WorkerT& w) {
+    baseline = memory_now();
+    upgrading = cluster.upgrade();  // the store is held from here on
+    if (upgrading) w.send("pump 150");
+    else cluster.shutdown();
+  });
+  cluster.every(10ms, [&] {
+    char buf[16];
+    if (sent || ::read(pipe_fds[0], buf, sizeof buf) <= 0) return;
+    sent = true;
+    at_sent = memory_now();
+    cluster.shutdown();  // stops the upgrade: the held operations are applied and answered
+  });
+  arm_watchdog(cluster, timed_out, 30s);
+  CHECK(cluster.run() == 0);
+  REQUIRE(::unsetenv(kStallEnv) == 0);
+  ::close(pipe_fds[0]);
+  ::close(pipe_fds[1]);
+
+  REQUIRE(upgrading);
+  REQUIRE_FALSE(timed_out);
+  REQUIRE(sent);
+  WARN("master RSS +" << grown_mib(baseline.rss, at_sent.rss) << " MiB, heap +"
+                      << grown_mib(baseline.heap, at_sent.heap) << " MiB with the store held");
+  const std::size_t bound = kQueued + kBigValue + 16 * kMiB;
+  CHECK(at_sent.heap < baseline.heap + bound);
+#ifndef PREFORK_TEST_SANITIZER_HEAP
+  CHECK(at_sent.rss < baseline.rss + bound);
+#endif
 }

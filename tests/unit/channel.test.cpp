@@ -606,6 +606,42 @@ TEST_CASE("A channel that pauses reading while full holds the peer's frames unti
   CHECK(p.closes.empty());
 }
 
+TEST_CASE("A held channel delivers nothing after the current frame until the hold is lifted, "
+          "then everything in order",
+          "[channel]") {
+  FdLeakCheck leaks;
+  RawPeer p;
+  p.ch->on_frame([&](Frame&& f) {
+    p.frames.push_back(std::move(f));
+    if (p.frames.size() == 2) p.ch->hold_reading(true);  // as the master's store service does
+  });
+  std::string frames;
+  for (std::uint64_t i = 0; i < 10; ++i) frames += wire_frame("f", i);
+  p.write(frames);
+  REQUIRE(run_until(p.loop, [&] { return p.frames.size() == 2; }));
+  p.settle();
+  CHECK(p.frames.size() == 2);
+
+  p.ch->hold_reading(false);  // delivers what was read already, then reads on
+  REQUIRE(run_until(p.loop, [&] { return p.frames.size() == 10; }));
+  for (std::uint64_t i = 0; i < 10; ++i) CHECK(p.frames[i].tag == i);
+  CHECK(p.closes.empty());
+}
+
+TEST_CASE("A held channel whose peer hangs up closes with channel_closed", "[channel]") {
+  FdLeakCheck leaks;
+  RawPeer p;
+  p.ch->hold_reading(true);
+  p.write(wire_frame("unread"));
+  p.settle();
+  CHECK(p.frames.empty());
+  p.raw.reset();
+  REQUIRE(p.run_until_closed());
+  p.settle();
+  CHECK(p.frames.empty());
+  CHECK(p.closes == std::vector<std::error_code>{errc::channel_closed});
+}
+
 TEST_CASE("on_drained fires once after a queue that had to wait has emptied", "[channel]") {
   FdLeakCheck leaks;
   ChannelPair p;

@@ -13,10 +13,7 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <functional>
-#include <iterator>
 #include <memory>
 #include <random>
 #include <stdexcept>
@@ -31,6 +28,7 @@
 #include <prefork/codec.hpp>
 #include <prefork/detail/boot.hpp>
 #include <prefork/detail/privileges.hpp>
+#include <prefork/detail/own_program.hpp>
 #include <prefork/detail/process.hpp>
 #include <prefork/detail/spawn.hpp>
 #include <prefork/detail/upgrade.hpp>
@@ -45,41 +43,6 @@
 extern char** environ;
 
 namespace prefork::detail {
-
-/// This program's argv, from /proc/self/cmdline (the Cluster is not handed argv).
-inline std::vector<std::string> own_argv() {
-  std::ifstream in("/proc/self/cmdline", std::ios::binary);
-  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::string> argv;
-  std::size_t start = 0;
-  for (std::size_t i = 0; i < all.size(); ++i) {
-    if (all[i] == '\0') {
-      argv.emplace_back(all, start, i - start);
-      start = i + 1;
-    }
-  }
-  return argv;
-}
-
-/// The path of the program on disk, as an absolute path fixed now: argv[0] when it names a file
-/// (made absolute against the current directory, symlinks left alone), else /proc/self/exe
-/// resolved. Exec'ing it later runs whatever a deploy put there: a binary renamed over the old
-/// one, or a new release behind a swapped symlink (/proc/self/exe would name the old file).
-inline std::string own_executable(const std::vector<std::string>& argv) {
-  if (!argv.empty() && argv[0].find('/') != std::string::npos) {
-    std::string path = argv[0];
-    if (path.front() != '/') {
-      char cwd[4096];
-      if (::getcwd(cwd, sizeof cwd)) path = std::string(cwd) + "/" + path;
-    }
-    path = std::filesystem::path(path).lexically_normal().string();
-    if (::access(path.c_str(), X_OK) == 0) return path;
-  }
-  char buf[4096];
-  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
-  if (n <= 0) return "/proc/self/exe";
-  return std::string(buf, static_cast<std::size_t>(n));
-}
 
 /// This environment minus the variables that tell a process it is a worker or a new master.
 inline std::vector<std::string> environment_without_markers() {
