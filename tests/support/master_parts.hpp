@@ -19,13 +19,18 @@
 namespace prefork_test {
 
 struct MasterParts {
-  using Record = prefork::detail::WorkerRecord<prefork::StringCodec>;
+  using Codec = prefork::StringCodec;
+  using Record = prefork::detail::WorkerRecord<Codec>;
 
-  MasterParts() { opts.log = [](const prefork::LogRecord&) {}; }
+  /// `slots` worker slots, all empty.
+  explicit MasterParts(std::size_t slots = 0) {
+    opts.log = [](const prefork::LogRecord&) {};  // quiet
+    table.resize_slots(slots);
+  }
 
   /// A new record that owns `slot` (the slot is added if needed), as the spawner leaves it
   /// after a fork, without the process: starting, no channel.
-  Record& add_record(std::size_t slot) {
+  Record& add(std::size_t slot) {
     if (table.slot_count() <= slot) table.resize_slots(slot + 1);
     unsigned id = table.next_id();
     table.use_id(id);
@@ -37,7 +42,7 @@ struct MasterParts {
   prefork::Options opts;
   prefork::detail::MasterLog log{opts};
   prefork::detail::Phase phase = prefork::detail::Phase::serving;
-  prefork::detail::WorkerTable<prefork::StringCodec> table;
+  prefork::detail::WorkerTable<Codec> table;
 };
 
 }  // namespace prefork_test

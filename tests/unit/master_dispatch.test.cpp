@@ -55,7 +55,7 @@ struct Fixture : prefork_test::MasterParts {
   // A worker record in `slot` with an open channel and no process; `ready`: listening, so
   // that it takes connections.
   Record& add(std::size_t slot, bool ready = true) {
-    Record* r = &add_record(slot);
+    Record* r = &MasterParts::add(slot);
     auto [mine, theirs] = prefork::make_channel_pair();
     r->channel = std::make_unique<prefork::Channel>(loop, std::move(mine));
     worker_ends.push_back(std::move(theirs));

@@ -40,11 +40,11 @@ struct Fixture : prefork_test::MasterParts {
   std::vector<std::unique_ptr<Record>> exited;  // kept, as the Master keeps them until 'exit' ends
 
   explicit Fixture(std::size_t workers) {
-    for (std::size_t s = 0; s < workers; ++s) ready(add_record(s));
+    for (std::size_t s = 0; s < workers; ++s) ready(add(s));
     reloader.hooks.spawn = [this](std::size_t slot) -> Record* {
       if (fail_spawn) return nullptr;
       spawned.push_back(slot);
-      return &add_record(slot);
+      return &add(slot);
     };
     reloader.hooks.cancel_restart = [this](std::size_t slot) { cancelled.push_back(slot); };
     reloader.hooks.started = [this](std::size_t n) { started.push_back(n); };

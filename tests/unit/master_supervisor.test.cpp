@@ -13,7 +13,7 @@
 
 #include <prefork/restart.hpp>
 
-#include "support/worker_table.hpp"
+#include "support/master_parts.hpp"
 
 using namespace std::chrono_literals;
 using prefork::ExitInfo;
@@ -37,10 +37,10 @@ struct ScriptedRestart {
 };
 
 template <class Restart>
-struct Harness : prefork_test::FakeTable {
+struct Harness : prefork_test::MasterParts {
   using Supervisor = prefork::detail::Supervisor<Codec, Restart>;
 
-  explicit Harness(std::size_t slots) : FakeTable(slots) {
+  explicit Harness(std::size_t slots) : MasterParts(slots) {
     auto& h = supervisor.hooks;
     h.spawn = [this](std::size_t slot) {
       spawned.push_back(slot);

@@ -9,14 +9,14 @@
 #include <string>
 #include <vector>
 
-#include "support/worker_table.hpp"
+#include "support/master_parts.hpp"
 
 using namespace std::chrono_literals;
 
 namespace {
 
-struct Harness : prefork_test::FakeTable {
-  explicit Harness(std::size_t slots) : FakeTable(slots) {
+struct Harness : prefork_test::MasterParts {
+  explicit Harness(std::size_t slots) : MasterParts(slots) {
     auto& h = watchdog.hooks;
     h.spawn = [this](std::size_t slot) {
       spawned.push_back(slot);
@@ -32,7 +32,7 @@ struct Harness : prefork_test::FakeTable {
 };
 
 // A worker that became ready at `t0` and was last heard from then.
-prefork_test::FakeTable::Record& ready_worker(Harness& h, std::size_t slot,
+prefork_test::MasterParts::Record& ready_worker(Harness& h, std::size_t slot,
                                               prefork::Clock::time_point t0) {
   auto& w = h.add(slot);
   w.started = t0;

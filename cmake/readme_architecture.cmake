@@ -1,0 +1,55 @@
+# The README's architecture map must match the tree: every header under include/prefork is
+# named in the "## Architecture" section, and every header the section names exists. A header
+# added, renamed or removed without the map following it fails the test.
+#
+# cmake -DREADME=<README.md> -DINCLUDE_DIR=<include> -P readme_architecture.cmake
+cmake_minimum_required(VERSION 3.20)
+foreach(_var README INCLUDE_DIR)
+  if(NOT DEFINED ${_var} OR "${${_var}}" STREQUAL "")
+    message(FATAL_ERROR "readme_architecture.cmake: -D${_var}=... is required")
+  endif()
+endforeach()
+
+file(READ "${README}" _readme)
+string(FIND "${_readme}" "\n## Architecture\n" _start)
+if(_start EQUAL -1)
+  message(FATAL_ERROR "${README}: no '## Architecture' section")
+endif()
+string(SUBSTRING "${_readme}" ${_start} -1 _section)
+string(SUBSTRING "${_section}" 1 -1 _after)
+string(FIND "${_after}" "\n## " _end)
+if(NOT _end EQUAL -1)
+  string(SUBSTRING "${_after}" 0 ${_end} _section)
+endif()
+
+get_filename_component(INCLUDE_DIR "${INCLUDE_DIR}" ABSOLUTE)
+file(GLOB_RECURSE _headers RELATIVE "${INCLUDE_DIR}/prefork" "${INCLUDE_DIR}/prefork/*.hpp")
+set(_names "")
+set(_missing "")
+foreach(_header IN LISTS _headers)
+  get_filename_component(_name "${_header}" NAME)
+  list(APPEND _names "${_name}")
+  string(REGEX MATCH "(^|[^A-Za-z0-9_])${_name}" _found "${_section}")
+  if(NOT _found)
+    list(APPEND _missing "${_header}")
+  endif()
+endforeach()
+
+string(REGEX MATCHALL "[A-Za-z0-9_]+\\.hpp" _mentioned "${_section}")
+list(REMOVE_DUPLICATES _mentioned)
+set(_stale "")
+foreach(_name IN LISTS _mentioned)
+  list(FIND _names "${_name}" _at)
+  if(_at EQUAL -1)
+    list(APPEND _stale "${_name}")
+  endif()
+endforeach()
+
+if(_missing OR _stale)
+  list(JOIN _missing ", " _m)
+  list(JOIN _stale ", " _s)
+  message(FATAL_ERROR "${README}: the architecture map does not match include/prefork:\n"
+                      "  headers it does not name: ${_m}\n  names it lists that do not exist: ${_s}")
+endif()
+list(LENGTH _headers _count)
+message(STATUS "the architecture map names all ${_count} headers")
