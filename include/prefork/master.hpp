@@ -1726,4 +1726,36 @@ class Master {
 
 }  // namespace prefork
 
+#if defined(PREFORK_SEPARATE_COMPILATION)
+// Separate compilation: the master for Cluster's default policies. Its public members that do
+// more than set a field are instantiated once, in <prefork/impl/src.hpp>, from this one list
+// (used there with INSTANTIATE = `template`, here with `extern template`). Not the whole class:
+// an explicit instantiation of a class instantiates every member, also those a policy's kind
+// never calls (the first-bytes peeking, for RoundRobin).
+#include <prefork/balance/round_robin.hpp>
+namespace prefork::detail {
+using DefaultMaster = Master<RoundRobin, Backoff<RestartOnCrash>, StringCodec>;
+}  // namespace prefork::detail
+#define PREFORK_DETAIL_DEFAULT_MASTER_MEMBERS(INSTANTIATE, M)                                  \
+  INSTANTIATE void M::bind();                                                                 \
+  INSTANTIATE M::WorkerT* M::fork();                                                          \
+  INSTANTIATE std::vector<M::WorkerT*> M::workers() const;                                    \
+  INSTANTIATE M::WorkerT* M::worker(unsigned) const;                                          \
+  INSTANTIATE std::error_code M::send(unsigned, const std::string&);                          \
+  INSTANTIATE std::size_t M::broadcast(const std::string&);                                   \
+  INSTANTIATE EventLoop::TimerId M::every(Clock::duration, std::function<void()>);            \
+  INSTANTIATE EventLoop::TimerId M::after(Clock::duration, std::function<void()>);            \
+  INSTANTIATE void M::shutdown(bool);                                                         \
+  INSTANTIATE void M::reload();                                                               \
+  INSTANTIATE bool M::upgrade();                                                              \
+  INSTANTIATE void M::listen_control(const std::string&);                                     \
+  INSTANTIATE ClusterStatus M::status() const;                                                \
+  INSTANTIATE void M::query_status(std::function<void(const ClusterStatus&)>, Clock::duration); \
+  INSTANTIATE std::error_code M::scale(std::size_t);                                          \
+  INSTANTIATE int M::run();
+namespace prefork {
+PREFORK_DETAIL_DEFAULT_MASTER_MEMBERS(extern template, detail::DefaultMaster)
+}  // namespace prefork
+#endif
+
 #endif  // PREFORK_MASTER_HPP
