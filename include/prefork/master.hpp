@@ -1736,25 +1736,32 @@ class Master {
 namespace prefork::detail {
 using DefaultMaster = Master<RoundRobin, Backoff<RestartOnCrash>, StringCodec>;
 }  // namespace prefork::detail
-#define PREFORK_DETAIL_DEFAULT_MASTER_MEMBERS(INSTANTIATE, M)                                  \
-  INSTANTIATE void M::bind();                                                                 \
-  INSTANTIATE M::WorkerT* M::fork();                                                          \
-  INSTANTIATE std::vector<M::WorkerT*> M::workers() const;                                    \
-  INSTANTIATE M::WorkerT* M::worker(unsigned) const;                                          \
-  INSTANTIATE std::error_code M::send(unsigned, const std::string&);                          \
-  INSTANTIATE std::size_t M::broadcast(const std::string&);                                   \
-  INSTANTIATE EventLoop::TimerId M::every(Clock::duration, std::function<void()>);            \
-  INSTANTIATE EventLoop::TimerId M::after(Clock::duration, std::function<void()>);            \
-  INSTANTIATE void M::shutdown(bool);                                                         \
-  INSTANTIATE void M::reload();                                                               \
-  INSTANTIATE bool M::upgrade();                                                              \
-  INSTANTIATE void M::listen_control(const std::string&);                                     \
-  INSTANTIATE ClusterStatus M::status() const;                                                \
-  INSTANTIATE void M::query_status(std::function<void(const ClusterStatus&)>, Clock::duration); \
-  INSTANTIATE std::error_code M::scale(std::size_t);                                          \
-  INSTANTIATE int M::run();
+// Spelled out, not the alias: an explicit instantiation names a member through a template-id.
+#define PREFORK_DETAIL_DEFAULT_MASTER Master<RoundRobin, Backoff<RestartOnCrash>, StringCodec>
+#define PREFORK_DETAIL_DEFAULT_MASTER_MEMBERS(INSTANTIATE)                                     \
+  INSTANTIATE void PREFORK_DETAIL_DEFAULT_MASTER::bind();                                      \
+  INSTANTIATE detail::DefaultMaster::WorkerT* PREFORK_DETAIL_DEFAULT_MASTER::fork();           \
+  INSTANTIATE std::vector<detail::DefaultMaster::WorkerT*>                                     \
+      PREFORK_DETAIL_DEFAULT_MASTER::workers() const;                                          \
+  INSTANTIATE detail::DefaultMaster::WorkerT* PREFORK_DETAIL_DEFAULT_MASTER::worker(unsigned)  \
+      const;                                                                                   \
+  INSTANTIATE std::error_code PREFORK_DETAIL_DEFAULT_MASTER::send(unsigned, const std::string&); \
+  INSTANTIATE std::size_t PREFORK_DETAIL_DEFAULT_MASTER::broadcast(const std::string&);        \
+  INSTANTIATE EventLoop::TimerId PREFORK_DETAIL_DEFAULT_MASTER::every(Clock::duration,         \
+                                                                      std::function<void()>);  \
+  INSTANTIATE EventLoop::TimerId PREFORK_DETAIL_DEFAULT_MASTER::after(Clock::duration,         \
+                                                                      std::function<void()>);  \
+  INSTANTIATE void PREFORK_DETAIL_DEFAULT_MASTER::shutdown(bool);                              \
+  INSTANTIATE void PREFORK_DETAIL_DEFAULT_MASTER::reload();                                    \
+  INSTANTIATE bool PREFORK_DETAIL_DEFAULT_MASTER::upgrade();                                   \
+  INSTANTIATE void PREFORK_DETAIL_DEFAULT_MASTER::listen_control(const std::string&);          \
+  INSTANTIATE ClusterStatus PREFORK_DETAIL_DEFAULT_MASTER::status() const;                     \
+  INSTANTIATE void PREFORK_DETAIL_DEFAULT_MASTER::query_status(                                \
+      std::function<void(const ClusterStatus&)>, Clock::duration);                             \
+  INSTANTIATE std::error_code PREFORK_DETAIL_DEFAULT_MASTER::scale(std::size_t);               \
+  INSTANTIATE int PREFORK_DETAIL_DEFAULT_MASTER::run();
 namespace prefork {
-PREFORK_DETAIL_DEFAULT_MASTER_MEMBERS(extern template, detail::DefaultMaster)
+PREFORK_DETAIL_DEFAULT_MASTER_MEMBERS(extern template)
 }  // namespace prefork
 #endif
 

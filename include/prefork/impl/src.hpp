@@ -10,6 +10,10 @@
 // this file adds nothing; a build that compiles it by mistake still links.
 #if defined(PREFORK_SEPARATE_COMPILATION)
 
+// The non-template definitions, one .ipp per header that has them.
+#include <prefork/impl/channel.ipp>
+#include <prefork/impl/event_loop.ipp>
+
 namespace prefork {
 
 // The explicit instantiation definitions matching the headers' extern template declarations:
@@ -23,7 +27,7 @@ template void detail::emplace_master(std::optional<detail::DefaultMaster>&, Opti
                                      Backoff<RestartOnCrash>, detail::DefaultMaster::ChildMain);
 template int detail::run_master(detail::DefaultMaster&);
 
-PREFORK_DETAIL_DEFAULT_MASTER_MEMBERS(template, detail::DefaultMaster)
+PREFORK_DETAIL_DEFAULT_MASTER_MEMBERS(template)
 
 }  // namespace prefork
 
