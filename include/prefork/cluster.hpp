@@ -52,6 +52,25 @@ inline std::optional<WorkerBoot> take_exec_boot() noexcept {
 /// Runs before main(), so that the marker is gone before any user code can read it.
 inline const std::optional<WorkerBoot> exec_boot = take_exec_boot();
 
+// Cluster reaches the master's constructor and run() through these two function templates.
+// They are not inline on purpose: in separate compilation mode (detail/config.hpp) prefork's
+// src.hpp instantiates them for Cluster's default policies and the declarations at the end of
+// this file keep a user's translation unit from instantiating them again. An extern template
+// of Master alone is not enough: g++ and clang still instantiate an extern template's inline
+// members (all of Master's, defined in its class) to inline them at -O1 and above, and from
+// the constructor's callbacks and run() that is the whole master.
+template <class Balance, class Restart, MessageCodec Codec>
+void emplace_master(std::optional<Master<Balance, Restart, Codec>>& master, Options opts,
+                    Restart restart,
+                    typename Master<Balance, Restart, Codec>::ChildMain child_main) {
+  master.emplace(std::move(opts), std::move(restart), std::move(child_main));
+}
+
+template <class Balance, class Restart, MessageCodec Codec>
+int run_master(Master<Balance, Restart, Codec>& master) {
+  return master.run();
+}
+
 }  // namespace detail
 
 /// A cluster of worker processes, each running a Server.
@@ -78,9 +97,10 @@ class Cluster {
       worker_log_ = std::move(opts.log);
     } else {
       // A forked worker logs through the master's sink (its copy, after fork).
-      master_.emplace(std::move(opts), std::move(restart), [this](const detail::WorkerBoot& b) {
-        return detail::run_worker<Server, Codec>(b, master_->options().log);
-      });
+      detail::emplace_master(master_, std::move(opts), std::move(restart),
+                             [this](const detail::WorkerBoot& b) {
+                               return detail::run_worker<Server, Codec>(b, master_->options().log);
+                             });
     }
   }
 
@@ -91,7 +111,7 @@ class Cluster {
   /// std::system_error for set-up failures (e.g. the port is in use). Worker (exec mode):
   /// serves and returns the worker's exit status.
   int run() {
-    if (master_) return master_->run();
+    if (master_) return detail::run_master(*master_);
     return detail::run_worker<Server, Codec>(*boot_, worker_log_);
   }
 
@@ -165,5 +185,15 @@ class Cluster {
 };
 
 }  // namespace prefork
+
+#if defined(PREFORK_SEPARATE_COMPILATION)
+// Cluster's way into the master for its default policies, instantiated once in
+// <prefork/impl/src.hpp> (see emplace_master above).
+namespace prefork::detail {
+extern template void emplace_master(std::optional<DefaultMaster>&, Options,
+                                    Backoff<RestartOnCrash>, DefaultMaster::ChildMain);
+extern template int run_master(DefaultMaster&);
+}  // namespace prefork::detail
+#endif
 
 #endif  // PREFORK_CLUSTER_HPP

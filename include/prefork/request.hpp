@@ -215,4 +215,12 @@ void answer(const std::shared_ptr<ReplyLink>& link, const Codec& codec, const Fr
 }  // namespace detail
 }  // namespace prefork
 
+#if defined(PREFORK_SEPARATE_COMPILATION)
+// The default codec's request machinery, instantiated once in <prefork/impl/src.hpp>.
+namespace prefork {
+extern template class Reply<StringCodec>;
+extern template class detail::Requests<StringCodec>;
+}  // namespace prefork
+#endif
+
 #endif  // PREFORK_REQUEST_HPP

@@ -260,4 +260,11 @@ static_assert(RestartPolicy<Backoff<RestartAlways>>);
 
 }  // namespace prefork
 
+#if defined(PREFORK_SEPARATE_COMPILATION)
+// Cluster's default RestartPolicy, instantiated once in <prefork/impl/src.hpp>.
+namespace prefork {
+extern template class Backoff<RestartOnCrash>;
+}  // namespace prefork
+#endif
+
 #endif  // PREFORK_RESTART_HPP

@@ -21,4 +21,7 @@
   (PREFORK_VERSION_MAJOR * 10000 + PREFORK_VERSION_MINOR * 100 + PREFORK_VERSION_PATCH)
 #define PREFORK_VERSION_STRING "0.1.0"
 
+// Every public header sees whether the build is header-only or separately compiled.
+#include <prefork/detail/config.hpp>
+
 #endif  // PREFORK_VERSION_HPP

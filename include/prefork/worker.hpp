@@ -489,4 +489,12 @@ int run_worker(const WorkerBoot& boot, const LogSink& log = {}) noexcept {
 }  // namespace detail
 }  // namespace prefork
 
+#if defined(PREFORK_SEPARATE_COMPILATION)
+// The default codec's worker side (all but serve<Server>, a member template), instantiated
+// once in <prefork/impl/src.hpp>.
+namespace prefork {
+extern template class WorkerContext<StringCodec>;
+}  // namespace prefork
+#endif
+
 #endif  // PREFORK_WORKER_HPP

@@ -99,4 +99,11 @@ class Worker {
 
 }  // namespace prefork
 
+#if defined(PREFORK_SEPARATE_COMPILATION)
+// The default codec's handle, instantiated once in <prefork/impl/src.hpp>.
+namespace prefork {
+extern template class Worker<StringCodec>;
+}  // namespace prefork
+#endif
+
 #endif  // PREFORK_WORKER_HANDLE_HPP

@@ -7,14 +7,15 @@
 # exits 1 if any failed, after printing the end of that consumer's log.
 #
 #   tests/consumers/run.sh [NAME...]    NAME: add_subdirectory fetch_content find_package
-#                                             meson_subproject pkg_config (default: all)
+#                                             meson_subproject pkg_config separate_compilation
+#                                             (default: all)
 # Environment: CXX picks the compiler (CMake, Meson and make all read it; default c++);
 # KEEP=1 keeps the temporary directory and says where it is.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
-all=(add_subdirectory fetch_content find_package meson_subproject pkg_config)
+all=(add_subdirectory fetch_content find_package meson_subproject pkg_config separate_compilation)
 # The program has its own 20 s deadline; this one only catches a master that ignores it.
 run_timeout=60
 
@@ -143,6 +144,36 @@ build_pkg_config() {
   step "make"
   PKG_CONFIG_PATH="$pcdir" quiet make -C "$dir"
   program="$dir/consumer"
+}
+
+# Two translation units that include prefork.hpp, linked together and run: with CMake
+# header-only and with PREFORK_SEPARATE_COMPILATION=ON, then as a Meson subproject with
+# separate_compilation=true (the program run_consumer runs).
+build_separate_compilation() {
+  local mode
+  for mode in OFF ON; do
+    step "cmake configure (PREFORK_SEPARATE_COMPILATION=$mode)"
+    cmake_configure "$dir" "$dir/build-$mode" -DPREFORK_SOURCE_DIR="$root" \
+      -DPREFORK_SEPARATE_COMPILATION="$mode"
+    step "cmake build (PREFORK_SEPARATE_COMPILATION=$mode)"
+    quiet cmake --build "$dir/build-$mode"
+    if grep -q -- '-Werror' "$dir/build-$mode/compile_commands.json"; then
+      echo "prefork's -Werror leaked into the consumer's compile commands" >>"$log"
+      return 1
+    fi
+  done
+  step "run the header-only build"
+  (cd "$dir" && timeout -k 5 "$run_timeout" "$dir/build-OFF/consumer") >>"$log" 2>&1
+  step "run the CMake build with PREFORK_SEPARATE_COMPILATION=ON"
+  (cd "$dir" && timeout -k 5 "$run_timeout" "$dir/build-ON/consumer") >>"$log" 2>&1
+  mkdir "$dir/subprojects"
+  ln -s "$root" "$dir/subprojects/prefork"
+  step "meson setup (subproject, -Dprefork:separate_compilation=true)"
+  quiet meson setup --force-fallback-for=prefork -Dprefork:separate_compilation=true \
+    "$dir/build-meson" "$dir"
+  step "meson compile"
+  quiet meson compile -C "$dir/build-meson"
+  program="$dir/build-meson/consumer"
 }
 
 run_consumer() {
