@@ -4,50 +4,37 @@
 #ifndef PREFORK_MASTER_HPP
 #define PREFORK_MASTER_HPP
 
-#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
-#include <algorithm>
-#include <charconv>
-#include <cstdio>
-#include <cstring>
-#include <deque>
+#include <chrono>
+#include <cstddef>
 #include <exception>
 #include <functional>
-#include <iterator>
-#include <map>
-#include <memory>
-#include <optional>
-#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 #include <vector>
-
-#include <sys/socket.h>
 
 #include <prefork/version.hpp>
 #include <prefork/balance/policy.hpp>
 #include <prefork/channel.hpp>
+#include <prefork/clock.hpp>
 #include <prefork/codec.hpp>
-#include <prefork/detail/acceptor.hpp>
 #include <prefork/detail/boot.hpp>
-#include <prefork/detail/number.hpp>
 #include <prefork/detail/privileges.hpp>
-#include <prefork/detail/process.hpp>
-#include <prefork/detail/socket.hpp>
-#include <prefork/detail/store_host.hpp>
 #include <prefork/detail/systemd.hpp>
-#include <prefork/detail/syscall.hpp>
 #include <prefork/detail/upgrade.hpp>
+#include <prefork/error.hpp>
 #include <prefork/event_loop.hpp>
+#include <prefork/log.hpp>
 #include <prefork/options.hpp>
-#include <prefork/restart.hpp>
+#include <prefork/request.hpp>
 #include <prefork/status.hpp>
-#include <prefork/store_client.hpp>
-#include <prefork/worker.hpp>
+#include <prefork/store/concept.hpp>
+#include <prefork/store/memory_store.hpp>
 #include <prefork/worker_handle.hpp>
 #include <prefork/master/control_service.hpp>
 #include <prefork/master/events.hpp>
@@ -98,12 +85,10 @@ class Master : public detail::MasterEvents<Codec> {
     credentials_ = detail::resolve_credentials(opts_.user, opts_.group);
     store_.use(MemoryStore<>(opts_.store_limits));
     loop_.on_exception([this](std::exception_ptr e) { this->callback_failed(e); });
-    wire_life();
-    wire_flow();
+    wire();
   }
   Master(const Master&) = delete;
   Master& operator=(const Master&) = delete;
-
 
   /// Replaces the shared store's backend (MemoryStore by default) with any Store, before
   /// run(); returns it, for the master's own synchronous use. Snapshots (store_snapshot) need
@@ -363,28 +348,6 @@ class Master : public detail::MasterEvents<Codec> {
     return saved ? 0 : 1;
   }
 
-  // The descriptors of the Master's own parts, which no child may keep (the spawner adds the
-  // loop's and the workers'): its listening sockets (a worker is handed them over its
-  // channel), the connections not dealt out yet, and what the upgrade, systemd, the pid file
-  // and the control socket hold.
-  void part_fds(std::vector<int>& fds) const {
-    listeners_.descriptors(fds);
-    dispatch_.descriptors(fds);
-    upgrader_.descriptors(fds);
-    control_.descriptors(fds);  // or a child keeps the socket live, and a client's EOF away
-  }
-
-  // The listening sockets a worker in `slot` is handed (kernel dispatch): its slot's own
-  // ReusePort set, or the shared ones.
-  const std::vector<UniqueFd>& listeners_for(std::size_t slot) const {
-    if constexpr (WantsReusePort<Balance>) {
-      return listeners_.for_slot(slot);
-    } else {
-      (void)slot;
-      return listeners_.shared();
-    }
-  }
-
   // What must stop a master before it binds (run() and bind() call it; it runs once): workers
   // it could not switch to Options::user, or a pid file a live master holds.
   void prepare_to_serve() {
@@ -417,28 +380,8 @@ class Master : public detail::MasterEvents<Codec> {
     if (shutting_down() && table_.empty()) loop_.stop();
   }
 
-  void recycle(Record& w, const std::string& why) { reloader_.recycle(w, why); }
-
-  // The end of a reloader pass: systemd hears that a rolling restart ended, the control
-  // clients waiting for it are answered, then on_reload_done (called directly, not through
-  // emit(): an exception from it propagates as it always has).
-  void reload_finished(const ReloadReport& report, bool requested, bool again) {
-    if (requested) systemd_.reloaded(report);
-    if (requested || again || shutting_down()) control_.reload_ended(report, again);
-    if (requested && this->on_reload_done_) this->on_reload_done_(report);
-  }
-
-  // Workers get listening sockets: bound, or before bind() whether it will bind any.
-  bool listens() const noexcept { return listeners_.listens(); }
-
-  std::vector<std::string> upgrade_environment() const {
-    std::vector<std::string> env = detail::environment_without_markers();
-    for (auto& e : systemd_.environment()) env.push_back(e);
-    return env;
-  }
-
-  // The life parts (spawner, supervisor, watchdog): what they ask of the Master.
-  void wire_life() {
+  // The wiring: what each part asks of the Master, in its hooks.
+  void wire() {
     auto& ev = this->hooks;
     ev.log = [this](LogLevel l, std::string_view e, const std::string& m) { log_(l, e, m); };
     ev.stop = [this] { if (!shutting_down()) shutdown(); };
@@ -449,21 +392,28 @@ class Master : public detail::MasterEvents<Codec> {
       sp.prepare_slot = [this](std::size_t slot) {
         return !listeners_.bound() || listeners_.ensure_slot_bound(slot);
       };
-    sp.master_fds = [this](std::vector<int>& fds) { part_fds(fds); };
+    // The descriptors of the Master's own parts, which no child may keep (the spawner adds the
+    // loop's and the workers'): its listening sockets (a worker is handed them over its
+    // channel), the connections not dealt out yet, and what the upgrade, systemd, the pid file
+    // and the control socket hold.
+    sp.master_fds = [this](std::vector<int>& fds) {
+      listeners_.descriptors(fds);
+      dispatch_.descriptors(fds);
+      upgrader_.descriptors(fds);
+      control_.descriptors(fds);  // or a child keeps the socket live, and a client's EOF away
+    };
     sp.frame = [this](Record& w, Frame&& f) { supervisor_.on_frame(w, std::move(f)); };
     sp.closed = [this](Record& w, std::error_code ec) { supervisor_.on_channel_closed(w, ec); };
     sp.exited = [this](Record& w) { supervisor_.on_pidfd(w); };
     sp.hand_listeners = [this](Record& w) {
-      if (listeners_.bound() && listens() && !shutting_down())
-        dispatch_.hand_listeners(w, listeners_for(w.slot));
+      if (listeners_.bound() && listeners_.listens() && !shutting_down())
+        dispatch_.hand_listeners(w, listeners_.for_worker(w.slot));
     };
     sp.forked = [this](Record& w) { this->emit(this->on_fork_, w.handle); };
 
     auto& su = supervisor_.hooks;
     su.online = [this](Record& w) { this->emit(this->on_online_, w.handle); };
-    su.listening = [this](Record& w) {
-      this->emit(this->on_listening_, w.handle);
-    };
+    su.listening = [this](Record& w) { this->emit(this->on_listening_, w.handle); };
     su.disconnected = [this](Record& w) { this->emit(this->on_disconnect_, w.handle); };
     su.message = [this](Record& w, const message_type& m) {
       this->emit(this->on_message_, w.handle, m);
@@ -491,10 +441,10 @@ class Master : public detail::MasterEvents<Codec> {
     // ignores it, so a Server may bind whatever the cluster balances with.
     if constexpr (BindsKeys<Balance>)
       su.bind = [this](std::string_view key, std::size_t slot) { balance_.bind(key, slot); };
-    su.recycle = [this](Record& w, const std::string& why) { recycle(w, why); };
+    su.recycle = [this](Record& w, const std::string& why) { reloader_.recycle(w, why); };
     su.stats_answered = [this](unsigned id) { status_queries_.answered(id); };
     su.recover = [this](Record& w) { dispatch_.worker_gone(w); };
-    su.listens = [this] { return listens(); };
+    su.listens = [this] { return listeners_.listens(); };
     su.spawn = [this](std::size_t slot) { return spawner_.spawn(slot); };
     su.spawn_after = [this](std::size_t slot, Clock::duration d) { spawner_.spawn_after(slot, d); };
     if constexpr (WantsReusePort<Balance>)
@@ -506,20 +456,22 @@ class Master : public detail::MasterEvents<Codec> {
     wd.spawn = su.spawn;
     wd.recycle = su.recycle;
     wd.listens = su.listens;
-  }
 
-  // The flow parts (dispatch, reloader): what they ask of the Master.
-  void wire_flow() {
     auto& rl = reloader_.hooks;
-    rl.spawn = [this](std::size_t slot) { return spawner_.spawn(slot); };
+    rl.spawn = su.spawn;
     rl.cancel_restart = [this](std::size_t slot) { spawner_.cancel_restart(table_.slot(slot)); };
     rl.started = [this](std::size_t replacing) { systemd_.reloading(replacing); };
+    // The end of a reloader pass: systemd hears that a rolling restart ended, the control
+    // clients waiting for it are answered, then on_reload_done (called directly, not through
+    // emit(): an exception from it propagates as it always has).
     rl.finished = [this](const ReloadReport& report, bool requested, bool again) {
-      reload_finished(report, requested, again);
+      if (requested) systemd_.reloaded(report);
+      if (requested || again || shutting_down()) control_.reload_ended(report, again);
+      if (requested && this->on_reload_done_) this->on_reload_done_(report);
     };
   }
 
-  // The upgrader's calls into the master (the wiring).
+  // The upgrader's calls into the master (the wiring; the upgrader takes them when it is built).
   detail::UpgraderHooks upgrader_hooks() {
     detail::UpgraderHooks h;
     h.bound = [this] { return listeners_.bound(); };
@@ -536,25 +488,27 @@ class Master : public detail::MasterEvents<Codec> {
     };
     h.release_store = [this](bool handed_over) { store_.release(handed_over); };
     h.master_only_fds = [this] { return spawner_.master_only_fds(); };
-    h.environment = [this] { return upgrade_environment(); };
+    h.environment = [this] {
+      std::vector<std::string> env = detail::environment_without_markers();
+      for (auto& e : systemd_.environment()) env.push_back(e);
+      return env;
+    };
     h.took_over = [this] { control_.own_socket_file(); };
     h.handed_over = [this] {
       phase_ = detail::Phase::handed_over;
       store_.release(true);
       systemd_.handed_over_to(upgrader_.new_master());
     };
-    h.ended = [this](const UpgradeReport& report) { upgrade_ended(report); };
+    // An upgrade ended (old master): ok, the new master serves and this one shuts down; not
+    // ok, this one keeps serving.
+    h.ended = [this](const UpgradeReport& report) {
+      if (!report.ok) systemd_.upgrade_failed();
+      control_.upgrade_ended(report);
+      if (report.ok) control_.stop_listening();  // new clients reach the new master
+      this->emit(this->on_upgrade_done_, report);
+      if (report.ok) shutdown();
+    };
     return h;
-  }
-
-  // An upgrade ended (old master): ok, the new master serves and this one shuts down; not ok,
-  // this one keeps serving.
-  void upgrade_ended(const UpgradeReport& report) {
-    if (!report.ok) systemd_.upgrade_failed();
-    control_.upgrade_ended(report);
-    if (report.ok) control_.stop_listening();  // new clients reach the new master
-    this->emit(this->on_upgrade_done_, report);
-    if (report.ok) shutdown();
   }
 
   Options opts_;
@@ -574,7 +528,7 @@ class Master : public detail::MasterEvents<Codec> {
   detail::StatusQueries<Codec> status_queries_{loop_, table_, {[this] { return status(); }}};
   detail::SystemdReporter<Codec> systemd_{
       loop_, table_, phase_,
-      {[this] { return listens(); },
+      {[this] { return listeners_.listens(); },
        [this]() -> const std::vector<std::string>& { return listeners_.addresses(); },
        [this] { return reloader_.active(); }, [this] { return upgrader_.started_by_upgrade(); }}};
   detail::ControlService<Master> control_{*this, loop_, log_};  // Options::control
