@@ -4,54 +4,43 @@
 #ifndef PREFORK_MASTER_HPP
 #define PREFORK_MASTER_HPP
 
-#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
-#include <algorithm>
-#include <charconv>
-#include <cstdio>
-#include <cstring>
-#include <deque>
+#include <chrono>
+#include <cstddef>
 #include <exception>
 #include <functional>
-#include <iterator>
-#include <map>
-#include <memory>
-#include <optional>
-#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 #include <vector>
-
-#include <sys/socket.h>
 
 #include <prefork/version.hpp>
 #include <prefork/balance/policy.hpp>
 #include <prefork/channel.hpp>
+#include <prefork/clock.hpp>
 #include <prefork/codec.hpp>
-#include <prefork/detail/acceptor.hpp>
 #include <prefork/detail/boot.hpp>
-#include <prefork/detail/number.hpp>
 #include <prefork/detail/privileges.hpp>
-#include <prefork/detail/process.hpp>
-#include <prefork/detail/socket.hpp>
-#include <prefork/detail/store_host.hpp>
 #include <prefork/detail/systemd.hpp>
-#include <prefork/detail/syscall.hpp>
 #include <prefork/detail/upgrade.hpp>
+#include <prefork/error.hpp>
 #include <prefork/event_loop.hpp>
+#include <prefork/log.hpp>
 #include <prefork/options.hpp>
-#include <prefork/restart.hpp>
+#include <prefork/request.hpp>
 #include <prefork/status.hpp>
-#include <prefork/store_client.hpp>
-#include <prefork/worker.hpp>
+#include <prefork/store/concept.hpp>
+#include <prefork/store/memory_store.hpp>
 #include <prefork/worker_handle.hpp>
 #include <prefork/master/control_service.hpp>
+#include <prefork/master/events.hpp>
 #include <prefork/master/listeners.hpp>
 #include <prefork/master/log.hpp>
+#include <prefork/master/options_check.hpp>
 #include <prefork/master/phase.hpp>
 #include <prefork/master/reloader.hpp>
 #include <prefork/master/round_robin_handle.hpp>
@@ -68,38 +57,11 @@
 
 namespace prefork {
 
-namespace detail {
-
-inline void validate(const Options& o) {
-  auto bad = [](const std::string& what) { throw std::invalid_argument("prefork: Options." + what); };
-  if (o.workers == 0) bad("workers must be at least 1");
-  if (o.workers > 4096) bad("workers must be at most 4096, got " + std::to_string(o.workers));
-  if (o.backlog <= 0) bad("backlog must be positive, got " + std::to_string(o.backlog));
-  if (o.defer_accept.count() < 0 || o.defer_accept.count() > 3600)
-    bad("defer_accept must be between 0 and 3600 s");
-  if (o.drain_timeout.count() < 0) bad("drain_timeout must not be negative");
-  if (o.kill_timeout.count() < 0) bad("kill_timeout must not be negative");
-  if (o.reload_surge == 0) bad("reload_surge must be at least 1");
-  if (o.reload_timeout.count() <= 0) bad("reload_timeout must be positive");
-  if (o.upgrade_timeout.count() <= 0) bad("upgrade_timeout must be positive");
-  if (o.max_message_size == 0 || o.max_message_size > 0xffffffffu)
-    bad("max_message_size must be between 1 byte and 4 GiB - 1");
-  if (o.max_queued_bytes == 0) bad("max_queued_bytes must be positive");
-  for (auto& l : o.listen)
-    if (std::string why = address_problem(l); !why.empty()) bad("listen: '" + l + "': " + why);
-  if (!o.pid_file.empty() && (o.pid_file.back() == '/' || o.pid_file.find('\0') != std::string::npos))
-    bad("pid_file: '" + o.pid_file + "' is not a file name");
-  for (auto* id : {&o.user, &o.group})
-    if (id->find('\0') != std::string::npos)
-      bad(std::string(id == &o.user ? "user" : "group") + " holds a NUL byte");
-}
-
-}  // namespace detail
-
 /// The master: every member runs in the master process, on the thread that calls run().
 /// fork mode requires that thread to be the only one in the process when a worker is forked.
+/// The application's callbacks (on_fork, on_exit, on_message...) are in master/events.hpp.
 template <class Balance, class Restart, MessageCodec Codec>
-class Master {
+class Master : public detail::MasterEvents<Codec> {
  public:
   using WorkerT = Worker<Codec>;
   using Record = detail::WorkerRecord<Codec>;
@@ -122,15 +84,11 @@ class Master {
     table_.resize_slots(opts_.workers);
     credentials_ = detail::resolve_credentials(opts_.user, opts_.group);
     store_.use(MemoryStore<>(opts_.store_limits));
-    loop_.on_exception([this](std::exception_ptr e) { callback_failed(e); });
-    wire_life();
-    wire_flow();
+    loop_.on_exception([this](std::exception_ptr e) { this->callback_failed(e); });
+    wire();
   }
   Master(const Master&) = delete;
   Master& operator=(const Master&) = delete;
-
-  // Lifecycle callbacks, in Node's order: fork -> online -> listening -> disconnect -> exit.
-  void on_fork(std::function<void(WorkerT&)> cb) { on_fork_ = std::move(cb); }
 
   /// Replaces the shared store's backend (MemoryStore by default) with any Store, before
   /// run(); returns it, for the master's own synchronous use. Snapshots (store_snapshot) need
@@ -139,53 +97,6 @@ class Master {
   S& use_store(S store) {
     return store_.use(std::move(store));
   }
-  void on_online(std::function<void(WorkerT&)> cb) { on_online_ = std::move(cb); }
-  /// cb(Worker&) or cb(Worker&, const std::vector<std::string>& addresses): the addresses
-  /// as bound, with the port the kernel chose for port 0 (Node's 'listening' address).
-  template <class F>
-  void on_listening(F cb) {
-    if constexpr (std::is_invocable_v<F&, WorkerT&, const std::vector<std::string>&>) {
-      on_listening_ = [this, cb = std::move(cb)](WorkerT& w) mutable {
-        cb(w, listeners_.addresses());
-      };
-    } else {
-      on_listening_ = std::move(cb);
-    }
-  }
-  void on_disconnect(std::function<void(WorkerT&)> cb) { on_disconnect_ = std::move(cb); }
-  void on_exit(std::function<void(WorkerT&, const ExitInfo&)> cb) { on_exit_ = std::move(cb); }
-  void on_message(std::function<void(WorkerT&, const message_type&)> cb) {
-    on_message_ = std::move(cb);
-  }
-  /// A worker broke the protocol (malformed, oversized or undecodable frame); it is killed.
-  void on_error(std::function<void(WorkerT&, std::error_code)> cb) { on_error_ = std::move(cb); }
-  /// Requests from workers (WorkerContext::request): cb(worker, message, reply) answers by
-  /// calling reply(answer), now or later. Without a handler every request fails at once
-  /// (errc::no_handler on the worker's side).
-  void on_request(std::function<void(WorkerT&, const message_type&, Reply<Codec>)> cb) {
-    on_request_ = std::move(cb);
-  }
-  /// The RestartPolicy gave up on a slot (crash loop); the master stays up without it.
-  void on_errored(std::function<void(std::size_t slot, const ExitInfo&)> cb) {
-    on_errored_ = std::move(cb);
-  }
-  /// A rolling restart finished: cb(const ReloadReport&), or cb(bool ok). ok once every old
-  /// worker has exited; not ok as soon as it stopped because a replacement failed.
-  template <class F>
-  void on_reload_done(F cb) {
-    if constexpr (std::is_invocable_v<F&, const ReloadReport&>) {
-      on_reload_done_ = std::move(cb);
-    } else {
-      on_reload_done_ = [cb = std::move(cb)](const ReloadReport& r) mutable { cb(r.ok); };
-    }
-  }
-
-  /// A master upgrade ended (old master side): the new master is serving and this one is
-  /// shutting down (ok), or the new master failed and this one keeps serving.
-  void on_upgrade_done(std::function<void(const UpgradeReport&)> cb) {
-    on_upgrade_done_ = std::move(cb);
-  }
-
   EventLoop& loop() noexcept { return loop_; }
   const Options& options() const noexcept { return opts_; }
   Restart& restart_policy() noexcept { return restart_; }
@@ -213,7 +124,7 @@ class Master {
   /// Live workers (not yet exited), in id order.
   std::vector<WorkerT*> workers() const { return table_.handles(); }
   WorkerT* worker(unsigned id) const {
-    Record* r = record(id);
+    Record* r = table_.find(id);
     return r ? &r->handle : nullptr;
   }
 
@@ -258,7 +169,7 @@ class Master {
   void shutdown(bool fast = false) {
     bool again = shutting_down();
     if (!again || fast)
-      log(LogLevel::info, "shutdown",
+      log_(LogLevel::info, "shutdown",
           std::string(again || fast ? "fast: SIGTERM to " : "graceful: draining ") +
               std::to_string(table_.size()) + (table_.size() == 1 ? " worker" : " workers"));
     if (!again) {
@@ -350,7 +261,7 @@ class Master {
     if (shutting_down()) return std::make_error_code(std::errc::operation_canceled);
     std::size_t was = table_.slot_count();
     if (n == was) return {};
-    log(LogLevel::info, "scale", "from " + std::to_string(was) + " to " + std::to_string(n) +
+    log_(LogLevel::info, "scale", "from " + std::to_string(was) + " to " + std::to_string(n) +
                                      (n == 1 ? " worker" : " workers"));
     if (n > was) {
       table_.resize_slots(n);
@@ -406,7 +317,7 @@ class Master {
     phase_ = detail::Phase::serving;
     std::string on;
     for (auto& a : listeners_.addresses()) on += (on.empty() ? " on " : ", ") + a;
-    log(LogLevel::info, "serving", "pid " + std::to_string(::getpid()) + ", " +
+    log_(LogLevel::info, "serving", "pid " + std::to_string(::getpid()) + ", " +
                                        std::to_string(table_.slot_count()) + " workers" + on);
     for (std::size_t s = 0; s < table_.slot_count(); ++s)
       if (!table_.slot(s).worker_id) spawner_.spawn(s);
@@ -420,7 +331,6 @@ class Master {
   }
 
  private:
-  Record* record(unsigned id) const { return table_.find(id); }
   bool handed_over() const noexcept { return detail::handed_over(phase_); }
 
   // The end of run(): socket files, the control socket, the store snapshot (if `save`), the
@@ -434,80 +344,8 @@ class Master {
     bool saved = !save || handed_over() || store_.save();
     // Only now: a master started after this must find the store saved.
     upgrader_.remove_pid_file();
-    if (failure_) std::rethrow_exception(std::exchange(failure_, nullptr));
+    this->rethrow_failure();
     return saved ? 0 : 1;
-  }
-
-
-
-  int defer_accept_s() const noexcept { return static_cast<int>(opts_.defer_accept.count()); }
-
-  // Node's primary dies of an uncaught exception, and its workers with it. A master whose
-  // callback threw may hold half-updated application state, so it does not go on either; but
-  // it stops the way SIGTERM does (workers drained and reaped, none left unsupervised), then
-  // run() rethrows the first exception for main() to report (README: the deviations from
-  // Node). Later ones are logged only.
-  void callback_failed(std::exception_ptr e) {
-    std::string what = "a non-standard exception";
-    try {
-      std::rethrow_exception(e);
-    } catch (const std::exception& x) {
-      what = x.what();
-    } catch (...) {
-    }
-    if (failure_) {
-      log(LogLevel::error, "exception", "another exception in a master callback: " + what);
-      return;
-    }
-    failure_ = e;
-    log(LogLevel::error, "exception",
-        "exception in a master callback: " + what + "; shutting down, run() rethrows it");
-    if (!shutting_down()) shutdown();
-  }
-
-  // Runs an application callback, if set. An exception from it goes to callback_failed() here,
-  // so that it never skips the bookkeeping after the call (the exit of the last worker must
-  // still end a shutdown, a slot must still be freed).
-  template <class F, class... A>
-  void emit(const F& cb, A&&... args) {
-    if (!cb) return;
-    try {
-      cb(std::forward<A>(args)...);
-    } catch (...) {
-      callback_failed(std::current_exception());
-    }
-  }
-
-  void log(LogLevel level, std::string_view event, const std::string& msg,
-           const Record* w = nullptr) const {
-    log_(level, event, msg, w);
-  }
-
-  // The worker is its slot's current one (not a replaced one, nor in a slot scaled away).
-  bool owns_slot(const Record& w) const noexcept { return table_.owns_slot(w); }
-
-  static std::string describe(const Record& w) { return detail::MasterLog::describe(w); }
-
-  // The descriptors of the Master's own parts, which no child may keep (the spawner adds the
-  // loop's and the workers'): its listening sockets (a worker is handed them over its
-  // channel), the connections not dealt out yet, and what the upgrade, systemd, the pid file
-  // and the control socket hold.
-  void part_fds(std::vector<int>& fds) const {
-    listeners_.descriptors(fds);
-    dispatch_.descriptors(fds);
-    upgrader_.descriptors(fds);
-    control_.descriptors(fds);  // or a child keeps the socket live, and a client's EOF away
-  }
-
-  // The listening sockets a worker in `slot` is handed (kernel dispatch): its slot's own
-  // ReusePort set, or the shared ones.
-  const std::vector<UniqueFd>& listeners_for(std::size_t slot) const {
-    if constexpr (WantsReusePort<Balance>) {
-      return listeners_.for_slot(slot);
-    } else {
-      (void)slot;
-      return listeners_.shared();
-    }
   }
 
   // What must stop a master before it binds (run() and bind() call it; it runs once): workers
@@ -536,68 +374,64 @@ class Master {
   // old worker is gone), the supervisor (the slot refilled per the RestartPolicy), and the end
   // of a shutdown once the last worker is gone.
   void worker_exited(Record& w, const ExitInfo& info) {
-    emit(on_exit_, w.handle, info);
+    this->emit(this->on_exit_, w.handle, info);
     reloader_.worker_exited(w, info);
     supervisor_.after_exit(w, info);
     if (shutting_down() && table_.empty()) loop_.stop();
   }
 
-  void recycle(Record& w, const std::string& why) { reloader_.recycle(w, why); }
+  // The wiring: what each part asks of the Master, in its hooks.
+  void wire() {
+    auto& ev = this->hooks;
+    ev.log = [this](LogLevel l, std::string_view e, const std::string& m) { log_(l, e, m); };
+    ev.stop = [this] { if (!shutting_down()) shutdown(); };
+    ev.addresses = [this]() -> const std::vector<std::string>& { return listeners_.addresses(); };
 
-  // The end of a reloader pass: systemd hears that a rolling restart ended, the control
-  // clients waiting for it are answered, then on_reload_done (called directly, not through
-  // emit(): an exception from it propagates as it always has).
-  void reload_finished(const ReloadReport& report, bool requested, bool again) {
-    if (requested) systemd_.reloaded(report);
-    if (requested || again || shutting_down()) control_.reload_ended(report, again);
-    if (requested && on_reload_done_) on_reload_done_(report);
-  }
-
-  // Workers get listening sockets: bound, or before bind() whether it will bind any.
-  bool listens() const noexcept { return listeners_.listens(); }
-
-  std::vector<std::string> upgrade_environment() const {
-    std::vector<std::string> env = detail::environment_without_markers();
-    for (auto& e : systemd_.environment()) env.push_back(e);
-    return env;
-  }
-
-  // The life parts (spawner, supervisor, watchdog): what they ask of the Master.
-  void wire_life() {
     auto& sp = spawner_.hooks;
     if constexpr (WantsReusePort<Balance>)
       sp.prepare_slot = [this](std::size_t slot) {
         return !listeners_.bound() || listeners_.ensure_slot_bound(slot);
       };
-    sp.master_fds = [this](std::vector<int>& fds) { part_fds(fds); };
+    // The descriptors of the Master's own parts, which no child may keep (the spawner adds the
+    // loop's and the workers'): its listening sockets (a worker is handed them over its
+    // channel), the connections not dealt out yet, and what the upgrade, systemd, the pid file
+    // and the control socket hold.
+    sp.master_fds = [this](std::vector<int>& fds) {
+      listeners_.descriptors(fds);
+      dispatch_.descriptors(fds);
+      upgrader_.descriptors(fds);
+      control_.descriptors(fds);  // or a child keeps the socket live, and a client's EOF away
+    };
     sp.frame = [this](Record& w, Frame&& f) { supervisor_.on_frame(w, std::move(f)); };
     sp.closed = [this](Record& w, std::error_code ec) { supervisor_.on_channel_closed(w, ec); };
     sp.exited = [this](Record& w) { supervisor_.on_pidfd(w); };
     sp.hand_listeners = [this](Record& w) {
-      if (listeners_.bound() && listens() && !shutting_down())
-        dispatch_.hand_listeners(w, listeners_for(w.slot));
+      if (listeners_.bound() && listeners_.listens() && !shutting_down())
+        dispatch_.hand_listeners(w, listeners_.for_worker(w.slot));
     };
-    sp.forked = [this](Record& w) { emit(on_fork_, w.handle); };
+    sp.forked = [this](Record& w) { this->emit(this->on_fork_, w.handle); };
 
     auto& su = supervisor_.hooks;
-    su.online = [this](Record& w) { emit(on_online_, w.handle); };
-    su.listening = [this](Record& w) {
-      emit(on_listening_, w.handle);
+    su.online = [this](Record& w) { this->emit(this->on_online_, w.handle); };
+    su.listening = [this](Record& w) { this->emit(this->on_listening_, w.handle); };
+    su.disconnected = [this](Record& w) { this->emit(this->on_disconnect_, w.handle); };
+    su.message = [this](Record& w, const message_type& m) {
+      this->emit(this->on_message_, w.handle, m);
     };
-    su.disconnected = [this](Record& w) { emit(on_disconnect_, w.handle); };
-    su.message = [this](Record& w, const message_type& m) { emit(on_message_, w.handle, m); };
     su.protocol_error = [this](Record& w, std::error_code ec) {
-      if (!on_error_) return false;
-      emit(on_error_, w.handle, ec);
+      if (!this->on_error_) return false;
+      this->emit(this->on_error_, w.handle, ec);
       return true;
     };
-    su.errored = [this](std::size_t slot, const ExitInfo& info) { emit(on_errored_, slot, info); };
+    su.errored = [this](std::size_t slot, const ExitInfo& info) {
+      this->emit(this->on_errored_, slot, info);
+    };
     su.ready = [this](Record& w) { worker_ready(w); };
     su.exited = [this](Record& w, const ExitInfo& info) { worker_exited(w, info); };
     su.request = [this](Record& w, const Frame& f) {
-      detail::answer(w.link, codec_, f, static_cast<bool>(on_request_),
+      detail::answer(w.link, codec_, f, static_cast<bool>(this->on_request_),
                      [this, &w](const message_type& m, Reply<Codec> r) {
-                       on_request_(w.handle, m, std::move(r));
+                       this->on_request_(w.handle, m, std::move(r));
                      });
     };
     su.store = [this](Record& w, const Frame& f) { store_.serve(w, f); };
@@ -607,10 +441,10 @@ class Master {
     // ignores it, so a Server may bind whatever the cluster balances with.
     if constexpr (BindsKeys<Balance>)
       su.bind = [this](std::string_view key, std::size_t slot) { balance_.bind(key, slot); };
-    su.recycle = [this](Record& w, const std::string& why) { recycle(w, why); };
+    su.recycle = [this](Record& w, const std::string& why) { reloader_.recycle(w, why); };
     su.stats_answered = [this](unsigned id) { status_queries_.answered(id); };
     su.recover = [this](Record& w) { dispatch_.worker_gone(w); };
-    su.listens = [this] { return listens(); };
+    su.listens = [this] { return listeners_.listens(); };
     su.spawn = [this](std::size_t slot) { return spawner_.spawn(slot); };
     su.spawn_after = [this](std::size_t slot, Clock::duration d) { spawner_.spawn_after(slot, d); };
     if constexpr (WantsReusePort<Balance>)
@@ -622,20 +456,22 @@ class Master {
     wd.spawn = su.spawn;
     wd.recycle = su.recycle;
     wd.listens = su.listens;
-  }
 
-  // The flow parts (dispatch, reloader): what they ask of the Master.
-  void wire_flow() {
     auto& rl = reloader_.hooks;
-    rl.spawn = [this](std::size_t slot) { return spawner_.spawn(slot); };
+    rl.spawn = su.spawn;
     rl.cancel_restart = [this](std::size_t slot) { spawner_.cancel_restart(table_.slot(slot)); };
     rl.started = [this](std::size_t replacing) { systemd_.reloading(replacing); };
+    // The end of a reloader pass: systemd hears that a rolling restart ended, the control
+    // clients waiting for it are answered, then on_reload_done (called directly, not through
+    // emit(): an exception from it propagates as it always has).
     rl.finished = [this](const ReloadReport& report, bool requested, bool again) {
-      reload_finished(report, requested, again);
+      if (requested) systemd_.reloaded(report);
+      if (requested || again || shutting_down()) control_.reload_ended(report, again);
+      if (requested && this->on_reload_done_) this->on_reload_done_(report);
     };
   }
 
-  // The upgrader's calls into the master (the wiring).
+  // The upgrader's calls into the master (the wiring; the upgrader takes them when it is built).
   detail::UpgraderHooks upgrader_hooks() {
     detail::UpgraderHooks h;
     h.bound = [this] { return listeners_.bound(); };
@@ -652,25 +488,27 @@ class Master {
     };
     h.release_store = [this](bool handed_over) { store_.release(handed_over); };
     h.master_only_fds = [this] { return spawner_.master_only_fds(); };
-    h.environment = [this] { return upgrade_environment(); };
+    h.environment = [this] {
+      std::vector<std::string> env = detail::environment_without_markers();
+      for (auto& e : systemd_.environment()) env.push_back(e);
+      return env;
+    };
     h.took_over = [this] { control_.own_socket_file(); };
     h.handed_over = [this] {
       phase_ = detail::Phase::handed_over;
       store_.release(true);
       systemd_.handed_over_to(upgrader_.new_master());
     };
-    h.ended = [this](const UpgradeReport& report) { upgrade_ended(report); };
+    // An upgrade ended (old master): ok, the new master serves and this one shuts down; not
+    // ok, this one keeps serving.
+    h.ended = [this](const UpgradeReport& report) {
+      if (!report.ok) systemd_.upgrade_failed();
+      control_.upgrade_ended(report);
+      if (report.ok) control_.stop_listening();  // new clients reach the new master
+      this->emit(this->on_upgrade_done_, report);
+      if (report.ok) shutdown();
+    };
     return h;
-  }
-
-  // An upgrade ended (old master): ok, the new master serves and this one shuts down; not ok,
-  // this one keeps serving.
-  void upgrade_ended(const UpgradeReport& report) {
-    if (!report.ok) systemd_.upgrade_failed();
-    control_.upgrade_ended(report);
-    if (report.ok) control_.stop_listening();  // new clients reach the new master
-    emit(on_upgrade_done_, report);
-    if (report.ok) shutdown();
   }
 
   Options opts_;
@@ -684,23 +522,13 @@ class Master {
   EventLoop loop_;
   detail::WorkerTable<Codec> table_;
   Clock::time_point started_ = Clock::now();
-  std::exception_ptr failure_;  // the first exception a callback let escape: run() rethrows it
-
-  std::function<void(WorkerT&)> on_fork_, on_online_, on_listening_, on_disconnect_;
-  std::function<void(WorkerT&, const ExitInfo&)> on_exit_;
-  std::function<void(WorkerT&, const message_type&)> on_message_;
-  std::function<void(WorkerT&, std::error_code)> on_error_;
-  std::function<void(WorkerT&, const message_type&, Reply<Codec>)> on_request_;
-  std::function<void(std::size_t, const ExitInfo&)> on_errored_;
-  std::function<void(const ReloadReport&)> on_reload_done_;
-  std::function<void(const UpgradeReport&)> on_upgrade_done_;
 
   // Outward-facing parts ("outer"): status queries, the systemd reporter, the control
   // service, the store service, the upgrader and the listening sockets.
   detail::StatusQueries<Codec> status_queries_{loop_, table_, {[this] { return status(); }}};
   detail::SystemdReporter<Codec> systemd_{
       loop_, table_, phase_,
-      {[this] { return listens(); },
+      {[this] { return listeners_.listens(); },
        [this]() -> const std::vector<std::string>& { return listeners_.addresses(); },
        [this] { return reloader_.active(); }, [this] { return upgrader_.started_by_upgrade(); }}};
   detail::ControlService<Master> control_{*this, loop_, log_};  // Options::control

@@ -121,6 +121,16 @@ class Listeners {
   const std::vector<UniqueFd>& shared() const noexcept { return listeners_; }
   /// ReusePort: `slot`'s own sockets (std::out_of_range if it has none).
   const std::vector<UniqueFd>& for_slot(std::size_t slot) const { return slot_listeners_.at(slot); }
+  // The listening sockets a worker in `slot` is handed (kernel dispatch): its slot's own
+  // ReusePort set, or the shared ones.
+  const std::vector<UniqueFd>& for_worker(std::size_t slot) const {
+    if constexpr (WantsReusePort<Balance>) {
+      return for_slot(slot);
+    } else {
+      (void)slot;
+      return shared();
+    }
+  }
 
   // Binds `slot`'s ReusePort sockets if it has none; false (logged) if that fails.
   bool ensure_slot_bound(std::size_t slot) {
