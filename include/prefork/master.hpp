@@ -523,7 +523,7 @@ class Master : public detail::MasterEvents<Codec> {
   detail::WorkerTable<Codec> table_;
   Clock::time_point started_ = Clock::now();
 
-  // Outward-facing parts ("outer"): status queries, the systemd reporter, the control
+  // The outward-facing parts: status queries, the systemd reporter, the control
   // service, the store service, the upgrader and the listening sockets.
   detail::StatusQueries<Codec> status_queries_{loop_, table_, {[this] { return status(); }}};
   detail::SystemdReporter<Codec> systemd_{

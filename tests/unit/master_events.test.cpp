@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "support/worker_table.hpp"
+#include "support/master_parts.hpp"
 
 namespace {
 
@@ -63,7 +63,7 @@ TEST_CASE("emit without a callback does nothing") {
 
 TEST_CASE("on_listening and on_reload_done take either signature") {
   Probe p;
-  prefork_test::FakeTable t(1);
+  prefork_test::MasterParts t(1);
   auto& w = t.add(0);
   std::vector<std::string> seen;
   p.on_listening([&](prefork::Worker<prefork::StringCodec>&, const std::vector<std::string>& a) {
