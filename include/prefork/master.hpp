@@ -537,12 +537,13 @@ class Master : public detail::MasterEvents<Codec> {
   detail::Upgrader<Codec> upgrader_{loop_, opts_, table_, log_, phase_, upgrader_hooks()};
   detail::Listeners<Codec, Balance> listeners_{opts_, table_, log_, upgrader_};
 
-  // The life parts: starting workers, their lifecycle and exits, the periodic checks.
+  // The workers' lifecycle: starting them, their frames and exits, the periodic checks.
   detail::Spawner<Codec> spawner_;
   detail::Supervisor<Codec, Restart> supervisor_{loop_, table_, log_, phase_, restart_, codec_};
   detail::Watchdog<Codec> watchdog_{loop_, opts_, table_, log_, phase_};
 
-  // The flow parts: dispatch (chosen once from the BalancePolicy's kind) and the reloader.
+  // Connections and replacements: dispatch (chosen once from the BalancePolicy's kind) and
+  // the reloader.
   using Dispatch = std::conditional_t<MasterDispatch<Balance>,
                                       detail::RoundRobinHandle<Codec, Balance>,
                                       detail::SharedHandle<Codec, Balance>>;
