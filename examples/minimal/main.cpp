@@ -41,8 +41,8 @@ int main() {
   prefork::Cluster<Users> cluster(prefork::Options{
       .workers = workers ? unsigned(std::atoi(workers)) : prefork::cpu_count(),
       .listen = {std::string("127.0.0.1:") + (port ? port : "8080")}});
+  long users = 5;  // the article's count of users in a database; outlives run(), which uses it
   if (cluster.is_master()) {
-    long users = 5;  // stands in for the article's count of users in a database
     cluster.on_online([&](auto& worker) { worker.send(std::to_string(users)); });
     cluster.every(std::chrono::seconds(10), [&] { cluster.broadcast(std::to_string(++users)); });
     cluster.bind();
