@@ -31,7 +31,6 @@
 #include <prefork/event_loop.hpp>
 #include <prefork/log.hpp>
 #include <prefork/options.hpp>
-#include <prefork/request.hpp>
 #include <prefork/status.hpp>
 #include <prefork/store/concept.hpp>
 #include <prefork/store/memory_store.hpp>
@@ -45,6 +44,7 @@
 #include <prefork/master/reloader.hpp>
 #include <prefork/master/round_robin_handle.hpp>
 #include <prefork/master/shared_handle.hpp>
+#include <prefork/master/signals.hpp>
 #include <prefork/master/spawner.hpp>
 #include <prefork/master/status_queries.hpp>
 #include <prefork/master/store_service.hpp>
@@ -104,14 +104,8 @@ class Master : public detail::MasterEvents<Codec> {
   /// Binds every listen address (idempotent). Throws std::system_error naming the address
   /// ("prefork: bind 127.0.0.1:8080: Address already in use"); nothing stays bound then.
   /// Before binding, as run() does: takes Options::pid_file and checks Options::user.
-  ///
-  /// Socket activation (Options::systemd, and systemd passed at least one listening stream
-  /// socket): the .socket unit decides what the service listens on, and nothing is bound. A
-  /// listen address with a passed socket bound to it (getsockname; a configured port 0
-  /// matches any port) is served on that socket, in its place in addresses(); passed sockets
-  /// that match no listen address are served too, after those; listen addresses without a
-  /// passed socket are not bound (logged). Passed descriptors that are not listening stream
-  /// sockets are closed (logged). A master upgrade hands the same set to the new master.
+  /// Socket activation (Options::systemd): the .socket unit decides what the service listens
+  /// on, and nothing is bound (README, Running under systemd).
   void bind() {
     if (listeners_.bound()) return;
     prepare_to_serve();
@@ -121,6 +115,8 @@ class Master : public detail::MasterEvents<Codec> {
   /// The bound addresses, with the ports the kernel chose for port 0. Empty before bind().
   const std::vector<std::string>& addresses() const noexcept { return listeners_.addresses(); }
 
+  /// The worker slots wanted (Options::workers, then as scale() set it).
+  std::size_t workers_wanted() const noexcept { return table_.slot_count(); }
   /// Live workers (not yet exited), in id order.
   std::vector<WorkerT*> workers() const { return table_.handles(); }
   WorkerT* worker(unsigned id) const {
@@ -300,20 +296,7 @@ class Master : public detail::MasterEvents<Codec> {
     store_.load();
     bind();
     upgrader_.close_inherited();
-    if (opts_.handle_signals) {
-      loop_.on_signal(SIGTERM, [this](const signalfd_siginfo&) { shutdown(); });
-      loop_.on_signal(SIGINT, [this](const signalfd_siginfo&) { shutdown(); });
-      loop_.on_signal(SIGUSR2, [this](const signalfd_siginfo&) { reload(); });
-      loop_.on_signal(SIGUSR1, [this](const signalfd_siginfo&) { upgrade(); });
-      // nginx and gunicorn's conventions: HUP reloads, QUIT stops gracefully (as TERM does
-      // here), TTIN and TTOU add and remove a worker.
-      loop_.on_signal(SIGHUP, [this](const signalfd_siginfo&) { reload(); });
-      loop_.on_signal(SIGQUIT, [this](const signalfd_siginfo&) { shutdown(); });
-      loop_.on_signal(SIGTTIN, [this](const signalfd_siginfo&) { scale(table_.slot_count() + 1); });
-      loop_.on_signal(SIGTTOU, [this](const signalfd_siginfo&) {
-        if (table_.slot_count() > 1) scale(table_.slot_count() - 1);
-      });
-    }
+    if (opts_.handle_signals) detail::handle_signals(loop_, *this);
     phase_ = detail::Phase::serving;
     std::string on;
     for (auto& a : listeners_.addresses()) on += (on.empty() ? " on " : ", ") + a;
@@ -392,10 +375,8 @@ class Master : public detail::MasterEvents<Codec> {
       sp.prepare_slot = [this](std::size_t slot) {
         return !listeners_.bound() || listeners_.ensure_slot_bound(slot);
       };
-    // The descriptors of the Master's own parts, which no child may keep (the spawner adds the
-    // loop's and the workers'): its listening sockets (a worker is handed them over its
-    // channel), the connections not dealt out yet, and what the upgrade, systemd, the pid file
-    // and the control socket hold.
+    // The descriptors no child may keep, but the loop's and the workers' (the spawner's): the
+    // listening sockets (handed over a channel), connections not dealt out yet, the upgrade's.
     sp.master_fds = [this](std::vector<int>& fds) {
       listeners_.descriptors(fds);
       dispatch_.descriptors(fds);
@@ -409,31 +390,11 @@ class Master : public detail::MasterEvents<Codec> {
       if (listeners_.bound() && listeners_.listens() && !shutting_down())
         dispatch_.hand_listeners(w, listeners_.for_worker(w.slot));
     };
-    sp.forked = [this](Record& w) { this->emit(this->on_fork_, w.handle); };
+    this->report_to_callbacks(supervisor_.hooks, sp, codec_);
 
     auto& su = supervisor_.hooks;
-    su.online = [this](Record& w) { this->emit(this->on_online_, w.handle); };
-    su.listening = [this](Record& w) { this->emit(this->on_listening_, w.handle); };
-    su.disconnected = [this](Record& w) { this->emit(this->on_disconnect_, w.handle); };
-    su.message = [this](Record& w, const message_type& m) {
-      this->emit(this->on_message_, w.handle, m);
-    };
-    su.protocol_error = [this](Record& w, std::error_code ec) {
-      if (!this->on_error_) return false;
-      this->emit(this->on_error_, w.handle, ec);
-      return true;
-    };
-    su.errored = [this](std::size_t slot, const ExitInfo& info) {
-      this->emit(this->on_errored_, slot, info);
-    };
     su.ready = [this](Record& w) { worker_ready(w); };
     su.exited = [this](Record& w, const ExitInfo& info) { worker_exited(w, info); };
-    su.request = [this](Record& w, const Frame& f) {
-      detail::answer(w.link, codec_, f, static_cast<bool>(this->on_request_),
-                     [this, &w](const message_type& m, Reply<Codec> r) {
-                       this->on_request_(w.handle, m, std::move(r));
-                     });
-    };
     su.store = [this](Record& w, const Frame& f) { store_.serve(w, f); };
     su.accepted = [this](Record& w, std::size_t n) { dispatch_.acknowledged(w, n, Clock::now()); };
     su.declined = [this](Record& w, std::size_t n) { dispatch_.declined(w, n, Clock::now()); };
@@ -554,42 +515,7 @@ class Master : public detail::MasterEvents<Codec> {
 }  // namespace prefork
 
 #if defined(PREFORK_SEPARATE_COMPILATION)
-// Separate compilation: the master for Cluster's default policies. Its public members that do
-// more than set a field are instantiated once, in <prefork/impl/src.hpp>, from this one list
-// (used there with INSTANTIATE = `template`, here with `extern template`). Not the whole class:
-// an explicit instantiation of a class instantiates every member, also those a policy's kind
-// never calls (the first-bytes peeking, for RoundRobin).
-#include <prefork/balance/round_robin.hpp>
-namespace prefork::detail {
-using DefaultMaster = Master<RoundRobin, Backoff<RestartOnCrash>, StringCodec>;
-}  // namespace prefork::detail
-// Spelled out, not the alias: an explicit instantiation names a member through a template-id.
-#define PREFORK_DETAIL_DEFAULT_MASTER Master<RoundRobin, Backoff<RestartOnCrash>, StringCodec>
-#define PREFORK_DETAIL_DEFAULT_MASTER_MEMBERS(INSTANTIATE)                                     \
-  INSTANTIATE void PREFORK_DETAIL_DEFAULT_MASTER::bind();                                      \
-  INSTANTIATE detail::DefaultMaster::WorkerT* PREFORK_DETAIL_DEFAULT_MASTER::fork();           \
-  INSTANTIATE std::vector<detail::DefaultMaster::WorkerT*>                                     \
-      PREFORK_DETAIL_DEFAULT_MASTER::workers() const;                                          \
-  INSTANTIATE detail::DefaultMaster::WorkerT* PREFORK_DETAIL_DEFAULT_MASTER::worker(unsigned)  \
-      const;                                                                                   \
-  INSTANTIATE std::error_code PREFORK_DETAIL_DEFAULT_MASTER::send(unsigned, const std::string&); \
-  INSTANTIATE std::size_t PREFORK_DETAIL_DEFAULT_MASTER::broadcast(const std::string&);        \
-  INSTANTIATE EventLoop::TimerId PREFORK_DETAIL_DEFAULT_MASTER::every(Clock::duration,         \
-                                                                      std::function<void()>);  \
-  INSTANTIATE EventLoop::TimerId PREFORK_DETAIL_DEFAULT_MASTER::after(Clock::duration,         \
-                                                                      std::function<void()>);  \
-  INSTANTIATE void PREFORK_DETAIL_DEFAULT_MASTER::shutdown(bool);                              \
-  INSTANTIATE void PREFORK_DETAIL_DEFAULT_MASTER::reload();                                    \
-  INSTANTIATE bool PREFORK_DETAIL_DEFAULT_MASTER::upgrade();                                   \
-  INSTANTIATE void PREFORK_DETAIL_DEFAULT_MASTER::listen_control(const std::string&);          \
-  INSTANTIATE ClusterStatus PREFORK_DETAIL_DEFAULT_MASTER::status() const;                     \
-  INSTANTIATE void PREFORK_DETAIL_DEFAULT_MASTER::query_status(                                \
-      std::function<void(const ClusterStatus&)>, Clock::duration);                             \
-  INSTANTIATE std::error_code PREFORK_DETAIL_DEFAULT_MASTER::scale(std::size_t);               \
-  INSTANTIATE int PREFORK_DETAIL_DEFAULT_MASTER::run();
-namespace prefork {
-PREFORK_DETAIL_DEFAULT_MASTER_MEMBERS(extern template)
-}  // namespace prefork
+#include <prefork/master/instantiation.hpp>
 #endif
 
 #endif  // PREFORK_MASTER_HPP

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include <prefork/version.hpp>
+#include <prefork/channel.hpp>
 #include <prefork/codec.hpp>
 #include <prefork/log.hpp>
 #include <prefork/options.hpp>
@@ -125,6 +126,31 @@ class MasterEvents {
     } catch (...) {
       callback_failed(std::current_exception());
     }
+  }
+
+  // The events the supervisor and the spawner report, to the callbacks that hear them (the
+  // wiring calls it once): 'fork', 'online', 'listening', 'disconnect', 'message', 'error', an
+  // errored slot, and the workers' requests, decoded and answered with `codec`.
+  template <class SupervisorHooks, class SpawnerHooks>
+  void report_to_callbacks(SupervisorHooks& su, SpawnerHooks& sp, const Codec& codec) {
+    using Record = typename SupervisorHooks::Record;
+    sp.forked = [this](Record& w) { emit(on_fork_, w.handle); };
+    su.online = [this](Record& w) { emit(on_online_, w.handle); };
+    su.listening = [this](Record& w) { emit(on_listening_, w.handle); };
+    su.disconnected = [this](Record& w) { emit(on_disconnect_, w.handle); };
+    su.message = [this](Record& w, const message_type& m) { emit(on_message_, w.handle, m); };
+    su.protocol_error = [this](Record& w, std::error_code ec) {
+      if (!on_error_) return false;  // the supervisor logs it
+      emit(on_error_, w.handle, ec);
+      return true;
+    };
+    su.errored = [this](std::size_t slot, const ExitInfo& info) { emit(on_errored_, slot, info); };
+    su.request = [this, &codec](Record& w, const Frame& f) {
+      answer(w.link, codec, f, static_cast<bool>(on_request_),
+             [this, &w](const message_type& m, Reply<Codec> r) {
+               on_request_(w.handle, m, std::move(r));
+             });
+    };
   }
 
   // The end of run(): the first exception a callback let escape, rethrown.
