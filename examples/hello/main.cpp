@@ -119,8 +119,13 @@ Config config;
 // The seed's `for (let i = 0; i < work; i++);`: the same empty counting loop. The empty asm
 // statement claims to read and change the counter, so -O2 can neither delete the loop nor fold
 // it into one step, yet it adds no instruction: an increment per iteration, as in V8's compiled
-// loop (10 million iterations: about 1.4 ms here, unrolled; V8 about 3 ms).
-void simulate_cpu_work(unsigned long long iterations) {
+// loop (10 million iterations: about 1.4 ms here, unrolled; V8 about 3 ms). Not inlined, and
+// aligned to 64 bytes, so that the loop sits at the same offset in a cache line whatever code is
+// built around it: placed where the compiler happened to put it, its 9 bytes once straddled a
+// 32-byte boundary and ran at half speed (on Intel cores with the JCC erratum fix, a jump that
+// crosses one is not kept in the decoded-instruction cache), a CPU-bound figure that moved
+// with unrelated changes to the library.
+[[gnu::noinline, gnu::aligned(64)]] void simulate_cpu_work(unsigned long long iterations) {
   for (unsigned long long i = 0; i < iterations; ++i) asm volatile("" : "+r"(i));
 }
 
