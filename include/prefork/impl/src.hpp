@@ -26,8 +26,7 @@ template class WorkerContext<StringCodec>;
 template void detail::emplace_master(std::optional<detail::DefaultMaster>&, Options,
                                      Backoff<RestartOnCrash>, detail::DefaultMaster::ChildMain);
 template int detail::run_master(detail::DefaultMaster&);
-
-PREFORK_DETAIL_DEFAULT_MASTER_MEMBERS(template)
+template class Master<RoundRobin, Backoff<RestartOnCrash>, StringCodec>;
 
 }  // namespace prefork
 
