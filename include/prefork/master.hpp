@@ -376,7 +376,8 @@ class Master : public detail::MasterEvents<Codec> {
         return !listeners_.bound() || listeners_.ensure_slot_bound(slot);
       };
     // The descriptors no child may keep, but the loop's and the workers' (the spawner's): the
-    // listening sockets (handed over a channel), connections not dealt out yet, the upgrade's.
+    // listening sockets (handed over a channel), connections not dealt out yet, the upgrade's
+    // (the pid file's lock, the new master's pidfd and ready pipe) and the control socket.
     sp.master_fds = [this](std::vector<int>& fds) {
       listeners_.descriptors(fds);
       dispatch_.descriptors(fds);
