@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 
+#include <cstddef>
 #include <cstdlib>
 #include <optional>
 #include <stdexcept>
@@ -140,6 +141,9 @@ class Cluster {
   std::error_code scale(std::size_t n) {
     return master_ ? master_->scale(n) : std::make_error_code(std::errc::operation_not_supported);
   }
+  /// Master::workers_wanted: the worker slots (Options::workers, then as scale() set it); 0 in
+  /// a worker.
+  std::size_t workers_wanted() const noexcept { return master_ ? master_->workers_wanted() : 0; }
   /// Master::status: the master and its workers now (empty in a worker).
   ClusterStatus status() const { return master_ ? master_->status() : ClusterStatus{}; }
   /// Master::query_status: cb(status) with every worker's fresh counters (never in a worker).

@@ -11,6 +11,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -212,6 +213,35 @@ TEST_CASE("shutdown before run makes run return 0 at once without forking a work
   CHECK(forks == 0);
   CHECK(dir.names().empty());
   CHECK(count_open_fds() == fds_before);
+}
+
+TEST_CASE("workers_wanted is Options::workers, then what scale set; run forks that many",
+          "[lifecycle][scale]") {
+  bool timed_out = false;
+  std::vector<std::size_t> slots;
+  std::size_t wanted_after_shrink = 0;
+  prefork::Cluster<Puppet> cluster(
+      Options{.workers = 2, .listen = {"127.0.0.1:0"}, .handle_signals = false});
+  CHECK(cluster.workers_wanted() == 2);
+  CHECK(cluster.scale(0) == std::errc::invalid_argument);
+  CHECK(cluster.scale(4097) == std::errc::invalid_argument);
+  CHECK(cluster.workers_wanted() == 2);
+  CHECK_FALSE(cluster.scale(3));
+  CHECK(cluster.workers_wanted() == 3);
+  CHECK(cluster.workers().empty());  // before run(), scale() forks nothing: run() does
+  cluster.on_listening([&](WorkerT& w) {
+    slots.push_back(w.slot());
+    if (slots.size() < 3) return;
+    (void)cluster.scale(1);
+    wanted_after_shrink = cluster.workers_wanted();
+    cluster.shutdown();
+  });
+  arm_watchdog(cluster, timed_out);
+  CHECK(cluster.run() == 0);
+  CHECK_FALSE(timed_out);
+  std::sort(slots.begin(), slots.end());
+  CHECK(slots == std::vector<std::size_t>{0, 1, 2});
+  CHECK(wanted_after_shrink == 1);
 }
 
 TEST_CASE("A disconnected worker that keeps a timer alive reports disconnect at once and exit "

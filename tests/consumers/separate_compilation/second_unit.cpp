@@ -28,6 +28,7 @@ int second_unit(bool really) {
   master.query_status([](const prefork::ClusterStatus&) {});
   master.listen_control("/nonexistent");
   (void)master.scale(1);
+  (void)master.workers_wanted();
   (void)master.status();
   (void)master.workers();
   (void)master.worker(1);
