@@ -296,7 +296,7 @@ class Master : public detail::MasterEvents<Codec> {
     store_.load();
     bind();
     upgrader_.close_inherited();
-    if (opts_.handle_signals) detail::handle_signals(loop_, *this);
+    if (opts_.handle_signals) detail::handle_signals(*this);
     phase_ = detail::Phase::serving;
     std::string on;
     for (auto& a : listeners_.addresses()) on += (on.empty() ? " on " : ", ") + a;

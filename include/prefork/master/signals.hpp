@@ -14,9 +14,9 @@
 namespace prefork::detail {
 
 template <class Master>
-void handle_signals(EventLoop& loop, Master& master) {
-  auto on = [&loop, &master](int signo, void (*act)(Master&)) {
-    loop.on_signal(signo, [&master, act](const signalfd_siginfo&) { act(master); });
+void handle_signals(Master& master) {
+  auto on = [&master](int signo, void (*act)(Master&)) {
+    master.loop().on_signal(signo, [&master, act](const signalfd_siginfo&) { act(master); });
   };
   on(SIGTERM, [](Master& m) { m.shutdown(); });
   on(SIGINT, [](Master& m) { m.shutdown(); });
